@@ -1,0 +1,283 @@
+"""The command line: parse, then call the library function of the same name.
+
+Every ``train`` option is an alias of a key of the config tree (``--lr`` is
+``train.lr``); ``--set KEY=VALUE`` reaches any other key. User errors print one
+message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from budgetlora.config import RunConfig, field_help, load_config, with_overrides
+from budgetlora.errors import BudgetloraError
+
+__all__ = ["main", "build_parser"]
+
+# option -> (config key, argparse type); help comes from the config field's docstring.
+TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
+    "--model": ("model.name_or_path", str),
+    "--data": ("data.source", str),
+    "--output": ("output", str),
+    "--budget": ("budget", int),
+    "--head": ("model.head", str),
+    "--lora-r": ("model.lora.r", str),
+    "--lora-alpha": ("model.lora.alpha", float),
+    "--lora-dropout": ("model.lora.dropout", float),
+    "--target-modules": ("model.lora.target_modules", str),
+    "--layers": ("model.lora.layers", str),
+    "--bias": ("model.lora.bias", str),
+    "--text-column": ("data.text_column", str),
+    "--label-column": ("data.label_column", str),
+    "--validation-size": ("data.validation_size", float),
+    "--test-size": ("data.test_size", float),
+    "--max-train-samples": ("data.max_train_samples", int),
+    "--max-eval-samples": ("data.max_eval_samples", int),
+    "--max-length": ("data.max_length", int),
+    "--min-words": ("data.min_words", int),
+    "--max-words": ("data.max_words", int),
+    "--min-unique-ratio": ("data.min_unique_ratio", float),
+    "--epochs": ("train.epochs", float),
+    "--max-steps": ("train.max_steps", int),
+    "--lr": ("train.lr", float),
+    "--batch-size": ("train.batch_size", int),
+    "--eval-batch-size": ("train.eval_batch_size", int),
+    "--grad-accum": ("train.grad_accum", int),
+    "--optimizer": ("train.optimizer", str),
+    "--weight-decay": ("train.weight_decay", float),
+    "--scheduler": ("train.scheduler", str),
+    "--warmup-ratio": ("train.warmup_ratio", float),
+    "--warmup-steps": ("train.warmup_steps", int),
+    "--label-smoothing": ("train.label_smoothing", float),
+    "--mixed-precision": ("train.mixed_precision", str),
+    "--eval-every": ("train.eval_every", int),
+    "--best-metric": ("train.best_metric", str),
+    "--early-stopping-patience": ("train.early_stopping_patience", int),
+    "--log-every": ("train.log_every", int),
+    "--seed": ("train.seed", int),
+    "--num-workers": ("train.num_workers", int),
+    "--checkpoint-every": ("train.checkpoint_every", int),
+}
+TRAIN_SWITCHES: dict[str, str] = {
+    "--dora": "model.lora.use_dora",
+    "--rslora": "model.lora.use_rslora",
+    "--drop-empty": "data.drop_empty",
+    "--allow-pickle": "data.allow_pickle",
+    "--tensorboard": "train.tensorboard",
+    "--compile": "train.compile",
+}
+
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+def _help(key: str) -> str:
+    return f"{field_help(key)} [{key}]".replace("%", "%%")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config (a preset, or a run folder's config.yaml); options below override it",
+    )
+    for option, (key, kind) in TRAIN_OPTIONS.items():
+        parser.add_argument(
+            option, type=kind, default=None, metavar=key.rsplit(".", 1)[-1].upper(), help=_help(key)
+        )
+    for option, key in TRAIN_SWITCHES.items():
+        parser.add_argument(option, action="store_true", default=None, help=_help(key))
+    parser.add_argument("--no-progress", action="store_true", help="No progress bars (logs only).")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Set any config key, e.g. --set train.momentum=0.9 (YAML value)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a finished run in --output (only once the new run finishes)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="Print the resolved config as YAML and exit"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The config file (or defaults) with the command-line options applied."""
+    cfg = load_config(args.config) if args.config else RunConfig()
+    overrides: dict[str, Any] = {}
+    for option, (key, _kind) in TRAIN_OPTIONS.items():
+        value = getattr(args, _dest(option))
+        if value is not None:
+            overrides[key] = int(value) if key == "model.lora.r" and value.isdigit() else value
+    for option, key in TRAIN_SWITCHES.items():
+        if getattr(args, _dest(option)):
+            overrides[key] = True
+    if args.no_progress:
+        overrides["train.progress"] = False
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise BudgetloraError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    if "model.lora.layers" in overrides and isinstance(overrides["model.lora.layers"], str):
+        try:
+            overrides["model.lora.layers"] = [
+                int(x) for x in overrides["model.lora.layers"].split(",") if x.strip()
+            ]
+        except ValueError as err:
+            raise BudgetloraError(
+                f"--layers {overrides['model.lora.layers']!r}: expected integers like 0,1,5"
+            ) from err
+    return with_overrides(cfg, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from budgetlora.config import config_to_yaml
+
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from budgetlora.train import train
+
+    result = train(cfg, overwrite=args.overwrite)
+    split = "test" if "test" in result.metrics else "validation"
+    print(
+        f"\n{split} accuracy {result.metrics[split]['accuracy']:.4f}, macro-F1 {result.metrics[split]['macro_f1']:.4f}; "
+        f"{result.metrics['timing']['train_samples_per_second']:.1f} train samples/s; run folder: {result.run_dir}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from budgetlora.predict import evaluate
+
+    metrics = evaluate(
+        args.run_dir,
+        data=args.data,
+        split=args.split,
+        output=args.output,
+        model=args.model,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"{args.split}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from budgetlora.predict import predict
+
+    path = predict(
+        args.run_dir,
+        args.input,
+        output=args.output,
+        text_column=args.text_column,
+        allow_pickle=args.allow_pickle,
+        model=args.model,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {path} and {path.with_suffix('.probs.csv')}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from budgetlora.predict import classify
+
+    for row in classify(args.run_dir, args.texts, model=args.model):
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
+            print(f"{row['label']}\t{probs}\t{row['text'][:80]}")
+    return 0
+
+
+def _add_inference_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (from budgetlora train)")
+    parser.add_argument("--model", help="base model folder or Hub id, if not the one recorded in the run")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="samples per inference batch (default 256)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="budgetlora",
+        description="Fine-tune a pretrained encoder for text classification with LoRA under a hard budget of trainable parameters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter + head and write a run folder",
+        description="Train within the budget (checked before any work) and write a run folder: "
+        "config.yaml, budget.json, adapter, tokenizer, history.jsonl, metrics.json, report.md and plots.",
+    )
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics and report of a run on a labelled split",
+        description="Score a run on a labelled split and write RUN_DIR/eval-SPLIT/ (metrics.json, report.md, plots).",
+    )
+    _add_inference_common(p)
+    p.add_argument("--data", help="data source (default: the run's own)")
+    p.add_argument("--split", default="test", help="train, validation or test (default test)")
+    p.add_argument("--output", help="output folder (default RUN_DIR/eval-SPLIT)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="write an ID,Label submission CSV for unlabelled text",
+        description="Label every row of INPUT (CSV/TSV/JSONL/Parquet with a text column, a classic AG News CSV, "
+        "or a pickled HF Dataset with --allow-pickle) and write ID,Label plus a .probs.csv beside it.",
+    )
+    _add_inference_common(p)
+    p.add_argument("input", metavar="INPUT", help="file of texts to label")
+    p.add_argument("--output", default="submission.csv", help="submission path (default submission.csv)")
+    p.add_argument("--text-column", default="text", help="text column name (default text)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a pickled input (unpickling runs code: trusted files only)",
+    )
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("classify", help="label a few texts given on the command line")
+    _add_inference_common(p)
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_classify)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BudgetloraError as err:
+        print(f"budgetlora {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"budgetlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

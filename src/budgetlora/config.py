@@ -1,0 +1,432 @@
+"""The typed config tree of a run, validated where it is built, and its YAML form.
+
+Every field has a one-line docstring-style comment; the CLI's ``--help`` and the
+README are written from the same words. Variants are made with
+``dataclasses.replace`` (or :func:`with_overrides` for dotted keys), never by mutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from budgetlora.errors import BudgetloraError
+
+__all__ = [
+    "DataConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "TrainSettings",
+    "RunConfig",
+    "load_config",
+    "save_config",
+    "config_to_dict",
+    "config_from_dict",
+    "with_overrides",
+    "field_help",
+    "config_to_yaml",
+]
+
+
+def _fail(option: str, value: Any, allowed: str) -> None:
+    raise BudgetloraError(f"invalid value for {option}: {value!r} ({allowed})")
+
+
+def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(option, value, "allowed: " + ", ".join(choices))
+
+
+def _check_positive(option: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(option, value, "must be a number")
+    if value < 0 or (value == 0 and not allow_zero):
+        _fail(option, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is split, filtered and tokenized."""
+
+    source: str = "fancyzhx/ag_news"
+    """Hub dataset id, a folder with train.csv/test.csv (classic AG News), or one data file."""
+    text_column: str = "text"
+    """Name of the text column in tabular files and Hub datasets."""
+    label_column: str = "label"
+    """Name of the label column (integers 0..K-1 or class names)."""
+    label_names: tuple[str, ...] | None = None
+    """Class names in label order; taken from the dataset or classes.txt when not given."""
+    validation_size: float = 0.05
+    """Validation rows held out of train (stratified): a fraction if < 1, else a count."""
+    test_size: float = 0.0
+    """Test rows held out of train when the source has no test split: fraction or count (0: none)."""
+    split_seed: int = 42
+    """Seed of the stratified splits (kept apart from the training seed)."""
+    max_train_samples: int | None = None
+    """Cap on training rows (stratified sample), for quick runs."""
+    max_eval_samples: int | None = None
+    """Cap on validation and test rows, for quick runs."""
+    max_length: int = 128
+    """Truncate token sequences to this length (128 covers 99.3% of AG News for roberta-base)."""
+    min_words: int | None = None
+    """Filter: drop training rows with fewer words (off by default)."""
+    max_words: int | None = None
+    """Filter: drop training rows with more words (off by default)."""
+    min_unique_ratio: float | None = None
+    """Filter: drop training rows whose unique-word ratio is below this (off by default)."""
+    drop_empty: bool = False
+    """Drop rows with empty or whitespace-only text (with a count) instead of failing."""
+    allow_pickle: bool = False
+    """Allow reading pickled datasets (unpickling runs code: only for files you trust)."""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            _fail("data.source", self.source, "a Hub dataset id or a local path")
+        _check_positive("data.validation_size", self.validation_size)
+        _check_positive("data.test_size", self.test_size, allow_zero=True)
+        _check_positive("data.max_train_samples", self.max_train_samples)
+        _check_positive("data.max_eval_samples", self.max_eval_samples)
+        _check_positive("data.max_length", self.max_length)
+        if isinstance(self.max_length, float) or self.max_length < 8:
+            _fail("data.max_length", self.max_length, "an integer >= 8")
+        _check_positive("data.min_words", self.min_words, allow_zero=True)
+        _check_positive("data.max_words", self.max_words)
+        if self.min_words is not None and self.max_words is not None and self.min_words > self.max_words:
+            _fail("data.min_words", self.min_words, f"must not exceed data.max_words={self.max_words}")
+        if self.min_unique_ratio is not None and not 0 <= self.min_unique_ratio <= 1:
+            _fail("data.min_unique_ratio", self.min_unique_ratio, "a ratio in [0, 1]")
+        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
+            _fail("data.label_names", self.label_names, "names must be unique")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter: where it goes and how large it is."""
+
+    r: int | Literal["auto"] = 8
+    """LoRA rank; 'auto' picks the largest uniform rank that fits the budget."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    target_modules: tuple[str, ...] = ("query", "value")
+    """Modules to adapt: role names (query, key, value, attn_out, ffn_in, ffn_out, attention, all) or raw module names."""
+    layers: tuple[int, ...] | None = None
+    """Only adapt these encoder layers (0-based); all layers when not given."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, all, or those of adapted modules (lora_only)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): adds a magnitude vector per adapted module."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides, as peft's rank_pattern (regex or name -> rank)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, as peft's alpha_pattern."""
+
+    def __post_init__(self) -> None:
+        if self.r != "auto" and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+            _fail("lora.r", self.r, "a positive integer or 'auto'")
+        _check_positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            _fail("lora.dropout", self.dropout, "a probability in [0, 1)")
+        if not self.target_modules:
+            _fail("lora.target_modules", self.target_modules, "at least one module")
+        _check_choice("lora.bias", self.bias, ("none", "all", "lora_only"))
+        if self.layers is not None and (not self.layers or any(i < 0 for i in self.layers)):
+            _fail("lora.layers", self.layers, "non-negative layer indices")
+        for name, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                _fail(f"lora.rank_pattern[{name!r}]", rank, "a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The pretrained encoder and what is trained on top of it."""
+
+    name_or_path: str = "roberta-base"
+    """Hub model id or a local save_pretrained folder of a sequence-classification encoder."""
+    head: Literal["default", "linear", "pooler"] = "default"
+    """Classifier head: the model's own, one linear layer on the first token, or the frozen pretrained pooler + a linear layer."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Model config fields to override, e.g. {hidden_dropout_prob: 0.07, classifier_dropout: 0.2}."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The LoRA adapter."""
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            _fail("model.name_or_path", self.name_or_path, "a Hub id or a local folder")
+        _check_choice("model.head", self.head, ("default", "linear", "pooler"))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The optimisation loop."""
+
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    batch_size: int = 32
+    """Training samples per optimizer step per process (before gradient accumulation)."""
+    eval_batch_size: int = 256
+    """Samples per evaluation batch."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer (AdamW is fused on CUDA)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW) or L2 (Adam, SGD); not applied to biases and norms."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value (none: no clipping)."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.06
+    """Warmup as a fraction of all steps (used when warmup_steps is not set)."""
+    warmup_steps: int | None = None
+    """Warmup as a number of steps."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs, none on CPU."""
+    eval_every: int | None = None
+    """Evaluate on the validation split every N optimizer steps."""
+    eval_each_epoch: bool = True
+    """Evaluate at the end of each epoch."""
+    best_metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    """Validation metric that picks the checkpoint that is kept."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement."""
+    log_every: int = 20
+    """Log training loss and learning rate every N optimizer steps."""
+    seed: int = 42
+    """Seed of initialisation, dropout and data order."""
+    group_by_length: bool = True
+    """Batch samples of similar length together (shuffled in large windows): far less padding."""
+    tensorboard: bool = False
+    """Also write TensorBoard logs to the run folder."""
+    compile: bool = False
+    """torch.compile the model (CUDA only)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    checkpoint_every: int | None = None
+    """Save a resumable checkpoint every N optimizer steps (and on SIGINT/SIGTERM)."""
+    keep_checkpoints: int = 2
+    """How many resumable checkpoints to keep."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        _check_positive("train.epochs", self.epochs)
+        _check_positive("train.max_steps", self.max_steps)
+        _check_positive("train.lr", self.lr)
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(f"train.{name}", value, "a positive integer")
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "adam", "sgd"))
+        _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("train.momentum", self.momentum, allow_zero=True)
+        _check_positive("train.max_grad_norm", self.max_grad_norm)
+        _check_choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        if not 0 <= self.warmup_ratio < 1:
+            _fail("train.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
+        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        if not 0 <= self.label_smoothing < 1:
+            _fail("train.label_smoothing", self.label_smoothing, "a fraction in [0, 1)")
+        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _check_positive("train.eval_every", self.eval_every)
+        _check_choice("train.best_metric", self.best_metric, ("accuracy", "macro_f1"))
+        _check_positive("train.early_stopping_patience", self.early_stopping_patience)
+        _check_positive("train.checkpoint_every", self.checkpoint_every)
+        _check_positive("train.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run: model, data, optimisation, the budget and where it goes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The encoder, head and adapter."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
+    train: TrainSettings = field(default_factory=TrainSettings)
+    """The optimisation loop."""
+    budget: int = 1_000_000
+    """Hard cap on trainable parameters, classifier head included."""
+    output: str = "runs/run"
+    """The run folder."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            _fail("budget", self.budget, "a positive integer number of parameters")
+        if not self.output:
+            _fail("output", self.output, "a folder path")
+
+
+# --- dict / YAML form -------------------------------------------------------------
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of builtin types (tuples become lists) for YAML/JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    return plain(cfg)  # type: ignore[no-any-return]
+
+
+def _convert(value: Any, annotation: Any, option: str) -> Any:
+    """Coerce a YAML value to a field's annotated type (tuples, nested dataclasses, numbers)."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            _fail(option, value, "a mapping")
+        return _build(annotation, value, option + ".")  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        for arg in args:
+            if typing.get_origin(arg) is Literal and value in typing.get_args(arg):
+                return value
+        non_literal = [a for a in args if typing.get_origin(a) is not Literal]
+        if non_literal:
+            return _convert(value, non_literal[0], option)
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            _fail(option, value, "a list")
+        (item_type, *_rest) = typing.get_args(annotation)
+        return tuple(_convert(v, item_type, option) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(option, value, "a mapping")
+        return dict(value)
+    if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            _fail(option, value, "a number")
+    if annotation is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            _fail(option, value, "an integer")
+    if annotation is bool and isinstance(value, str):
+        if value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if value.lower() in ("false", "no", "0", "off"):
+            return False
+        _fail(option, value, "true or false")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise BudgetloraError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(prefix + k for k in unknown)
+            + f"; {prefix.rstrip('.') or 'the top level'} takes: "
+            + ", ".join(sorted(names))
+        )
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise BudgetloraError(f"bad config at {prefix or 'top level'}: {err}") from err
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from nested plain values (as in YAML)."""
+    if not isinstance(values, dict):
+        raise BudgetloraError(f"a config must be a mapping, got {type(values).__name__}")
+    return _build(RunConfig, values)  # type: ignore[no-any-return]
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML config file (a run folder's config.yaml, a preset, or your own)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BudgetloraError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise BudgetloraError(f"cannot parse config file {path}: {err}") from err
+    try:
+        return config_from_dict(values)
+    except BudgetloraError as err:
+        raise BudgetloraError(f"{path}: {err}") from err
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from budgetlora.rundir import write_text_atomic
+
+    write_text_atomic(Path(path), config_to_yaml(cfg))
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with dotted keys replaced, e.g. ``{"train.lr": 1e-4}``."""
+    values = config_to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise BudgetloraError(f"unknown config key {dotted}")
+            node = node[key]
+        if leaf not in node:
+            raise BudgetloraError(f"unknown config key {dotted}")
+        node[leaf] = value
+    return config_from_dict(values)
+
+
+def field_help(dotted: str) -> str:
+    """The docstring under a config field, e.g. ``field_help("train.lr")`` -> "Peak learning rate."."""
+    import ast
+    import inspect
+
+    cls: Any = RunConfig
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        cls = typing.get_type_hints(cls)[name]
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and node.target.id == leaf
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            return str(following.value.value)
+    return ""

@@ -1,0 +1,15 @@
+"""The one exception type a user can cause: the CLI prints its message and exits with code 2."""
+
+from __future__ import annotations
+
+__all__ = ["BudgetloraError", "OverBudgetError"]
+
+
+class BudgetloraError(Exception):
+    """A problem with the user's input (file, option, config) that they can fix."""
+
+    exit_code = 2
+
+
+class OverBudgetError(BudgetloraError):
+    """The configuration trains more parameters than the budget allows."""

@@ -1,0 +1,317 @@
+"""Build the model that trains: a pretrained encoder, the chosen head, and a peft LoRA adapter.
+
+The same :func:`build_model` builds the weightless skeleton (meta device: no download,
+milliseconds) that the budget check and the planner count, and the real model that
+trains, so the two counts cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from budgetlora.config import LoraSettings, ModelConfig
+from budgetlora.errors import BudgetloraError
+
+__all__ = [
+    "ROLES",
+    "ROLE_GROUPS",
+    "build_model",
+    "load_base_model",
+    "load_model_config",
+    "load_tokenizer",
+    "layer_index",
+    "resolve_targets",
+    "role_of",
+    "head_module_name",
+]
+
+# Role name -> regexes over full module names, one per architecture family:
+# BERT/RoBERTa/ELECTRA/DeBERTa-v2 (attention.self.query[_proj]), MPNet (attention.attn.q),
+# DistilBERT (attention.q_lin), ModernBERT (attn.Wqkv: query, key and value are one matrix).
+ROLES: dict[str, tuple[str, ...]] = {
+    "query": (
+        r"attention\.self\.query(_proj)?$",
+        r"attention\.attn\.q$",
+        r"attention\.q_lin$",
+        r"attn\.Wqkv$",
+    ),
+    "key": (r"attention\.self\.key(_proj)?$", r"attention\.attn\.k$", r"attention\.k_lin$", r"attn\.Wqkv$"),
+    "value": (
+        r"attention\.self\.value(_proj)?$",
+        r"attention\.attn\.v$",
+        r"attention\.v_lin$",
+        r"attn\.Wqkv$",
+    ),
+    "attn_out": (r"attention\.output\.dense$", r"attention\.attn\.o$", r"attention\.out_lin$", r"attn\.Wo$"),
+    "ffn_in": (r"intermediate\.dense$", r"ffn\.lin1$", r"mlp\.Wi$"),
+    "ffn_out": (r"layers?\.\d+\.output\.dense$", r"ffn\.lin2$", r"mlp\.Wo$"),
+}
+ROLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": ("query", "key", "value", "attn_out"),
+    "all": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
+}
+_LAYER = re.compile(r"\.(?:layer|layers)\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int | None:
+    """The encoder layer a module belongs to, from its dotted name (None outside the layers)."""
+    match = _LAYER.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+def role_of(module_name: str) -> str | None:
+    """The role name (query, key, ...) of a module, or None."""
+    for role, patterns in ROLES.items():
+        if any(re.search(p, module_name) for p in patterns):
+            return role
+    return None
+
+
+def _hub_hint(name: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such model"
+    return (
+        f"cannot load model {name!r}: it is not a local folder and {why}. "
+        "Download it where you have internet (it is then cached), or pass a local "
+        "save_pretrained folder with --model"
+    )
+
+
+def load_model_config(name_or_path: str, **overrides: Any) -> PretrainedConfig:
+    """The model's config.json (local folder or Hub id), with overrides applied."""
+    if _looks_like_path(name_or_path) and not Path(name_or_path).exists():
+        raise BudgetloraError(f"model folder not found: {name_or_path}")
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **overrides)
+    except (OSError, ValueError) as err:
+        if Path(name_or_path).is_dir():
+            raise BudgetloraError(f"cannot read a model config from {name_or_path}: {err}") from err
+        raise BudgetloraError(_hub_hint(name_or_path)) from err
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The model's own (fast) tokenizer, from a local folder or the Hub."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        if Path(name_or_path).is_dir():
+            raise BudgetloraError(f"cannot load a tokenizer from {name_or_path}: {err}") from err
+        raise BudgetloraError(_hub_hint(name_or_path)) from err
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with slashes is meant as a folder.
+    return name.startswith(("/", "./", "../", "~")) or name.rstrip("/").count("/") > 1
+
+
+# --- heads ------------------------------------------------------------------------
+
+
+class FirstTokenLinear(nn.Module):
+    """One linear layer on the first token's final hidden state: hidden*labels + labels parameters."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features: torch.Tensor, **_: Any) -> torch.Tensor:
+        # features: (batch, seq, hidden) -> logits (batch, labels)
+        return self.out_proj(self.dropout(features[:, 0]))
+
+
+class FirstToken(nn.Module):
+    """A parameter-free stand-in for a BERT pooler: the first token's hidden state, untouched."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 0]
+
+
+def _encoder(model: PreTrainedModel) -> nn.Module:
+    return getattr(model, model.base_model_prefix)  # type: ignore[no-any-return]
+
+
+def _head_dropout(config: Any) -> float:
+    value = getattr(config, "classifier_dropout", None)
+    return float(value if value is not None else getattr(config, "hidden_dropout_prob", 0.1))
+
+
+def head_module_name(model: nn.Module) -> list[str]:
+    """Names of the modules that make up the classification head (trained, saved with the adapter)."""
+    names = [
+        n for n in ("pre_classifier", "classifier", "score") if isinstance(getattr(model, n, None), nn.Module)
+    ]
+    if not names:
+        raise BudgetloraError(f"{type(model).__name__} has no classifier/score module this tool knows")
+    return names
+
+
+def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
+    """Replace the model's own head in place; 'default' leaves it as it is."""
+    config: Any = model.config
+    encoder = _encoder(model)
+    has_pooler = isinstance(getattr(encoder, "pooler", None), nn.Module)
+    classifier = getattr(model, "classifier", None)
+    if head == "default":
+        return
+    if head == "pooler":
+        if not has_pooler or not isinstance(classifier, nn.Linear):
+            raise BudgetloraError(
+                f"--head pooler needs a model whose classifier sits on a pretrained pooler (BERT style); "
+                f"{config.model_type} has none: use --head linear or --head default"
+            )
+        return  # BERT's own head is already a frozen pooler + one trained linear layer
+    # head == "linear"
+    if has_pooler and isinstance(classifier, nn.Linear):
+        encoder.pooler = FirstToken()
+        return
+    if isinstance(classifier, nn.Module) and hasattr(classifier, "out_proj") and hasattr(classifier, "dense"):
+        model.classifier = FirstTokenLinear(config.hidden_size, num_labels, _head_dropout(config))
+        return
+    raise BudgetloraError(f"--head linear is not supported for {config.model_type}; use --head default")
+
+
+# --- LoRA targets -------------------------------------------------------------------
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def resolve_targets(
+    model: nn.Module, targets: Sequence[str], layers: Sequence[int] | None = None
+) -> list[str]:
+    """Full names of the Linear modules that LoRA adapts, from role names or raw module names.
+
+    Role names (query, key, value, attn_out, ffn_in, ffn_out, attention, all) are mapped to
+    the architecture's own modules; anything else matches as peft does (the module's name
+    or a dotted suffix of it). An unknown name is an error listing the names this model has.
+    """
+    heads = tuple(head_module_name(model))
+    linears = [n for n in _linear_names(model) if not n.startswith(heads)]
+    layer_linears = [n for n in linears if layer_index(n) is not None]
+    chosen: list[str] = []
+    for target in targets:
+        roles = ROLE_GROUPS.get(target, (target,) if target in ROLES else ())
+        if roles:
+            found = [n for n in layer_linears if any(_matches_role(n, r) for r in roles)]
+        else:
+            found = [n for n in linears if n == target or n.endswith("." + target)]
+        if not found:
+            leaves = sorted({_short_name(n) for n in layer_linears})
+            available = sorted({r for n in layer_linears if (r := role_of(n)) is not None})
+            raise BudgetloraError(
+                f"lora.target_modules: {target!r} matches no module of this model; "
+                f"role names it has: {', '.join(available)}, groups: attention, all; "
+                f"module names: {', '.join(leaves)}"
+            )
+        chosen.extend(n for n in found if n not in chosen)
+    if layers is not None:
+        n_layers = 1 + max((layer_index(n) or 0) for n in layer_linears) if layer_linears else 0
+        bad = [i for i in layers if i >= n_layers]
+        if bad:
+            raise BudgetloraError(f"lora.layers: {bad} out of range; this model has layers 0..{n_layers - 1}")
+        chosen = [n for n in chosen if layer_index(n) in set(layers)]
+    return chosen
+
+
+def _matches_role(name: str, role: str) -> bool:
+    return any(re.search(p, name) for p in ROLES[role])
+
+
+def _short_name(name: str) -> str:
+    match = _LAYER.search(name)
+    return name[match.end() :] if match else name
+
+
+# --- the model ---------------------------------------------------------------------
+
+
+def _lora_config(lora: LoraSettings, targets: list[str], rank: int, heads: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=rank,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts a float scale
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias=lora.bias,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
+        modules_to_save=heads,
+        task_type="SEQ_CLS",
+    )
+
+
+def load_base_model(cfg: ModelConfig, label_names: Sequence[str], *, weights: bool = True) -> PreTrainedModel:
+    """The pretrained encoder with ``cfg.head`` in place and the label names set, no adapter.
+
+    ``weights=False`` builds it on the meta device: no weights read, nothing downloaded
+    but config.json.
+    """
+    labels = list(label_names)
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in id2label.items()}
+    config = load_model_config(
+        cfg.name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id, **cfg.config_overrides
+    )
+    if weights:
+        model = _load_weights(cfg.name_or_path, config)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    _set_head(model, cfg.head, len(labels))
+    return model
+
+
+def build_model(
+    cfg: ModelConfig,
+    label_names: Sequence[str],
+    *,
+    weights: bool = True,
+    rank: int | None = None,
+) -> PeftModel:
+    """The model that trains: encoder + head + LoRA, with exactly the trainable parameters counted.
+
+    ``weights=False`` builds the weightless skeleton (see :func:`load_base_model`).
+    ``rank`` overrides ``cfg.lora.r`` (needed when it is 'auto').
+    """
+    r = rank if rank is not None else cfg.lora.r
+    if not isinstance(r, int):
+        raise BudgetloraError("lora.r is 'auto': resolve it with budget.resolve_rank first")
+    model = load_base_model(cfg, label_names, weights=weights)
+    targets = resolve_targets(model, cfg.lora.target_modules, cfg.lora.layers)
+    lora_config = _lora_config(cfg.lora, targets, r, head_module_name(model))
+    return get_peft_model(model, lora_config)  # type: ignore[return-value]
+
+
+def _load_weights(name_or_path: str, config: PretrainedConfig) -> PreTrainedModel:
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, attn_implementation="sdpa"
+        )
+    except ValueError as err:
+        if "sdpa" not in str(err).lower():
+            raise BudgetloraError(f"cannot load model {name_or_path!r}: {err}") from err
+    except OSError as err:
+        if Path(name_or_path).is_dir():
+            raise BudgetloraError(f"cannot load model weights from {name_or_path}: {err}") from err
+        raise BudgetloraError(_hub_hint(name_or_path)) from err
+    # Architectures without SDPA support fall back to their eager attention.
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)

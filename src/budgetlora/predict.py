@@ -1,0 +1,277 @@
+"""Inference: load a run folder, score a labelled split, write a submission, classify text.
+
+The fast path: LoRA merged into the weights, batches sorted by length (large batches,
+almost no padding), bf16 on GPUs, ``inference_mode``; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from peft import PeftModel
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from budgetlora.batching import Collator, Encoded, encode, sorted_batches
+from budgetlora.config import RunConfig, load_config
+from budgetlora.errors import BudgetloraError
+from budgetlora.metrics import classification_metrics, mean_cross_entropy, softmax
+from budgetlora.modeling import load_base_model, load_tokenizer
+from budgetlora.rundir import atomic_path, write_json_atomic
+
+__all__ = ["LoadedRun", "load_run", "predict_logits", "evaluate", "predict", "classify"]
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for inference: LoRA merged, eval mode, on its device."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    label_names: tuple[str, ...]
+    accelerator: Accelerator
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise BudgetloraError(f"run folder not found: {run_dir}")
+    if not (run_dir / "config.yaml").is_file():
+        raise BudgetloraError(f"{run_dir} is not a budgetlora run folder: config.yaml is missing")
+    missing = [f for f in ADAPTER_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise BudgetloraError(
+            f"run folder {run_dir} has no trained adapter ({', '.join(missing)} missing): "
+            "did its training finish? Re-run it with `budgetlora train --config "
+            f"{run_dir / 'config.yaml'}`"
+        )
+
+
+def load_run(run_dir: str | Path, *, model: str | None = None, mixed_precision: str = "auto") -> LoadedRun:
+    """Rebuild the base model, load the adapter and head, and merge them for inference.
+
+    ``model`` replaces the base model path recorded in the run (e.g. a local copy).
+    """
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if model is not None:
+        cfg = replace(cfg, model=replace(cfg.model, name_or_path=model))
+    label_names = cfg.data.label_names
+    if not label_names:
+        raise BudgetloraError(f"{run_dir / 'config.yaml'} records no data.label_names")
+    accelerator = Accelerator(mixed_precision=_inference_precision(mixed_precision))
+    base = load_base_model(cfg.model, label_names, weights=True)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(run_dir))
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise BudgetloraError(
+            f"the adapter in {run_dir} does not fit the model {cfg.model.name_or_path!r} "
+            f"({type(base).__name__}): {str(err).splitlines()[0][:300]}. Pass the base model the run "
+            "was trained on with --model"
+        ) from err
+    merged = peft_model.merge_and_unload().eval()
+    merged.to(accelerator.device)  # type: ignore[arg-type]
+    tokenizer = load_tokenizer(
+        str(run_dir) if (run_dir / "tokenizer_config.json").is_file() else cfg.model.name_or_path
+    )
+    return LoadedRun(cfg, merged, tokenizer, tuple(label_names), accelerator)
+
+
+def _inference_precision(mixed_precision: str) -> str:
+    if mixed_precision != "auto":
+        return mixed_precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def predict_logits(
+    model: nn.Module,
+    encoded: Encoded,
+    accelerator: Accelerator,
+    *,
+    batch_size: int = 256,
+    pad_token_id: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Logits for every row of ``encoded``, in input order: (n, num_labels) float32.
+
+    Each process scores its share of the length-sorted batches; the main process gets
+    all rows, each exactly once (nothing is padded, so nothing is double-counted).
+    """
+    multiple = 8 if accelerator.device.type == "cuda" else 1
+    collate = Collator(encoded, pad_token_id, multiple)
+    batches = sorted_batches(
+        encoded.lengths, batch_size, world_size=accelerator.num_processes, rank=accelerator.process_index
+    )
+    was_training = model.training
+    model.eval()
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    with torch.inference_mode(), accelerator.autocast():
+        for indices in tqdm(
+            batches, desc="predict", unit="batch", disable=not (progress and accelerator.is_main_process)
+        ):
+            batch = collate(indices)
+            logits = model(
+                input_ids=batch["input_ids"].to(accelerator.device, non_blocking=True),
+                attention_mask=batch["attention_mask"].to(accelerator.device, non_blocking=True),
+            ).logits
+            parts.append((indices, logits.float().cpu().numpy()))
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        parts = [p for chunk in gather_object([parts]) for p in chunk]
+    num_labels = parts[0][1].shape[1] if parts else 0
+    out = np.zeros((len(encoded), num_labels), dtype=np.float32)
+    seen = np.zeros(len(encoded), dtype=bool)
+    for indices, logits in parts:
+        out[indices] = logits
+        seen[indices] = True
+    if not seen.all():
+        raise RuntimeError(f"{int((~seen).sum())} rows were not scored")
+    return out
+
+
+def score(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> dict[str, Any]:
+    """Classification metrics plus the mean cross-entropy loss of ``logits``."""
+    metrics = classification_metrics(labels, logits.argmax(axis=1), label_names)
+    metrics["loss"] = mean_cross_entropy(logits, labels)
+    return metrics
+
+
+def evaluate(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    split: str = "test",
+    output: str | Path | None = None,
+    model: str | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Score a labelled split and write ``metrics.json`` + a report into ``output``
+    (default ``RUN_DIR/eval-SPLIT``). Returns the metrics."""
+    from budgetlora.data import load_splits
+    from budgetlora.report import write_report
+
+    run = load_run(run_dir, model=model)
+    data_cfg = run.cfg.data if data is None else replace(run.cfg.data, source=data)
+    splits = load_splits(data_cfg)
+    table = {"train": splits.train, "validation": splits.validation, "test": splits.test}.get(split)
+    if split not in ("train", "validation", "test"):
+        raise BudgetloraError(f"--split {split!r}: allowed: train, validation, test")
+    if table is None:
+        raise BudgetloraError(
+            f"{data_cfg.source} has no test split; use --split validation, or pass --data with a labelled test file"
+        )
+    if tuple(splits.label_names) != run.label_names:
+        raise BudgetloraError(
+            f"the labels of {data_cfg.source} ({', '.join(splits.label_names)}) differ from the run's "
+            f"({', '.join(run.label_names)})"
+        )
+    encoded = encode(table.texts, table.labels, run.tokenizer, data_cfg.max_length)
+    logits = predict_logits(
+        run.model,
+        encoded,
+        run.accelerator,
+        batch_size=batch_size,
+        pad_token_id=_pad_id(run.tokenizer),
+        progress=True,
+    )
+    assert table.labels is not None
+    metrics = score(logits, table.labels, run.label_names)
+    out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
+    if run.accelerator.is_main_process:
+        write_json_atomic(out_dir / "metrics.json", {"source": data_cfg.source, "split": split, **metrics})
+        write_report(
+            out_dir,
+            title=f"Evaluation of {Path(run_dir).name} on {split}",
+            split=split,
+            metrics=metrics,
+            label_names=run.label_names,
+        )
+    return metrics
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def predict(
+    run_dir: str | Path,
+    input_path: str | Path,
+    *,
+    output: str | Path = "submission.csv",
+    text_column: str = "text",
+    allow_pickle: bool = False,
+    model: str | None = None,
+    batch_size: int = 256,
+) -> Path:
+    """Write ``ID,Label`` for every row of ``input_path`` (in input order) and, beside it,
+    ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path."""
+    from budgetlora.data import read_table
+
+    table = read_table(input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle)
+    if len(table) == 0:
+        raise BudgetloraError(f"no rows to predict in {input_path}")
+    run = load_run(run_dir, model=model)
+    encoded = encode(table.texts, None, run.tokenizer, run.cfg.data.max_length)
+    logits = predict_logits(
+        run.model,
+        encoded,
+        run.accelerator,
+        batch_size=batch_size,
+        pad_token_id=_pad_id(run.tokenizer),
+        progress=True,
+    )
+    output = Path(output)
+    if run.accelerator.is_main_process:
+        ids = table.ids if table.ids is not None else [str(i) for i in range(len(table))]
+        preds = logits.argmax(axis=1)
+        probs = softmax(logits)
+        _write_csv(output, ["ID", "Label"], ([i, int(p)] for i, p in zip(ids, preds, strict=True)))
+        header = ["ID", "Label", "label_name", *[f"p_{name}" for name in run.label_names]]
+        rows = (
+            [i, int(p), run.label_names[p], *[f"{x:.6f}" for x in prob]]
+            for i, p, prob in zip(ids, preds, probs, strict=True)
+        )
+        _write_csv(output.with_suffix(".probs.csv"), header, rows)
+    return output
+
+
+def _write_csv(path: Path, header: list[str], rows: Any) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def classify(run_dir: str | Path, texts: Sequence[str], *, model: str | None = None) -> list[dict[str, Any]]:
+    """Label and class probabilities for each text."""
+    if not texts:
+        raise BudgetloraError("classify needs at least one text")
+    run = load_run(run_dir, model=model)
+    encoded = encode(list(texts), None, run.tokenizer, run.cfg.data.max_length, use_cache=False)
+    probs = softmax(predict_logits(run.model, encoded, run.accelerator, pad_token_id=_pad_id(run.tokenizer)))
+    return [
+        {
+            "text": text,
+            "label": run.label_names[int(p.argmax())],
+            "label_id": int(p.argmax()),
+            "probabilities": {name: float(x) for name, x in zip(run.label_names, p, strict=True)},
+        }
+        for text, p in zip(texts, probs, strict=True)
+    ]

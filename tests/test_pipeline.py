@@ -1,0 +1,172 @@
+"""The whole pipeline on the tiny model: train → run folder → reload → evaluate → predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from budgetlora.batching import encode
+from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings, load_config
+from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.metrics import softmax
+from budgetlora.predict import classify, evaluate, load_run, predict, predict_logits
+from budgetlora.train import train
+
+RUN_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",  # peft's model card
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.yaml",
+    "budget.json",
+    "history.jsonl",
+    "metrics.json",
+    "report.md",
+    "confusion_matrix.png",
+    "predicted_distribution.png",
+    "learning_curves.png",
+    "class_distribution.png",
+    "token_lengths.png",
+    "budget.png",
+}
+
+
+def tiny_config(model_dir: Path, data: Path, output: Path, **train: object) -> RunConfig:
+    settings = {
+        "epochs": 4,
+        "lr": 1e-2,
+        "batch_size": 16,
+        "progress": False,
+        "log_every": 5,
+        "eval_every": 20,
+        **train,
+    }
+    return RunConfig(
+        model=ModelConfig(str(model_dir), lora=LoraSettings(r=4, alpha=8, target_modules=("query", "value"))),
+        data=DataConfig(source=str(data), validation_size=0.2, test_size=0.2, max_length=32),
+        train=TrainSettings(**settings),  # type: ignore[arg-type]
+        output=str(output),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return train(tiny_config(tiny_model_dir, tiny_data_csv, tmp_path_factory.mktemp("runs") / "run"))
+
+
+def test_run_folder_holds_exactly_the_documented_files(trained) -> None:  # type: ignore[no-untyped-def]
+    assert {p.name for p in trained.run_dir.iterdir()} == RUN_FILES
+
+
+def test_the_tiny_task_is_learned_and_recorded(trained) -> None:  # type: ignore[no-untyped-def]
+    metrics = json.loads((trained.run_dir / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 96 and metrics["validation"]["n"] == 96
+    assert metrics["test"]["accuracy"] > 0.9  # chance is 0.25
+    assert metrics["budget"]["trainable"] == trained.budget.trainable
+    assert json.loads((trained.run_dir / "budget.json").read_text())["groups"] == trained.budget.groups
+    history = [json.loads(line) for line in (trained.run_dir / "history.jsonl").read_text().splitlines()]
+    train_steps = [h["step"] for h in history if h["type"] == "train"]
+    assert train_steps == [*range(5, metrics["steps"], 5), metrics["steps"]]  # every 5th and the last
+    evals = [h for h in history if h["type"] == "eval"]
+    # 288 training rows / batch 16 = 18 steps an epoch: evaluated each epoch and every 20 steps.
+    assert [e["step"] for e in evals] == [18, 20, 36, 40, 54, 60, 72]
+    best = max(evals, key=lambda e: e["accuracy"])
+    assert metrics["best_step"] == best["step"]
+    assert metrics["validation"]["accuracy"] == pytest.approx(best["accuracy"])
+    report = (trained.run_dir / "report.md").read_text()
+    assert (
+        f"{metrics['test']['accuracy']:.2%}" in report and "Sci/Tech" not in report
+    )  # labels come from the data
+
+
+def test_reloaded_run_predicts_exactly_as_the_trained_model(trained, tiny_data_csv: Path) -> None:  # type: ignore[no-untyped-def]
+    run = load_run(trained.run_dir)
+    texts = [row["text"] for row in csv.DictReader(tiny_data_csv.open())][:64]
+    encoded = encode(texts, None, run.tokenizer, 32)
+    reloaded = predict_logits(run.model, encoded, run.accelerator)
+    in_memory = predict_logits(trained.model, encoded, run.accelerator)
+    assert np.array_equal(reloaded.argmax(1), in_memory.argmax(1))
+    np.testing.assert_allclose(softmax(reloaded), softmax(in_memory), atol=1e-5)
+
+
+def test_plain_peft_loading_works_too(trained, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4)
+    model = PeftModel.from_pretrained(base, str(trained.run_dir)).eval()
+    run = load_run(trained.run_dir)
+    encoded = encode(["market shares profit bank", "team coach goal"], None, run.tokenizer, 32)
+    np.testing.assert_allclose(
+        predict_logits(model, encoded, run.accelerator),
+        predict_logits(run.model, encoded, run.accelerator),
+        atol=1e-4,
+    )
+
+
+def test_config_yaml_reruns_the_run(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = load_config(trained.run_dir / "config.yaml")
+    assert cfg == trained.cfg
+    assert cfg.data.label_names == ("label_0", "label_1", "label_2", "label_3")
+    again = train(replace(cfg, output=str(tmp_path / "again")))
+    assert again.metrics["test"]["accuracy"] == trained.metrics["test"]["accuracy"]
+    assert _without_timing(again.history) == _without_timing(
+        trained.history
+    )  # same seed on CPU: the same run
+
+
+def _without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "samples_per_second"} for h in history]
+
+
+def test_evaluate_and_predict_and_classify(trained, tiny_data_csv: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    metrics = evaluate(trained.run_dir, split="test")
+    assert metrics["accuracy"] == pytest.approx(trained.metrics["test"]["accuracy"])
+    assert {p.name for p in (trained.run_dir / "eval-test").iterdir()} == {
+        "metrics.json",
+        "report.md",
+        "confusion_matrix.png",
+        "predicted_distribution.png",
+    }
+    unlabelled = tmp_path / "new.csv"
+    unlabelled.write_text("text\nmarket shares profit bank quarter\nteam wins the league match\n")
+    out = predict(trained.run_dir, unlabelled, output=tmp_path / "submission.csv")
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["0", "1"]
+    probs = list(csv.DictReader(out.with_suffix(".probs.csv").open()))
+    assert [int(r["Label"]) for r in probs] == [int(r[1]) for r in rows[1:]]
+    assert all(abs(sum(float(v) for k, v in r.items() if k.startswith("p_")) - 1) < 1e-4 for r in probs)
+    labelled = classify(trained.run_dir, ["market shares profit bank quarter", "team wins the league match"])
+    assert [r["label_id"] for r in labelled] == [int(r[1]) for r in rows[1:]]
+
+
+def test_over_budget_config_is_refused_before_any_work(
+    tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    cfg = replace(tiny_config(tiny_model_dir, tiny_data_csv, tmp_path / "run"), budget=1000)
+    with pytest.raises(OverBudgetError, match="over budget"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_is_not_overwritten(trained) -> None:  # type: ignore[no-untyped-def]
+    before = (trained.run_dir / "metrics.json").read_bytes()
+    with pytest.raises(BudgetloraError, match="already holds a finished run"):
+        train(trained.cfg)
+    assert (trained.run_dir / "metrics.json").read_bytes() == before
+
+
+def test_run_folder_missing_its_adapter(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text(
+        yaml.safe_dump(yaml.safe_load((trained.run_dir / "config.yaml").read_text()))
+    )
+    with pytest.raises(BudgetloraError, match="has no trained adapter"):
+        load_run(broken)
