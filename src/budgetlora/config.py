@@ -175,8 +175,8 @@ class TrainSettings:
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
-    lr: float = 5e-4
-    """Peak learning rate."""
+    lr: float = 2e-3
+    """Peak learning rate (2e-3 suits LoRA + a fresh head; measured on MiniLM / AG News)."""
     batch_size: int = 32
     """Training samples per optimizer step per process (before gradient accumulation)."""
     eval_batch_size: int = 256

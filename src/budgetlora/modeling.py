@@ -85,7 +85,11 @@ def role_of(module_name: str) -> str | None:
 
 def _hub_hint(name: str) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such model"
+    why = (
+        "the Hugging Face Hub is not used (HF_HUB_OFFLINE is set)"
+        if offline
+        else "the Hugging Face Hub could not be reached or has no such model"
+    )
     return (
         f"cannot load model {name!r}: it is not a local folder and {why}. "
         "Download it where you have internet (it is then cached), or pass a local "
@@ -302,16 +306,24 @@ def build_model(
 
 
 def _load_weights(name_or_path: str, config: PretrainedConfig) -> PreTrainedModel:
+    # ignore_mismatched_sizes: a checkpoint fine-tuned for another label count keeps its
+    # encoder; its head is replaced (and trained) like any other.
+    kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True}
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, config=config, attn_implementation="sdpa"
-        )
-    except ValueError as err:
-        if "sdpa" not in str(err).lower():
-            raise BudgetloraError(f"cannot load model {name_or_path!r}: {err}") from err
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, attn_implementation="sdpa", **kwargs
+            )
+        except ValueError as err:
+            if "sdpa" not in str(err).lower():
+                raise
+            # Architectures without SDPA support fall back to their eager attention.
+            return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+    except (ValueError, RuntimeError) as err:
+        raise BudgetloraError(
+            f"cannot load model {name_or_path!r}: {str(err).splitlines()[0][:300]}"
+        ) from err
     except OSError as err:
         if Path(name_or_path).is_dir():
             raise BudgetloraError(f"cannot load model weights from {name_or_path}: {err}") from err
         raise BudgetloraError(_hub_hint(name_or_path)) from err
-    # Architectures without SDPA support fall back to their eager attention.
-    return AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)

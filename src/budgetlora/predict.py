@@ -222,9 +222,8 @@ def predict(
     ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path."""
     from budgetlora.data import read_table
 
+    _check_run_dir(Path(run_dir))  # before reading the input: the cheaper mistake first
     table = read_table(input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle)
-    if len(table) == 0:
-        raise BudgetloraError(f"no rows to predict in {input_path}")
     run = load_run(run_dir, model=model)
     encoded = encode(table.texts, None, run.tokenizer, run.cfg.data.max_length)
     logits = predict_logits(

@@ -119,9 +119,10 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class _History:
     """history.jsonl, appended line by line as the run goes (main process only)."""
 
-    def __init__(self, path: Path | None, tensorboard_dir: Path | None) -> None:
+    def __init__(self, path: Path | None, tensorboard_dir: Path | None, echo: bool = False) -> None:
         self.records: list[dict[str, Any]] = []
         self.path = path
+        self.echo = echo  # print each record (when there is no progress bar to show it)
         self._fh = path.open("w", encoding="utf-8") if path is not None else None
         self._tb = None
         if tensorboard_dir is not None:
@@ -135,6 +136,8 @@ class _History:
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if self.echo:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
         if self._fh is not None:
             self._fh.write(json.dumps(record) + "\n")
             self._fh.flush()
@@ -217,6 +220,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, loss_fn: LossFn | None = N
     history = _History(
         run_dir / ".history.jsonl.partial" if main else None,
         run_dir / "tensorboard" if settings.tensorboard and main else None,
+        echo=main and not settings.progress,
     )
     best_value, best_step, best_state, stale = -1.0, 0, _trainable_state(model), 0
 
