@@ -22,7 +22,12 @@ COMMANDS = ["train", "evaluate", "predict", "classify"]
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
-        [sys.executable, "-m", "budgetlora", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+        [sys.executable, "-m", "budgetlora", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
     )
 
 
@@ -52,10 +57,34 @@ def test_console_script_is_installed() -> None:
 def cli_run(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
     result = run_cli(
-        "train", "--model", str(tiny_model_dir), "--data", str(tiny_data_csv), "--output", str(out),
-        "--epochs", "4", "--lr", "1e-2", "--batch-size", "16", "--lora-r", "4", "--lora-alpha", "8",
-        "--target-modules", "query,value", "--seed", "42", "--set", "data.validation_size=0.2",
-        "--set", "data.test_size=0.2", "--max-length", "32", "--no-progress",
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tiny_data_csv),
+        "--output",
+        str(out),
+        "--epochs",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "16",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--target-modules",
+        "query,value",
+        "--seed",
+        "42",
+        "--set",
+        "data.validation_size=0.2",
+        "--set",
+        "data.test_size=0.2",
+        "--max-length",
+        "32",
+        "--no-progress",
     )
     assert result.returncode == 0, result.stderr
     assert "lora.query" in result.stdout and "test accuracy" in result.stdout
@@ -66,7 +95,9 @@ def test_train_then_predict_classify_evaluate(cli_run: Path, tmp_path: Path) -> 
     metrics = json.loads((cli_run / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.9
     data = tmp_path / "new.jsonl"
-    data.write_text('{"id": "a7", "text": "market shares profit bank"}\n{"id": "b2", "text": "team coach goal match"}\n')
+    data.write_text(
+        '{"id": "a7", "text": "market shares profit bank"}\n{"id": "b2", "text": "team coach goal match"}\n'
+    )
     result = run_cli("predict", str(cli_run), str(data), "--output", str(tmp_path / "sub.csv"))
     assert result.returncode == 0, result.stderr
     rows = list(csv.reader((tmp_path / "sub.csv").open()))
@@ -86,11 +117,15 @@ def test_predict_a_pickled_dataset_only_with_allow_pickle(cli_run: Path, tmp_pat
 
     path = tmp_path / "test_unlabelled.pkl"
     with path.open("wb") as fh:
-        pickle.dump(Dataset.from_dict({"text": ["market shares profit", "team coach goal", "chip data phone"]}), fh)
+        pickle.dump(
+            Dataset.from_dict({"text": ["market shares profit", "team coach goal", "chip data phone"]}), fh
+        )
     refused = run_cli("predict", str(cli_run), str(path), "--output", str(tmp_path / "s.csv"))
     assert refused.returncode == 2 and "--allow-pickle" in refused.stderr
     assert not (tmp_path / "s.csv").exists()
-    result = run_cli("predict", str(cli_run), str(path), "--output", str(tmp_path / "s.csv"), "--allow-pickle")
+    result = run_cli(
+        "predict", str(cli_run), str(path), "--output", str(tmp_path / "s.csv"), "--allow-pickle"
+    )
     assert result.returncode == 0, result.stderr
     assert [r[0] for r in csv.reader((tmp_path / "s.csv").open())] == ["ID", "0", "1", "2"]
 
@@ -107,17 +142,21 @@ def test_errors_are_one_clear_message_and_exit_2(
 ) -> None:
     model, data = str(tiny_model_dir), str(tiny_data_csv)
     out = str(tmp_path / "out")
-    _assert_user_error(run_cli("train", "--model", model, "--data", str(tmp_path / "nope.csv"), "--output", out), "nope.csv")
+    _assert_user_error(
+        run_cli("train", "--model", model, "--data", str(tmp_path / "nope.csv"), "--output", out), "nope.csv"
+    )
     _assert_user_error(
         run_cli("train", "--model", str(tmp_path / "no-model"), "--data", data, "--output", out), "no-model"
     )
     _assert_user_error(
         run_cli("train", "--model", "no-such-org/no-such-model", "--data", data, "--output", out),
-        "Hub", "--model",
+        "Hub",
+        "--model",
     )
     _assert_user_error(
         run_cli("train", "--model", model, "--data", data, "--output", out, "--text-column", "body"),
-        "body", "data.text_column",
+        "body",
+        "data.text_column",
     )
     over = run_cli("train", "--model", model, "--data", data, "--output", out, "--budget", "1000")
     _assert_user_error(over, "over budget", "lora.query", "head", "would fit")
@@ -133,7 +172,9 @@ def test_errors_are_one_clear_message_and_exit_2(
 
     empty = tmp_path / "empty.csv"
     empty.write_text("text\n")
-    _assert_user_error(run_cli("predict", str(cli_run), str(empty), "--output", str(tmp_path / "s.csv")), "empty.csv")
+    _assert_user_error(
+        run_cli("predict", str(cli_run), str(empty), "--output", str(tmp_path / "s.csv")), "empty.csv"
+    )
     _assert_user_error(run_cli("predict", str(tmp_path / "no-run"), str(empty)), "no-run")
     assert not (tmp_path / "s.csv").exists()
 
@@ -142,7 +183,9 @@ def test_adapter_on_another_architecture_is_refused(cli_run: Path, tmp_path: Pat
     from transformers import BertConfig, BertForSequenceClassification
 
     bert = tmp_path / "tiny-bert"
-    config = BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     BertForSequenceClassification(config).save_pretrained(bert)
     result = run_cli("classify", str(cli_run), "some text", "--model", str(bert))
     _assert_user_error(result, "does not fit the model", "--model")
@@ -150,6 +193,8 @@ def test_adapter_on_another_architecture_is_refused(cli_run: Path, tmp_path: Pat
 
 def test_a_finished_run_is_kept(cli_run: Path, tiny_model_dir: Path, tiny_data_csv: Path) -> None:
     before = (cli_run / "adapter_model.safetensors").read_bytes()
-    result = run_cli("train", "--model", str(tiny_model_dir), "--data", str(tiny_data_csv), "--output", str(cli_run))
+    result = run_cli(
+        "train", "--model", str(tiny_model_dir), "--data", str(tiny_data_csv), "--output", str(cli_run)
+    )
     _assert_user_error(result, "already holds a finished run", "--overwrite")
     assert (cli_run / "adapter_model.safetensors").read_bytes() == before

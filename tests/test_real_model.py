@@ -22,7 +22,9 @@ pytestmark = [
 
 def test_minilm_lora_one_epoch_beats_85_percent(tmp_path: Path) -> None:
     cfg = RunConfig(
-        model=ModelConfig(str(minilm_dir()), lora=LoraSettings(r=8, alpha=16, target_modules=("query", "value"))),
+        model=ModelConfig(
+            str(minilm_dir()), lora=LoraSettings(r=8, alpha=16, target_modules=("query", "value"))
+        ),
         # 5,600 rows: 560 validation, 1,120 test (stratified, seed 42), 3,920 to train on.
         data=DataConfig(source=str(AG_NEWS_SAMPLE), validation_size=0.1, test_size=0.2),
         train=TrainSettings(epochs=1, lr=2e-3, batch_size=32, progress=False),

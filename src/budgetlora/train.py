@@ -38,10 +38,13 @@ from budgetlora.predict import predict_logits, score
 from budgetlora.report import write_report
 from budgetlora.rundir import write_json_atomic
 
-__all__ = ["TrainResult", "LossFn", "train", "prepare_run", "cross_entropy_loss"]
+__all__ = ["TrainResult", "LossFn", "EvalCallback", "train", "prepare_run", "cross_entropy_loss"]
 
-# (logits (batch, labels), batch dict with "labels" and "index") -> scalar loss
+# (logits (batch, labels), batch dict with "labels" and "index") -> scalar loss.
+# "index" holds each sample's row in Splits.train, e.g. to look up cached teacher logits.
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+# (step, validation metrics) -> True to stop training early; may raise (e.g. optuna.TrialPruned).
+EvalCallback = Callable[[int, dict[str, Any]], bool]
 
 
 @dataclass
@@ -137,7 +140,10 @@ class _History:
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self.echo:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+            print(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                flush=True,
+            )
         if self._fh is not None:
             self._fh.write(json.dumps(record) + "\n")
             self._fh.flush()
@@ -154,8 +160,18 @@ class _History:
             self._tb.close()
 
 
-def train(cfg: RunConfig, *, overwrite: bool = False, loss_fn: LossFn | None = None) -> TrainResult:
-    """Train ``cfg`` and write its run folder; returns the budget, metrics and history."""
+def train(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    loss_fn: LossFn | None = None,
+    on_eval: EvalCallback | None = None,
+) -> TrainResult:
+    """Train ``cfg`` and write its run folder; returns the budget, metrics and history.
+
+    ``loss_fn`` replaces the cross-entropy (distillation); ``on_eval`` sees every
+    validation result and may stop the run (a sweep's pruner).
+    """
     run_dir = Path(cfg.output)
     _check_output(run_dir, overwrite)
     settings = cfg.train
@@ -248,7 +264,9 @@ def train(cfg: RunConfig, *, overwrite: bool = False, loss_fn: LossFn | None = N
             best_value, best_step, best_state, stale = value, step, _trainable_state(model), 0
         else:
             stale += 1
-        return settings.early_stopping_patience is not None and stale >= settings.early_stopping_patience
+        stop_requested = on_eval(step, metrics) if on_eval is not None else False
+        patience = settings.early_stopping_patience
+        return stop_requested or (patience is not None and stale >= patience)
 
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (main and settings.progress))
     step, epoch, micro, samples = 0, 0, 0, 0
