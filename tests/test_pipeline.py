@@ -48,6 +48,7 @@ def tiny_config(model_dir: Path, data: Path, output: Path, **train: object) -> R
         "progress": False,
         "log_every": 5,
         "eval_every": 20,
+        "mixed_precision": "no",  # exact comparisons below; bf16 is tested on its own
         **train,
     }
     return RunConfig(
@@ -89,7 +90,7 @@ def test_the_tiny_task_is_learned_and_recorded(trained) -> None:  # type: ignore
 
 
 def test_reloaded_run_predicts_exactly_as_the_trained_model(trained, tiny_data_csv: Path) -> None:  # type: ignore[no-untyped-def]
-    run = load_run(trained.run_dir)
+    run = load_run(trained.run_dir, mixed_precision="no")
     texts = [row["text"] for row in csv.DictReader(tiny_data_csv.open())][:64]
     encoded = encode(texts, None, run.tokenizer, 32)
     reloaded = predict_logits(run.model, encoded, run.accelerator)
@@ -101,7 +102,7 @@ def test_reloaded_run_predicts_exactly_as_the_trained_model(trained, tiny_data_c
 def test_plain_peft_loading_works_too(trained, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4)
     model = PeftModel.from_pretrained(base, str(trained.run_dir)).eval()
-    run = load_run(trained.run_dir)
+    run = load_run(trained.run_dir, mixed_precision="no")
     encoded = encode(["market shares profit bank", "team coach goal"], None, run.tokenizer, 32)
     np.testing.assert_allclose(
         predict_logits(model, encoded, run.accelerator),
@@ -170,3 +171,10 @@ def test_run_folder_missing_its_adapter(trained, tmp_path: Path) -> None:  # typ
     )
     with pytest.raises(BudgetloraError, match="has no trained adapter"):
         load_run(broken)
+
+
+def test_bf16_autocast_training(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path) -> None:
+    """bf16 autocast (what 'auto' picks on GPUs and on CPUs with AMX) trains the task too."""
+    result = train(tiny_config(tiny_model_dir, tiny_data_csv, tmp_path / "bf16", mixed_precision="bf16"))
+    assert result.metrics["timing"]["mixed_precision"] == "bf16"
+    assert result.metrics["test"]["accuracy"] > 0.9

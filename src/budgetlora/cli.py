@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -108,13 +110,27 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         help="Replace a finished run in --output (only once the new run finishes)",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue the interrupted run in --output from its last checkpoint (its config.yaml is the base config)",
+    )
+    parser.add_argument(
         "--print-config", action="store_true", help="Print the resolved config as YAML and exit"
     )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The config file (or defaults) with the command-line options applied."""
-    cfg = load_config(args.config) if args.config else RunConfig()
+    """The config file (or defaults) with the command-line options applied.
+
+    With ``--resume`` and no ``--config``, the base is the run folder's own config.yaml.
+    """
+    run_config = Path(args.output or RunConfig().output) / "config.yaml"
+    if args.config:
+        cfg = load_config(args.config)
+    elif getattr(args, "resume", False) and run_config.is_file():
+        cfg = load_config(run_config)
+    else:
+        cfg = RunConfig()
     overrides: dict[str, Any] = {}
     for option, (key, _kind) in TRAIN_OPTIONS.items():
         value = getattr(args, _dest(option))
@@ -151,13 +167,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from budgetlora.train import train
 
-    result = train(cfg, overwrite=args.overwrite)
+    result = train(cfg, overwrite=args.overwrite, resume=args.resume)
+    if not _is_main_process():
+        return 0
     split = "test" if "test" in result.metrics else "validation"
     print(
         f"\n{split} accuracy {result.metrics[split]['accuracy']:.4f}, macro-F1 {result.metrics[split]['macro_f1']:.4f}; "
         f"{result.metrics['timing']['train_samples_per_second']:.1f} train samples/s; run folder: {result.run_dir}"
     )
     return 0
+
+
+def _is_main_process() -> bool:
+    """False in the other processes of a torchrun / accelerate launch run."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -202,6 +225,100 @@ def cmd_classify(args: argparse.Namespace) -> int:
         else:
             probs = "  ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
             print(f"{row['label']}\t{probs}\t{row['text'][:80]}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from budgetlora.plan import format_plan, plan
+
+    rows = plan(args.model, args.budget, args.labels)
+    if args.format == "table":
+        print(
+            f"{args.model}, {args.labels} labels: the largest uniform LoRA rank that fits a budget of "
+            f"{args.budget:,} trainable parameters (head included), by head, targets and layers\n"
+        )
+    print(format_plan(rows, args.format))
+    if args.format == "table":
+        print(
+            "\ntrain a row: budgetlora train --model MODEL --head H --target-modules T [--layers L] --lora-r R"
+        )
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from budgetlora.config import config_to_yaml
+    from budgetlora.distill import DistillSettings, distill, load_distill_settings
+
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    recorded = load_distill_settings(args.distill_config) if args.distill_config else None
+    if args.teacher is None and recorded is None:
+        raise BudgetloraError(
+            "distill needs --teacher (a run folder, model folder or Hub id) or --distill-config"
+        )
+    settings = DistillSettings(
+        teacher=args.teacher or (recorded.teacher if recorded else ""),
+        alpha=args.alpha if args.alpha is not None else (recorded.alpha if recorded else 0.5),
+        temperature=args.temperature
+        if args.temperature is not None
+        else (recorded.temperature if recorded else 2.0),
+    )
+    result = distill(
+        cfg,
+        settings.teacher,
+        alpha=settings.alpha,
+        temperature=settings.temperature,
+        compare_baseline=args.compare_baseline,
+        overwrite=args.overwrite,
+    )
+    summary = result.summary
+    print()
+    for name in ("teacher", "student", "baseline"):
+        scores = summary[name]
+        if scores is not None:
+            shown = ", ".join(
+                f"{s} accuracy {scores[s]['accuracy']:.4f}" for s in ("validation", "test") if s in scores
+            )
+            print(f"{name:<8} {shown}")
+    print(f"run folder: {result.run_dir} (distill.json, report.md)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from budgetlora.sweep import load_space, sweep
+
+    cfg = load_config(args.config) if args.config else RunConfig()
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise BudgetloraError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=1")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    if args.no_progress:
+        overrides["train.progress"] = False
+    result = sweep(
+        with_overrides(cfg, overrides),
+        load_space(args.space),
+        n_trials=args.trials,
+        output=args.output,
+        sampler=args.sampler,
+        storage=args.storage,
+        study_name=args.study_name,
+        teacher=args.teacher,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(
+        f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {result.output / 'trials.md'}"
+    )
+    if result.best_config is not None:
+        print(
+            f"best: trial {result.best_trial}, validation {cfg.train.best_metric} {result.best_value:.4f}; "
+            f"re-run: budgetlora train --config {result.output / 'best.yaml'}"
+        )
     return 0
 
 
@@ -262,6 +379,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser(
+        "plan",
+        help="what fits a budget: head x targets x layers at the largest LoRA rank",
+        description="Count configurations on the model's weightless skeleton (only config.json is read: "
+        "seconds, no weights) and print, for each head, target set and layers, the largest uniform "
+        "LoRA rank that fits the budget, its exact trainable count and its share of the budget.",
+    )
+    p.add_argument("--model", required=True, help="Hub model id or a local folder (config.json is enough)")
+    p.add_argument(
+        "--budget", type=int, required=True, help="hard cap on trainable parameters, head included"
+    )
+    p.add_argument("--labels", type=int, default=4, help="number of classes (default 4)")
+    p.add_argument(
+        "--format",
+        choices=("table", "markdown", "csv", "json"),
+        default="table",
+        help="output format (default table)",
+    )
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "distill",
+        help="train a budgeted student on a teacher's soft labels",
+        description="Train a student (all train options; the budget is enforced) on (1 - alpha) * CE + "
+        "alpha * T^2 * KL(teacher || student). The teacher's logits are computed once and cached. "
+        "The run folder gets distill.yaml, distill.json and a Distillation section in report.md.",
+    )
+    _add_train_options(p)
+    p.add_argument(
+        "--teacher",
+        metavar="PATH_OR_ID",
+        help="a budgetlora run folder, a LoRA adapter folder, or a sequence-classification checkpoint (folder or Hub id)",
+    )
+    p.add_argument("--alpha", type=float, help="weight of the teacher term in [0, 1] (default 0.5)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the teacher term (default 2.0)")
+    p.add_argument(
+        "--distill-config", metavar="FILE", help="a run folder's distill.yaml; options above override it"
+    )
+    p.add_argument(
+        "--compare-baseline",
+        action="store_true",
+        help="also train the same student without distillation into OUTPUT-baseline",
+    )
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
+        "sweep",
+        help="budget-aware hyperparameter search (optuna)",
+        description="Search a YAML space around a base config with optuna. Over-budget trials are pruned before "
+        "training; weak ones are pruned early (median rule). Writes trial folders, trials.csv/.md, best.yaml, plots.",
+    )
+    p.add_argument("--config", metavar="FILE", help="base config YAML (default: the built-in defaults)")
+    p.add_argument(
+        "--space", required=True, metavar="FILE", help="search space YAML (config key -> range or choices)"
+    )
+    p.add_argument(
+        "--trials", type=int, default=20, help="trials in the study, pruned ones included (default 20)"
+    )
+    p.add_argument(
+        "--output", required=True, metavar="DIR", help="sweep folder (study.db, trial-NNNN/, best.yaml)"
+    )
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "grid"], help="optuna sampler (default tpe)")
+    p.add_argument("--storage", metavar="URL", help="optuna storage URL (default sqlite:///DIR/study.db)")
+    p.add_argument("--study-name", help="study name in the storage (default: the name of DIR)")
+    p.add_argument("--teacher", metavar="PATH_OR_ID", help="distil every trial from this teacher")
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="distillation alpha unless searched (default 0.5)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=2.0, help="distillation T unless searched (default 2.0)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a base config key")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars (logs only).")
+    p.set_defaults(func=cmd_sweep)
 
     return parser
 

@@ -200,7 +200,7 @@ class TrainSettings:
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, fp16 on older GPUs, none on CPU."""
+    """auto: bf16 on GPUs that support it (fp16 on older ones) and on CPUs with bf16 units (AMX), else fp32."""
     eval_every: int | None = None
     """Evaluate on the validation split every N optimizer steps."""
     eval_each_epoch: bool = True

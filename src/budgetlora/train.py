@@ -8,11 +8,14 @@ best) → save the adapter, metrics and report into the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,15 +33,24 @@ from transformers import get_scheduler
 
 from budgetlora.batching import Collator, Encoded, encode, iterate, length_grouped_batches
 from budgetlora.budget import Budget, check_budget, count_trainable, measure, resolve_rank
-from budgetlora.config import RunConfig, TrainSettings, save_config
+from budgetlora.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_config
 from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
 from budgetlora.modeling import build_model, load_tokenizer
-from budgetlora.predict import predict_logits, score
+from budgetlora.predict import make_accelerator, predict_logits, score
 from budgetlora.report import write_report
 from budgetlora.rundir import write_json_atomic
 
-__all__ = ["TrainResult", "LossFn", "EvalCallback", "train", "prepare_run", "cross_entropy_loss"]
+__all__ = [
+    "TrainResult",
+    "TrainingInterrupted",
+    "LossFn",
+    "EvalCallback",
+    "train",
+    "prepare_run",
+    "cross_entropy_loss",
+]
 
 # (logits (batch, labels), batch dict with "labels" and "index") -> scalar loss.
 # "index" holds each sample's row in Splits.train, e.g. to look up cached teacher logits.
@@ -65,14 +77,6 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss
 
 
-def _mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
 def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
     """Read the data, resolve label names and ``lora.r: auto``, and check the budget.
 
@@ -89,7 +93,13 @@ def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
     return cfg, splits, budget
 
 
-def _check_output(run_dir: Path, overwrite: bool) -> None:
+def _check_output(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    if resume and not run_dir.is_dir():
+        raise BudgetloraError(f"--resume: run folder {run_dir} does not exist")
+    if resume and (run_dir / "metrics.json").exists():
+        raise BudgetloraError(
+            f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume"
+        )
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise BudgetloraError(
             f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite "
@@ -122,11 +132,20 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class _History:
     """history.jsonl, appended line by line as the run goes (main process only)."""
 
-    def __init__(self, path: Path | None, tensorboard_dir: Path | None, echo: bool = False) -> None:
-        self.records: list[dict[str, Any]] = []
+    def __init__(
+        self,
+        path: Path | None,
+        tensorboard_dir: Path | None,
+        echo: bool = False,
+        records: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.records: list[dict[str, Any]] = list(records or [])  # from a checkpoint when resuming
         self.path = path
         self.echo = echo  # print each record (when there is no progress bar to show it)
         self._fh = path.open("w", encoding="utf-8") if path is not None else None
+        for record in self.records:
+            if self._fh is not None:
+                self._fh.write(json.dumps(record) + "\n")
         self._tb = None
         if tensorboard_dir is not None:
             try:
@@ -160,22 +179,67 @@ class _History:
             self._tb.close()
 
 
+@dataclass
+class _Progress:
+    """Where the loop is; saved in checkpoints so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already trained on
+    samples: int = 0
+    train_seconds: float = 0.0
+    running_count: int = 0  # micro-batches since the last log step
+    best_value: float = -1.0
+    best_step: int = 0
+    stale: int = 0  # evaluations since the best one
+
+
+class TrainingInterrupted(BudgetloraError):
+    """SIGINT/SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+    exit_code = 130
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(
     cfg: RunConfig,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     loss_fn: LossFn | None = None,
     on_eval: EvalCallback | None = None,
 ) -> TrainResult:
     """Train ``cfg`` and write its run folder; returns the budget, metrics and history.
 
-    ``loss_fn`` replaces the cross-entropy (distillation); ``on_eval`` sees every
-    validation result and may stop the run (a sweep's pruner).
+    ``resume`` continues from the newest checkpoint in the run folder (model, optimizer,
+    scheduler, RNG states, data position, history). ``loss_fn`` replaces the
+    cross-entropy (distillation); ``on_eval`` sees every validation result and may stop
+    the run (a sweep's pruner).
     """
     run_dir = Path(cfg.output)
-    _check_output(run_dir, overwrite)
+    _check_output(run_dir, overwrite, resume)
     settings = cfg.train
-    accelerator = Accelerator(mixed_precision=_mixed_precision(settings.mixed_precision))
+    accelerator = make_accelerator(settings.mixed_precision)
     main = accelerator.is_main_process
     on_cuda = accelerator.device.type == "cuda"
     if on_cuda:
@@ -185,8 +249,19 @@ def train(
     cfg, splits, budget = prepare_run(cfg)
     labels = cfg.data.label_names
     assert labels is not None
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    saved, saved_own = load_checkpoint(checkpoint, accelerator.process_index) if checkpoint else ({}, {})
+    if saved and saved["config"] != _comparable(cfg):
+        raise BudgetloraError(
+            f"cannot resume {run_dir}: the config differs from the interrupted run's "
+            f"(see {run_dir / 'config.yaml'}); resume without changing options, or start a new --output"
+        )
     if main:
         print(f"trainable parameters of {cfg.model.name_or_path}:\n{budget.table()}", flush=True)
+        if checkpoint:
+            print(f"resuming from {checkpoint}", flush=True)
+        elif resume:
+            print(f"no checkpoint in {run_dir}: starting from the beginning", flush=True)
 
     set_seed(settings.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
@@ -203,16 +278,25 @@ def train(
             if splits.test
             else None
         )
+    val_labels = val_enc.labels
+    assert val_labels is not None
 
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     collate = Collator(train_enc, pad_id, 8 if on_cuda else 1)
     world, rank = accelerator.num_processes, accelerator.process_index
-    batches_per_epoch = len(
-        length_grouped_batches(
-            train_enc.lengths, settings.batch_size, seed=0, epoch=0, world_size=world, rank=rank
+
+    def epoch_batches(epoch: int) -> list[np.ndarray]:
+        return length_grouped_batches(
+            train_enc.lengths,
+            settings.batch_size,
+            seed=settings.seed,
+            epoch=epoch,
+            world_size=world,
+            rank=rank,
+            group_by_length=settings.group_by_length,
         )
-    )
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / settings.grad_accum))
+
+    steps_per_epoch = max(1, math.ceil(len(epoch_batches(0)) / settings.grad_accum))
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     warmup = (
         settings.warmup_steps
@@ -232,26 +316,41 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = loss_fn or cross_entropy_loss(settings.label_smoothing)
 
+    progress = _Progress()
+    best_state = _trainable_state(model)
+    history_records: list[dict[str, Any]] = []
+    if saved:
+        _load_trainable_state(model, saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress = _Progress(**saved["progress"])
+        best_state = saved["best_state"]
+        history_records = saved["history"]
+        restore_rng(saved_own["rng"])
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    if main and not saved and not (run_dir / "metrics.json").exists():
+        # The resolved config, from the start, so that an interrupted run can be resumed.
+        # (Over a finished run, with --overwrite, it is replaced only at the end.)
+        save_config(cfg, run_dir / "config.yaml")
     history = _History(
         run_dir / ".history.jsonl.partial" if main else None,
         run_dir / "tensorboard" if settings.tensorboard and main else None,
         echo=main and not settings.progress,
+        records=history_records,
     )
-    best_value, best_step, best_state, stale = -1.0, 0, _trainable_state(model), 0
 
-    def run_eval(step: int, epoch: float) -> bool:
-        """Evaluate on validation, keep the best weights; True when early stopping says stop."""
-        nonlocal best_value, best_step, best_state, stale
+    def run_eval(epoch: float) -> bool:
+        """Evaluate on validation, keep the best weights; True when training should stop."""
+        nonlocal best_state
         logits = predict_logits(
             model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_id
         )
-        assert val_enc.labels is not None
-        metrics = score(logits, val_enc.labels, labels)
+        metrics = score(logits, val_labels, labels)
         history.add(
             {
                 "type": "eval",
-                "step": step,
+                "step": progress.step,
                 "epoch": round(epoch, 4),
                 "split": "validation",
                 "loss": metrics["loss"],
@@ -260,117 +359,154 @@ def train(
             }
         )
         value = metrics[settings.best_metric]
-        if value > best_value:
-            best_value, best_step, best_state, stale = value, step, _trainable_state(model), 0
+        if value > progress.best_value:
+            progress.best_value, progress.best_step, progress.stale = value, progress.step, 0
+            best_state = _trainable_state(model)
         else:
-            stale += 1
-        stop_requested = on_eval(step, metrics) if on_eval is not None else False
+            progress.stale += 1
+        stop_requested = on_eval(progress.step, metrics) if on_eval is not None else False
         patience = settings.early_stopping_patience
-        return stop_requested or (patience is not None and stale >= patience)
+        return stop_requested or (patience is not None and progress.stale >= patience)
 
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (main and settings.progress))
-    step, epoch, micro, samples = 0, 0, 0, 0
-    train_seconds = 0.0
+    def checkpoint_now() -> Path:
+        state = {
+            "config": _comparable(cfg),
+            "trainable": _trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "progress": dataclasses.asdict(progress),
+            "best_state": best_state,
+            "history": history.records,
+        }
+        # The device-side loss sum as it is (float32): a resumed run logs the same bits.
+        own = {"running_loss": running_loss.detach().cpu()}
+        return save_checkpoint(accelerator, run_dir, progress.step, state, settings.keep_checkpoints, own)
+
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        desc="train",
+        unit="step",
+        disable=not (main and settings.progress),
+    )
+    # Loss summed on the device since the last log step: no host-device sync per step.
     running_loss = torch.zeros((), device=accelerator.device)
-    running_count = 0
+    if saved:
+        running_loss += saved_own["running_loss"].to(accelerator.device)
     window_start, window_samples = time.perf_counter(), 0
     stop = False
     model.train()
-    while step < total_steps and not stop:
-        batches = length_grouped_batches(
-            train_enc.lengths,
-            settings.batch_size,
-            seed=settings.seed,
-            epoch=epoch,
-            world_size=world,
-            rank=rank,
-            group_by_length=settings.group_by_length,
-        )
-        tick = time.perf_counter()
-        for i, batch in enumerate(
-            iterate(batches, collate, num_workers=settings.num_workers, pin_memory=on_cuda)
-        ):
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            micro += 1
-            sync = micro % settings.grad_accum == 0 or i == len(batches) - 1
-            with accelerator.no_sync(model) if not sync else nullcontext():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = loss_fn(logits, batch)
-                accelerator.backward(loss / settings.grad_accum)
-            running_loss += loss.detach()
-            running_count += 1
-            n = len(batch["input_ids"]) * world
-            samples += n
-            window_samples += n
-            if not sync:
-                continue
-            micro = 0
-            if settings.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            epoch_progress = epoch + (i + 1) / len(batches)
-            if step % settings.log_every == 0 or step == total_steps:
-                # Reading the loss syncs host and device: only on log steps.
-                mean_loss = accelerator.reduce(running_loss, "mean").item() / running_count
-                now = time.perf_counter()
-                rate = window_samples / max(now - window_start, 1e-9)
-                record = {
-                    "type": "train",
-                    "step": step,
-                    "epoch": round(epoch_progress, 4),
-                    "loss": mean_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_second": rate,
-                }
-                history.add(record)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.0f}")
-                running_loss.zero_()
-                running_count, window_start, window_samples = 0, now, 0
-            if settings.eval_every and step % settings.eval_every == 0:
-                train_seconds += time.perf_counter() - tick
-                stop = run_eval(step, epoch_progress)
+    try:
+        with _StopSignals() as signals:
+            while progress.step < total_steps and not stop:
+                batches = epoch_batches(progress.epoch)
                 tick = time.perf_counter()
-                window_start, window_samples = tick, 0
-            if step >= total_steps or stop:
-                break
-        train_seconds += time.perf_counter() - tick
-        epoch += 1
-        if (
-            settings.eval_each_epoch
-            and not stop
-            and not (settings.eval_every and step % settings.eval_every == 0)
-        ):
-            stop = run_eval(step, float(epoch))
+                micro = 0
+                loader = iterate(
+                    batches[progress.batch_in_epoch :],
+                    collate,
+                    num_workers=settings.num_workers,
+                    pin_memory=on_cuda,
+                )
+                for i, cpu_batch in enumerate(loader, start=progress.batch_in_epoch):
+                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
+                    micro += 1
+                    sync = micro % settings.grad_accum == 0 or i == len(batches) - 1
+                    with accelerator.no_sync(model) if not sync else nullcontext():
+                        logits = model(
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        ).logits
+                        loss = loss_fn(logits, batch)
+                        accelerator.backward(loss / settings.grad_accum)
+                    running_loss += loss.detach()
+                    progress.running_count += 1
+                    n = len(batch["input_ids"]) * world
+                    progress.samples += n
+                    window_samples += n
+                    if not sync:
+                        continue
+                    micro = 0
+                    if settings.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    progress.step += 1
+                    progress.batch_in_epoch = i + 1
+                    bar.update(1)
+                    epoch_progress = progress.epoch + (i + 1) / len(batches)
+                    log_step = progress.step % settings.log_every == 0 or progress.step == total_steps
+                    if log_step:
+                        # Reading the loss syncs host and device: only on log steps.
+                        mean_loss = accelerator.reduce(running_loss, "mean").item() / progress.running_count
+                        now = time.perf_counter()
+                        rate = window_samples / max(now - window_start, 1e-9)
+                        record = {
+                            "type": "train",
+                            "step": progress.step,
+                            "epoch": round(epoch_progress, 4),
+                            "loss": mean_loss,
+                            "lr": scheduler.get_last_lr()[0],
+                            "samples_per_second": rate,
+                        }
+                        history.add(record)
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.0f}")
+                        running_loss.zero_()
+                        progress.running_count = 0
+                        window_start, window_samples = now, 0
+                    if settings.eval_every and progress.step % settings.eval_every == 0:
+                        progress.train_seconds += time.perf_counter() - tick
+                        stop = run_eval(epoch_progress)
+                        tick = window_start = time.perf_counter()
+                        window_samples = 0
+                    interrupted = _signal_received(signals, accelerator, check_all=log_step)
+                    periodic = settings.checkpoint_every and progress.step % settings.checkpoint_every == 0
+                    if interrupted or (periodic and progress.step < total_steps):
+                        progress.train_seconds += time.perf_counter() - tick
+                        tick = time.perf_counter()
+                        saved_to = checkpoint_now()
+                        if interrupted:
+                            raise TrainingInterrupted(
+                                f"interrupted by {interrupted} at step {progress.step}/{total_steps}; "
+                                f"checkpoint saved to {saved_to}. Resume with: budgetlora train --resume --output {run_dir}"
+                            )
+                    if progress.step >= total_steps or stop:
+                        break
+                progress.train_seconds += time.perf_counter() - tick
+                if progress.batch_in_epoch >= len(batches):
+                    progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+                    evaluated = settings.eval_every and progress.step % settings.eval_every == 0
+                    if settings.eval_each_epoch and not stop and not evaluated:
+                        stop = run_eval(float(progress.epoch))
+    except BaseException:
+        # An exception out of the loop (a pruned sweep trial, an error): close the files.
+        history.close()
+        bar.close()
+        raise
     bar.close()
 
-    if best_step > 0:
+    if progress.best_step > 0:
         _load_trainable_state(model, best_state)
     unwrapped = accelerator.unwrap_model(model)
     if hasattr(unwrapped, "_orig_mod"):
         unwrapped = unwrapped._orig_mod
-    assert val_enc.labels is not None
     eval_start = time.perf_counter()
     val_logits = predict_logits(
         model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_id
     )
     eval_rate = len(val_enc) / max(time.perf_counter() - eval_start, 1e-9)
-    metrics: dict[str, Any] = {"validation": score(val_logits, val_enc.labels, labels)}
-    test_logits = None
+    metrics: dict[str, Any] = {"validation": score(val_logits, val_labels, labels)}
     if test_enc is not None and test_enc.labels is not None:
         test_logits = predict_logits(
             model, test_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_id
         )
         metrics["test"] = score(test_logits, test_enc.labels, labels)
-    metrics["best_step"] = best_step
-    metrics["steps"] = step
+    metrics["best_step"] = progress.best_step
+    metrics["steps"] = progress.step
     metrics["timing"] = {
-        "train_seconds": round(train_seconds, 3),
-        "train_samples": samples,
-        "train_samples_per_second": samples / max(train_seconds, 1e-9),
+        "train_seconds": round(progress.train_seconds, 3),
+        "train_samples": progress.samples,
+        "train_samples_per_second": progress.samples / max(progress.train_seconds, 1e-9),
         "eval_samples_per_second": eval_rate,
         "device": str(accelerator.device),
         "processes": world,
@@ -385,11 +521,30 @@ def train(
     }
     history.close()
     if main:
-        _write_run(
-            run_dir, cfg, budget, unwrapped, tokenizer, metrics, history, train_enc, test_logits is not None
-        )
+        _write_run(run_dir, cfg, budget, unwrapped, tokenizer, metrics, history, train_enc, "test" in metrics)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, cfg, budget, metrics, history.records, unwrapped)
+
+
+def _comparable(cfg: RunConfig) -> dict[str, Any]:
+    """The config as resumption compares it (progress bars may differ)."""
+    values = config_to_dict(cfg)
+    values["train"].pop("progress")
+    return values
+
+
+def _signal_received(signals: _StopSignals, accelerator: Any, *, check_all: bool) -> str | None:
+    """The signal that asks to stop, agreed by all processes.
+
+    One process alone decides at every step; several agree only on log steps (a
+    collective per step would cost a host-device sync each time).
+    """
+    if accelerator.num_processes == 1:
+        return signals.received
+    if not check_all:
+        return None
+    flag = torch.tensor([1.0 if signals.received else 0.0], device=accelerator.device)
+    return "a signal" if accelerator.reduce(flag, "sum").item() > 0 else None
 
 
 def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

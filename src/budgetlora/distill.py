@@ -1,0 +1,446 @@
+"""Knowledge distillation: a stronger teacher's soft labels train the budgeted student.
+
+The teacher is a budgetlora run folder, a LoRA adapter folder (``adapter_config.json``
+naming its base model) or a sequence-classification checkpoint (local folder or Hub id).
+Its logits over the student's rows are computed once with the fast inference path,
+cached on disk (``<cache>/teacher/<key>.npy``, key = teacher files + tokenizer + max
+length + texts) and reused by every student run and sweep trial; the teacher is freed
+before the student trains. The student trains with :func:`budgetlora.train.train` and a
+:func:`budgetlora.losses.distillation_loss`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator, PartialState
+
+from budgetlora.batching import cache_dir, encode
+from budgetlora.config import ModelConfig, RunConfig, load_config
+from budgetlora.data import Splits, TextTable
+from budgetlora.errors import BudgetloraError
+from budgetlora.losses import distillation_loss
+from budgetlora.modeling import load_base_model, load_model_config, load_tokenizer
+from budgetlora.predict import load_run, make_accelerator, predict_logits, score
+from budgetlora.rundir import atomic_path, write_json_atomic, write_text_atomic
+from budgetlora.train import EvalCallback, LossFn, TrainResult, prepare_run, train
+
+__all__ = [
+    "DistillSettings",
+    "Teacher",
+    "TeacherLogits",
+    "DistillResult",
+    "resolve_teacher",
+    "teacher_logits",
+    "distillation_loss_fn",
+    "distill",
+    "load_distill_settings",
+]
+
+_GENERIC_LABEL = re.compile(r"(?i)label_?\d+")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".yaml", ".txt", ".model")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """What ``distill.yaml`` holds: the teacher and the loss mix."""
+
+    teacher: str
+    """Teacher: a budgetlora run folder, a LoRA adapter folder, or a sequence-classification checkpoint (folder or Hub id)."""
+    alpha: float = 0.5
+    """Weight of the soft (teacher) term; 1 - alpha weighs the cross-entropy on the labels."""
+    temperature: float = 2.0
+    """Softmax temperature of both teacher and student in the soft term."""
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise BudgetloraError(
+                "invalid value for distill.teacher: '' (a run folder, model folder or Hub id)"
+            )
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not 0 <= self.alpha <= 1
+        ):
+            raise BudgetloraError(f"invalid value for distill.alpha: {self.alpha!r} (a weight in [0, 1])")
+        bad_t = isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
+        if bad_t or self.temperature <= 0:
+            raise BudgetloraError(
+                f"invalid value for distill.temperature: {self.temperature!r} (must be > 0)"
+            )
+
+
+def load_distill_settings(path: str | Path) -> DistillSettings:
+    """Read a ``distill.yaml`` (teacher, alpha, temperature)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BudgetloraError(f"distillation config not found: {path}")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = sorted(set(values) - {"teacher", "alpha", "temperature"}) if isinstance(values, dict) else []
+    if not isinstance(values, dict) or unknown or "teacher" not in values:
+        raise BudgetloraError(f"{path}: expected a mapping with teacher, alpha, temperature (got {values!r})")
+    return DistillSettings(**values)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher found on disk or on the Hub, described without loading its weights."""
+
+    source: str
+    kind: Literal["run", "adapter", "checkpoint"]
+    num_labels: int
+    label_names: tuple[str, ...] | None
+    """None when the teacher records no real class names (LABEL_0, ...): matched by count."""
+    tokenizer_source: str
+    base: str | None
+    """An adapter's base model."""
+    max_length: int | None
+    """A run folder's own max length; None: the student's."""
+    precision: str
+    """Inference precision: a run folder's own train.mixed_precision, else auto."""
+    identity: str
+    """What the cache key holds for the teacher: its files' names, sizes and times, or the Hub id."""
+
+
+def _files_identity(folder: Path) -> str:
+    parts = [str(folder.resolve())]
+    for item in sorted(folder.iterdir()):
+        if item.is_file() and item.suffix in _WEIGHT_SUFFIXES:
+            stat = item.stat()
+            parts.append(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _model_identity(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    return _files_identity(path) if path.is_dir() else f"hub:{name_or_path}"
+
+
+def _head_rows(folder: Path) -> int | None:
+    """Output size of the classification head stored in a folder's safetensors files."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118  (a safetensors handle is not a dict)
+                parts = key.split(".")
+                if parts[-1] == "weight" and (
+                    parts[-2] in ("classifier", "score") or parts[-3:-1] == ["classifier", "out_proj"]
+                ):
+                    return int(fh.get_slice(key).get_shape()[0])
+    return None
+
+
+def _real_names(names: tuple[str, ...]) -> tuple[str, ...] | None:
+    return None if all(_GENERIC_LABEL.fullmatch(n) for n in names) else names
+
+
+def resolve_teacher(source: str) -> Teacher:
+    """Find out what kind of teacher ``source`` is and how many labels it has (no weights read)."""
+    path = Path(source).expanduser()
+    is_dir = path.is_dir()
+    if is_dir and (path / "config.yaml").is_file() and (path / "adapter_config.json").is_file():
+        cfg = load_config(path / "config.yaml")
+        names = tuple(cfg.data.label_names or ())
+        if not names:
+            raise BudgetloraError(f"teacher run {path}: its config.yaml records no data.label_names")
+        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else cfg.model.name_or_path
+        identity = _files_identity(path) + "|" + _model_identity(cfg.model.name_or_path)
+        precision = cfg.train.mixed_precision
+        return Teacher(
+            source, "run", len(names), names, tokenizer, None, cfg.data.max_length, precision, identity
+        )
+    if is_dir and (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        rows = _head_rows(path)
+        if not base or rows is None:
+            raise BudgetloraError(
+                f"teacher adapter {path}: adapter_config.json must name base_model_name_or_path and the "
+                "adapter must hold a trained classification head (modules_to_save)"
+            )
+        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else base
+        identity = _files_identity(path) + "|" + _model_identity(base)
+        return Teacher(source, "adapter", rows, None, tokenizer, base, None, "auto", identity)
+    if is_dir and not (path / "config.json").is_file():
+        raise BudgetloraError(
+            f"teacher {path} is neither a budgetlora run folder (config.yaml + adapter), a LoRA adapter "
+            "folder (adapter_config.json) nor a model folder (config.json)"
+        )
+    if not is_dir and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise BudgetloraError(f"teacher not found: {source}")
+    id2label: dict[Any, Any] = dict(load_model_config(source).id2label or {})
+    rows = _head_rows(path) if is_dir else None
+    if rows is None and is_dir and any(path.glob("*.safetensors")):
+        raise BudgetloraError(
+            f"teacher {source} has no trained classification head (a plain encoder): train a teacher "
+            "first (budgetlora train) and pass its run folder"
+        )
+    num = rows or len(id2label)
+    names = tuple(str(id2label[i]) for i in range(num)) if len(id2label) == num else ()
+    real = _real_names(names) if names else None
+    return Teacher(source, "checkpoint", num, real, source, None, None, "auto", _model_identity(source))
+
+
+def _check_labels(teacher: Teacher, student: tuple[str, ...]) -> str:
+    """'name' or 'count': how the label sets were matched; raises when they differ."""
+    shown = ", ".join(teacher.label_names) if teacher.label_names else "names not recorded"
+    if teacher.num_labels != len(student):
+        raise BudgetloraError(
+            f"teacher {teacher.source} has {teacher.num_labels} labels ({shown}) but the student's data has "
+            f"{len(student)} ({', '.join(student)}): teacher and student must share the label set"
+        )
+    if teacher.label_names is None or _real_names(student) is None:
+        return "count"
+    if teacher.label_names != student:
+        order = " (the same classes in another order)" if set(teacher.label_names) == set(student) else ""
+        raise BudgetloraError(
+            f"teacher {teacher.source} labels ({shown}) differ from the student's ({', '.join(student)}){order}: "
+            "teacher and student must share the label set, in the same order"
+        )
+    return "name"
+
+
+def _load_teacher_model(
+    teacher: Teacher, label_names: tuple[str, ...], accelerator: Accelerator
+) -> tuple[torch.nn.Module, Accelerator]:
+    if teacher.kind == "run":
+        run = load_run(teacher.source, mixed_precision=accelerator.mixed_precision)
+        return run.model, run.accelerator
+    if teacher.kind == "adapter":
+        from peft import PeftModel
+
+        assert teacher.base is not None
+        base = load_base_model(ModelConfig(name_or_path=teacher.base), label_names)
+        try:
+            model = PeftModel.from_pretrained(base, teacher.source).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise BudgetloraError(
+                f"teacher adapter {teacher.source} does not fit its base model {teacher.base!r}: "
+                f"{str(err).splitlines()[0][:300]}"
+            ) from err
+    else:
+        model = load_base_model(ModelConfig(name_or_path=teacher.source), label_names)
+    model.eval().to(accelerator.device)  # type: ignore[arg-type]
+    return model, accelerator
+
+
+def _cache_key(teacher: Teacher, tokenizer: Any, max_length: int, precision: str, texts: list[str]) -> str:
+    digest = hashlib.sha256(teacher.identity.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(f"|{max_length}|{precision}|{len(texts)}|".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class TeacherLogits:
+    """The teacher's logits over the student's splits, each (n, labels) float32 in split order."""
+
+    teacher: Teacher
+    logits: dict[str, np.ndarray]
+    """Split name (train, validation, test) -> (n, labels)."""
+    metrics: dict[str, dict[str, float]]
+    """Split name -> the teacher's accuracy and macro-F1 on the student's rows."""
+    labels_matched_by: str
+    cache_files: dict[str, str]
+    computed: list[str]
+    """Splits computed now (the others came from the cache)."""
+    precision: str
+    """The teacher's inference precision (no, bf16, fp16)."""
+
+
+def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> TeacherLogits:
+    """The teacher's logits over ``splits`` (train, validation, and test if any), from the
+    cache when there; only missing splits load the teacher, which is freed on return."""
+    teacher = resolve_teacher(teacher) if isinstance(teacher, str) else teacher
+    matched = _check_labels(teacher, tuple(splits.label_names))
+    length = teacher.max_length or max_length
+    tokenizer = load_tokenizer(teacher.tokenizer_source)
+    tables: dict[str, TextTable] = {"train": splits.train, "validation": splits.validation}
+    if splits.test is not None:
+        tables["test"] = splits.test
+    accelerator = make_accelerator(teacher.precision)  # its resolved precision and device key the cache
+    precision = f"{accelerator.device.type}:{accelerator.mixed_precision}"
+    folder = cache_dir() / "teacher"
+    paths = {
+        s: folder / f"{_cache_key(teacher, tokenizer, length, precision, t.texts)}.npy"
+        for s, t in tables.items()
+    }
+    logits: dict[str, np.ndarray] = {}
+    for split, path in paths.items():
+        try:
+            cached = np.load(path) if path.is_file() else None
+        except (OSError, ValueError):
+            cached = None  # a damaged entry is computed again
+        if cached is not None and cached.shape == (len(tables[split]), teacher.num_labels):
+            logits[split] = cached
+    computed = [s for s in tables if s not in logits]
+    if computed:
+        model, accelerator = _load_teacher_model(teacher, tuple(splits.label_names), accelerator)
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        for split in computed:
+            encoded = encode(tables[split].texts, None, tokenizer, length)
+            logits[split] = predict_logits(model, encoded, accelerator, pad_token_id=pad_id, progress=True)
+            if accelerator.is_main_process:
+                with atomic_path(paths[split]) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, logits[split])
+        del model  # free the teacher before the student is built
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    metrics = {}
+    for split, table in tables.items():
+        assert table.labels is not None
+        result = score(logits[split], table.labels, splits.label_names)
+        metrics[split] = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "n": len(table)}
+    files = {s: str(p) for s, p in paths.items()}
+    return TeacherLogits(teacher, logits, metrics, matched, files, computed, accelerator.mixed_precision)
+
+
+def distillation_loss_fn(
+    train_logits: np.ndarray, alpha: float, temperature: float, label_smoothing: float = 0.0
+) -> LossFn:
+    """A :data:`budgetlora.train.LossFn` that looks up each sample's teacher logits by its
+    ``batch["index"]`` (its row in ``Splits.train``). train_logits: (n_train, labels)."""
+    table = torch.from_numpy(np.ascontiguousarray(train_logits, dtype=np.float32))
+
+    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonlocal table
+        if table.device != logits.device:
+            table = table.to(logits.device)
+        teacher = table[batch["index"].to(logits.device)]  # (batch, labels)
+        return distillation_loss(logits, teacher, batch["labels"], alpha, temperature, label_smoothing)
+
+    return loss
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    student: TrainResult
+    baseline: TrainResult | None
+    teacher: TeacherLogits
+    summary: dict[str, Any]
+    """What ``distill.json`` holds."""
+
+
+def _refuse_finished(run_dir: Path, overwrite: bool) -> None:
+    # Checked before the teacher runs: train() would refuse too, but only after that work.
+    if (run_dir / "metrics.json").exists() and not overwrite:
+        raise BudgetloraError(
+            f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite"
+        )
+
+
+def _teacher_summary(soft: TeacherLogits, max_length: int) -> dict[str, Any]:
+    path = Path(soft.teacher.source)
+    budget = path / "budget.json"
+    return {
+        "source": soft.teacher.source,
+        "path": str(path.resolve()) if path.exists() else soft.teacher.source,
+        "kind": soft.teacher.kind,
+        "labels_matched_by": soft.labels_matched_by,
+        "max_length": soft.teacher.max_length or max_length,
+        "precision": soft.precision,
+        "trainable": json.loads(budget.read_text())["trainable"] if budget.is_file() else None,
+        **soft.metrics,
+        "logits_cache": soft.cache_files,
+    }
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {
+        s: {"accuracy": metrics[s]["accuracy"], "macro_f1": metrics[s]["macro_f1"]}
+        for s in ("validation", "test")
+        if s in metrics
+    }
+
+
+def distill(
+    student_cfg: RunConfig,
+    teacher: str,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    compare_baseline: bool = False,
+    overwrite: bool = False,
+    on_eval: EvalCallback | None = None,
+) -> DistillResult:
+    """Train ``student_cfg`` on ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)``.
+
+    The run folder gets ``distill.yaml`` (teacher, alpha, temperature: with its
+    ``config.yaml`` it re-runs the distillation), ``distill.json`` (teacher, student and
+    baseline scores) and a Distillation section in ``report.md``. ``compare_baseline``
+    also trains the same student without distillation into ``<output>-baseline``.
+    """
+    settings = DistillSettings(teacher, alpha, temperature)
+    cfg, splits, budget = prepare_run(student_cfg)  # an over-budget student fails before the teacher runs
+    run_dir = Path(cfg.output)
+    baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
+    _refuse_finished(run_dir, overwrite)
+    if compare_baseline:
+        _refuse_finished(baseline_dir, overwrite)
+    soft = teacher_logits(settings.teacher, splits, cfg.data.max_length)
+    loss_fn = distillation_loss_fn(soft.logits["train"], alpha, temperature, cfg.train.label_smoothing)
+    student = train(cfg, overwrite=overwrite, loss_fn=loss_fn, on_eval=on_eval)
+    main = PartialState().is_main_process
+    report = (run_dir / "report.md").read_text(encoding="utf-8") if main else ""
+    summary: dict[str, Any] = {
+        "teacher": _teacher_summary(soft, cfg.data.max_length),
+        "alpha": alpha,
+        "temperature": temperature,
+        "student": {"run_dir": str(run_dir), "trainable": budget.trainable, **_scores(student.metrics)},
+        "baseline": None,
+    }
+    if main:
+        write_text_atomic(run_dir / "distill.yaml", yaml.safe_dump(asdict(settings), sort_keys=False))
+        _write_summary(run_dir, summary, report)
+    baseline = None
+    if compare_baseline:
+        baseline = train(replace(cfg, output=str(baseline_dir)), overwrite=overwrite)
+        summary["baseline"] = {"run_dir": str(baseline_dir), "trainable": budget.trainable}
+        summary["baseline"].update(_scores(baseline.metrics))
+        if main:
+            _write_summary(run_dir, summary, report)
+    return DistillResult(run_dir, student, baseline, soft, summary)
+
+
+def _pct(scores: dict[str, Any], split: str) -> str:
+    return f"{scores[split]['accuracy']:.2%}" if split in scores else "—"
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any], report: str) -> None:
+    """distill.json, and report.md as train() wrote it plus a Distillation section."""
+    write_json_atomic(run_dir / "distill.json", summary)
+    teacher, student, baseline = summary["teacher"], summary["student"], summary["baseline"]
+    rows = [("teacher", teacher), ("student (distilled)", student)]
+    if baseline is not None:
+        rows.append((f"student without distillation (`{baseline['run_dir']}`)", baseline))
+    table = [
+        "| model | trainable parameters | validation accuracy | test accuracy |",
+        "| :--- | ---: | ---: | ---: |",
+    ]
+    for name, scores in rows:
+        trainable = f"{scores['trainable']:,}" if scores.get("trainable") is not None else "—"
+        table.append(f"| {name} | {trainable} | {_pct(scores, 'validation')} | {_pct(scores, 'test')} |")
+    section = (
+        "## Distillation\n\n"
+        f"Teacher: `{teacher['path']}` ({teacher['kind']}; labels matched by {teacher['labels_matched_by']}). "
+        f"Loss: (1 − α)·CE + α·T²·KL(teacher ‖ student) with α = {summary['alpha']}, T = {summary['temperature']}. "
+        "All rows are the student's own validation and test rows.\n\n"
+        + "\n".join(table)
+        + f"\n\nRe-run: `budgetlora distill --config {run_dir / 'config.yaml'} "
+        f"--distill-config {run_dir / 'distill.yaml'} --output NEW_FOLDER`\n"
+    )
+    write_text_atomic(run_dir / "report.md", report.rstrip("\n") + "\n\n" + section)

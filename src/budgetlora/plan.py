@@ -1,0 +1,350 @@
+"""The budget planner: which head, targets and layers fit a budget, and at what LoRA rank.
+
+:func:`plan` counts every configuration on the weightless skeleton (meta device, only
+config.json is read) with the same :func:`budget.measure` and :func:`budget.resolve_rank`
+that ``train`` uses, so each row's count is exactly what training that row would train.
+:func:`format_plan` writes the rows as a terminal table, Markdown, CSV or JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from budgetlora.budget import measure, resolve_rank
+from budgetlora.config import LoraSettings, ModelConfig
+from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.modeling import layer_index, load_base_model, load_model_config, resolve_targets
+
+__all__ = ["HEADS", "TARGET_SETS", "PlanRow", "plan", "format_plan"]
+
+HEADS: tuple[str, ...] = ("default", "linear", "pooler")
+# Target sets from the cheapest to the widest, each as --target-modules takes it.
+TARGET_SETS: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),
+    ("query", "key", "value"),
+    ("attention",),
+    ("all",),
+)
+Style = Literal["table", "markdown", "csv", "json"]
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One configuration: head, LoRA targets and layers, the largest uniform rank that fits, its count."""
+
+    head: str
+    """The --head value."""
+    targets: tuple[str, ...]
+    """The --target-modules value (role names)."""
+    layers: tuple[int, ...] | None
+    """The --layers value; None: every layer."""
+    modules: int
+    """Linear modules the adapter goes into."""
+    rank: int | None
+    """The largest uniform LoRA rank that fits; None when not even rank 1 fits."""
+    groups: dict[str, int]
+    """Trainable parameters by group at ``rank`` (at rank 1 when nothing fits)."""
+    budget: int
+    """The budget the row was planned for."""
+    capped: bool = False
+    """The rank stopped at the adapted matrices' smaller side: more would add parameters, not rank."""
+    same_heads: tuple[str, ...] = ()
+    """Other --head values that build exactly this model (e.g. pooler on BERT, whose own head is one)."""
+
+    @property
+    def trainable(self) -> int:
+        return sum(self.groups.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.rank is not None and self.trainable <= self.budget
+
+    @property
+    def share(self) -> float:
+        """Fraction of the budget used."""
+        return self.trainable / self.budget
+
+    @property
+    def head_params(self) -> int:
+        return self.groups.get("head", 0)
+
+    @property
+    def lora_params(self) -> int:
+        return sum(n for g, n in self.groups.items() if g.startswith("lora."))
+
+    @property
+    def layers_label(self) -> str:
+        return _layers_label(self.layers)
+
+    @property
+    def options(self) -> str:
+        """The ``budgetlora train`` options for this row (empty when it does not fit)."""
+        return "" if self.rank is None else _options(self, self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "head": self.head,
+            "same_heads": list(self.same_heads),
+            "targets": ",".join(self.targets),
+            "layers": None if self.layers is None else list(self.layers),
+            "modules": self.modules,
+            "rank": self.rank,
+            "capped": self.capped,
+            "lora_params": self.lora_params,
+            "head_params": self.head_params,
+            "trainable": self.trainable,
+            "budget": self.budget,
+            "share": round(self.share, 6),
+            "fits": self.fits,
+            "groups": dict(self.groups),
+            "options": self.options,
+        }
+
+
+def _options(row: PlanRow, rank: int) -> str:
+    parts = [f"--head {row.head}", f"--target-modules {','.join(row.targets)}"]
+    if row.layers is not None:
+        parts.append("--layers " + ",".join(map(str, row.layers)))
+    return " ".join([*parts, f"--lora-r {rank}"])
+
+
+def _layers_label(layers: tuple[int, ...] | None) -> str:
+    if layers is None:
+        return "all"
+    if len(layers) > 2 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def _config_folder(model: str) -> str:
+    """A local folder holding the model's config.json, so that each count reads no network.
+
+    A Hub id is resolved once to its cached snapshot (config.json only, no weights).
+    """
+    load_model_config(model)  # a missing folder or an unreachable Hub: one clear error
+    if Path(model).is_dir():
+        return model
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return str(Path(hf_hub_download(model, "config.json")).parent)
+    except (OSError, ValueError, EntryNotFoundError):  # fall back to the id, which loaded above
+        return model
+
+
+def _distinct_heads(
+    folder: str, heads: Sequence[str], labels: Sequence[str]
+) -> dict[str, tuple[nn.Module, list[str]]]:
+    """Supported heads -> (their base skeleton, the other heads that build the very same model)."""
+    structures: dict[str, str] = {}
+    distinct: dict[str, tuple[nn.Module, list[str]]] = {}
+    for head in heads:
+        try:
+            skeleton = load_base_model(ModelConfig(folder, head=head), labels, weights=False)  # type: ignore[arg-type]
+        except BudgetloraError:  # this architecture has no such head (e.g. pooler on RoBERTa)
+            continue
+        structure = repr(skeleton)
+        if structure in structures:
+            distinct[structures[structure]][1].append(head)
+        else:
+            structures[structure] = head
+            distinct[head] = (skeleton, [])
+    return distinct
+
+
+def _layer_choices(skeleton: nn.Module) -> list[tuple[int, ...] | None]:
+    """Every layer, and the upper half (the layers nearest the head)."""
+    indices = [layer_index(n) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
+    n_layers = 1 + max((i for i in indices if i is not None), default=0)
+    return [None, tuple(range(n_layers // 2, n_layers))] if n_layers > 1 else [None]
+
+
+def _full_rank(skeleton: nn.Module, names: Sequence[str]) -> int:
+    """The smallest side of the adapted matrices: a LoRA rank above it adds no rank to the update."""
+    linears = {n: m for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+    return min(min(linears[n].in_features, linears[n].out_features) for n in names)
+
+
+def _plan_head(
+    folder: str,
+    head: str,
+    skeleton: nn.Module,
+    same_heads: Sequence[str],
+    labels: Sequence[str],
+    budget: int,
+    target_sets: Sequence[tuple[str, ...]],
+) -> list[PlanRow]:
+    rows: list[PlanRow] = []
+    seen: set[tuple[str, ...]] = set()
+    for targets in target_sets:
+        for layers in _layer_choices(skeleton):
+            try:
+                names = tuple(resolve_targets(skeleton, targets, layers))
+            except BudgetloraError:  # a role this architecture does not have
+                continue
+            if not names or names in seen:  # e.g. ModernBERT: query,value and query,key,value are one Wqkv
+                continue
+            seen.add(names)
+            cfg = ModelConfig(
+                folder,
+                head=head,  # type: ignore[arg-type]
+                lora=LoraSettings(target_modules=targets, layers=layers),
+            )
+            try:
+                rank: int | None = resolve_rank(cfg, labels, budget)
+            except OverBudgetError:
+                rank = None
+            full = _full_rank(skeleton, names)
+            capped = rank is not None and rank > full
+            if capped:
+                rank = full
+            groups = measure(cfg, labels, budget, rank=rank or 1).groups
+            rows.append(
+                PlanRow(head, targets, layers, len(names), rank, groups, budget, capped, tuple(same_heads))
+            )
+    return rows
+
+
+def plan(
+    model: str,
+    budget: int,
+    labels: int = 4,
+    *,
+    heads: Sequence[str] = HEADS,
+    target_sets: Sequence[tuple[str, ...]] = TARGET_SETS,
+) -> list[PlanRow]:
+    """Configurations of ``model`` within ``budget`` trainable parameters, head included.
+
+    One row per supported head × target set × layers (all, or the upper half), with the
+    largest uniform LoRA rank that fits (capped at the adapted matrices' smaller side) and
+    its exact count, measured on the weightless skeleton: only config.json is read, so a
+    folder with nothing else works. Rows that do not fit even at rank 1 are kept with
+    ``rank=None``. Heads that build the same model as an earlier one are folded into its
+    rows (``same_heads``); target sets that adapt the same modules as an earlier one are
+    dropped. Rows are ordered by head, then target set, then layers.
+
+    Raises :class:`OverBudgetError` when nothing fits at all.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise BudgetloraError(f"invalid value for --budget: {budget!r} (a positive number of parameters)")
+    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 2:
+        raise BudgetloraError(f"invalid value for --labels: {labels!r} (a number of classes, at least 2)")
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise BudgetloraError(f"unknown head {unknown[0]!r}; allowed: {', '.join(HEADS)}")
+    names = tuple(f"label_{i}" for i in range(labels))  # only their number changes a count
+    folder = _config_folder(model)
+    distinct = _distinct_heads(folder, heads, names)
+    if not distinct:
+        raise BudgetloraError(f"{model}: none of the heads {', '.join(heads)} is supported for this model")
+    rows = [
+        row
+        for head, (skeleton, same) in distinct.items()
+        for row in _plan_head(folder, head, skeleton, same, names, budget, target_sets)
+    ]
+    if not rows:
+        raise BudgetloraError(f"{model}: none of the target sets {list(target_sets)} match this model")
+    if not any(row.fits for row in rows):
+        smallest = min(rows, key=lambda row: row.trainable)
+        raise OverBudgetError(
+            f"nothing fits a budget of {budget:,} trainable parameters: the smallest configuration "
+            f"({_options(smallest, 1)}) takes {smallest.trainable:,} "
+            f"({smallest.head_params:,} of them the head). Raise --budget to at least {smallest.trainable:,}."
+        )
+    return rows
+
+
+# --- output ------------------------------------------------------------------------
+
+# CSV: the JSON fields but the groups (a mapping), layers written as in the table.
+_CSV_FIELDS = (
+    "head",
+    "same_heads",
+    "targets",
+    "layers",
+    "modules",
+    "rank",
+    "capped",
+    "lora_params",
+    "head_params",
+    "trainable",
+    "budget",
+    "share",
+    "fits",
+    "options",
+)
+_COLUMNS = ("head", "targets", "layers", "modules", "rank", "LoRA", "head params", "trainable", "of budget")
+
+
+def _cells(row: PlanRow) -> list[str]:
+    head = " = ".join((row.head, *row.same_heads))
+    rank = "-" if row.rank is None else f"{row.rank}{'*' if row.capped else ''}"
+    share = f"{row.share:.1%}" if row.fits else "does not fit"
+    return [
+        head,
+        ",".join(row.targets),
+        row.layers_label,
+        str(row.modules),
+        rank,
+        f"{row.lora_params:,}",
+        f"{row.head_params:,}",
+        f"{row.trainable:,}",
+        share,
+    ]
+
+
+def _footnotes(rows: Sequence[PlanRow]) -> list[str]:
+    notes = []
+    if any(row.capped for row in rows):
+        notes.append(
+            "* full rank: the adapted matrices' smaller side; a larger rank would fit but adds nothing"
+        )
+    if any(not row.fits for row in rows):
+        notes.append("does not fit: not even at rank 1 (trainable shows the count at rank 1)")
+    if any(row.same_heads for row in rows):
+        notes.append("a = b: the two --head values build the same model")
+    return notes
+
+
+def format_plan(rows: Sequence[PlanRow], style: Style = "table") -> str:
+    """The rows as a terminal ``table``, ``markdown``, ``csv`` (one line per row) or ``json`` (a list)."""
+    if style == "json":
+        return json.dumps([row.to_dict() for row in rows], indent=2)
+    if style == "csv":
+        out = io.StringIO()
+        fields = list(_CSV_FIELDS)
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            record = row.to_dict()
+            record["same_heads"] = " ".join(row.same_heads)
+            record["layers"] = row.layers_label
+            writer.writerow(record)
+        return out.getvalue().rstrip("\n")
+    body = [_cells(row) for row in rows]
+    right = {"modules", "rank", "LoRA", "head params", "trainable", "of budget"}
+    if style == "markdown":
+        lines = ["| " + " | ".join(_COLUMNS) + " |"]
+        lines.append("| " + " | ".join("---:" if c in right else "---" for c in _COLUMNS) + " |")
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines + ["", *(f"{n}  " for n in _footnotes(rows))]).rstrip()
+    if style != "table":
+        raise BudgetloraError(f"invalid value for --format: {style!r} (allowed: table, markdown, csv, json)")
+    widths = [max(len(c), *(len(cells[i]) for cells in body)) for i, c in enumerate(_COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(w) if col in right else cell.ljust(w)
+            for cell, w, col in zip(cells, widths, _COLUMNS, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(_COLUMNS), *(line(cells) for cells in body), *_footnotes(rows)])

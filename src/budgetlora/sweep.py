@@ -1,0 +1,498 @@
+"""Budget-aware hyperparameter search with optuna.
+
+Each trial is a normal training run (:func:`budgetlora.train.train`, or
+:func:`budgetlora.distill.distill` when a teacher is given) in ``<output>/trial-NNNN``.
+The budget is a hard constraint checked on the weightless skeleton before anything
+trains: an over-budget trial is pruned at once. Validation scores reach optuna's pruner
+after every evaluation. The study lives in ``<output>/study.db`` (or any optuna storage
+URL), so an interrupted sweep continues where it stopped and several processes can share one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import yaml
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial, TrialState
+
+from budgetlora.config import RunConfig, config_from_dict, config_to_dict, save_config, with_overrides
+from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.rundir import atomic_path, write_text_atomic
+from budgetlora.train import prepare_run, train
+
+__all__ = ["SearchParam", "SweepResult", "load_space", "parse_space", "sweep"]
+
+_DISTILL_KEYS = ("distill.alpha", "distill.temperature")
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched (or fixed) config key."""
+
+    key: str
+    kind: Literal["int", "float", "categorical", "fixed"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    """Categorical values (lists allowed, e.g. target module lists); the fixed value for 'fixed'."""
+
+    def labels(self) -> list[Any]:
+        """What optuna stores for each choice: the value itself, or its YAML text for a list."""
+        return [_label(c) for c in self.choices]
+
+
+def _label(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def _config_keys() -> dict[str, str]:
+    """Every dotted leaf key of the config tree, and the unique short aliases of each."""
+    keys: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                keys[prefix + f.name] = prefix + f.name
+
+    walk(RunConfig(), "")
+    leaves: dict[str, list[str]] = {}
+    for key in list(keys):
+        leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+        if key.startswith("model.lora."):
+            keys[key.removeprefix("model.")] = key  # lora.r -> model.lora.r
+    for leaf, full in leaves.items():
+        if len(full) == 1:
+            keys.setdefault(leaf, full[0])  # lr -> train.lr, head -> model.head
+    return keys
+
+
+def _normalize_key(key: str, known: dict[str, str], teacher: bool) -> str:
+    if key in _DISTILL_KEYS:
+        if not teacher:
+            raise BudgetloraError(f"search space key {key} needs a teacher (--teacher)")
+        return key
+    if key not in known:
+        raise BudgetloraError(
+            f"search space key {key!r} is not a config key; use dotted keys such as train.lr, "
+            "model.lora.r (or lora.r), model.head, train.batch_size, distill.alpha"
+        )
+    return known[key]
+
+
+def parse_space(space: dict[str, Any], *, teacher: bool = False) -> list[SearchParam]:
+    """Read a search space: ``key: [choices]``, ``key: {type: int|float, low, high, log, step}``,
+    ``key: {type: categorical, choices: [...]}``, or ``key: value`` (fixed, e.g. ``lora.r: auto``)."""
+    if not isinstance(space, dict) or not space:
+        raise BudgetloraError(
+            "a search space must be a non-empty mapping of config keys to ranges or choices"
+        )
+    known = _config_keys()
+    params: dict[str, SearchParam] = {}
+    for raw_key, spec in space.items():
+        key = _normalize_key(str(raw_key), known, teacher)
+        if key in params:
+            raise BudgetloraError(f"search space names {key} twice")
+        where = f"search space {raw_key}"
+        if isinstance(spec, list):
+            if not spec:
+                raise BudgetloraError(f"{where}: an empty list of choices")
+            params[key] = SearchParam(key, "categorical", choices=tuple(spec))
+        elif isinstance(spec, dict) and spec.get("type") == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise BudgetloraError(f"{where}: type categorical needs a non-empty list 'choices'")
+            params[key] = SearchParam(key, "categorical", choices=tuple(choices))
+        elif isinstance(spec, dict) and spec.get("type") in ("int", "float"):
+            params[key] = _range(key, where, spec)
+        elif isinstance(spec, dict):
+            raise BudgetloraError(
+                f"{where}: 'type' must be int, float or categorical, got {spec.get('type')!r}"
+            )
+        else:
+            params[key] = SearchParam(key, "fixed", choices=(spec,))
+    return list(params.values())
+
+
+def _range(key: str, where: str, spec: dict[str, Any]) -> SearchParam:
+    usage = "a range is {type: int|float, low: L, high: H (>= L), log: true|false, step: S}"
+    try:  # YAML 1.1 reads 1e-4 (no dot) as text
+        low, high = float(spec["low"]), float(spec["high"])
+        step = None if spec.get("step") is None else float(spec["step"])
+    except (KeyError, TypeError, ValueError):
+        raise BudgetloraError(f"{where}: {spec!r}; {usage}") from None
+    if set(spec) - {"type", "low", "high", "log", "step"} or low > high:
+        raise BudgetloraError(f"{where}: {spec!r}; {usage}")
+    if spec["type"] == "int" and not all(float(v).is_integer() for v in (low, high, step or 1)):
+        raise BudgetloraError(f"{where}: type int needs integer low, high and step")
+    return SearchParam(key, spec["type"], low=low, high=high, log=bool(spec.get("log", False)), step=step)
+
+
+def load_space(path: str | Path) -> dict[str, Any]:
+    """Read ``space.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BudgetloraError(f"search space file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise BudgetloraError(f"cannot parse search space {path}: {err}") from err
+
+
+def _grid(params: Sequence[SearchParam]) -> dict[str, list[Any]]:
+    grid: dict[str, list[Any]] = {}
+    for p in params:
+        if p.kind == "categorical":
+            grid[p.key] = p.labels()
+        elif p.kind == "int" and not p.log:
+            grid[p.key] = list(range(int(p.low or 0), int(p.high or 0) + 1, int(p.step or 1)))
+        elif p.kind != "fixed":
+            raise BudgetloraError(f"--sampler grid needs lists or int ranges; {p.key} is a {p.kind} range")
+    return grid
+
+
+def _suggest(trial: optuna.Trial, params: Sequence[SearchParam]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for p in params:
+        if p.kind == "fixed":
+            values[p.key] = p.choices[0]
+        elif p.kind == "int":
+            step = int(p.step or 1)
+            values[p.key] = trial.suggest_int(p.key, int(p.low or 0), int(p.high or 0), step=step, log=p.log)
+        elif p.kind == "float":
+            values[p.key] = trial.suggest_float(
+                p.key, float(p.low or 0), float(p.high or 0), log=p.log, step=p.step
+            )
+        else:
+            label = trial.suggest_categorical(p.key, p.labels())
+            values[p.key] = p.choices[p.labels().index(label)]
+    return values
+
+
+@dataclass
+class SweepResult:
+    output: Path
+    study: optuna.Study
+    best_value: float | None
+    best_trial: int | None
+    best_config: RunConfig | None
+    """The best trial's resolved config, its output pointing at ``<output>/best``."""
+    rows: list[dict[str, Any]]
+    """trials.csv, best first."""
+    ran: int
+    """Trials this call ran (pruned ones included)."""
+
+
+def _make_sampler(name: str, params: Sequence[SearchParam], seed: int) -> optuna.samplers.BaseSampler:
+    if name == "grid":
+        return optuna.samplers.GridSampler(_grid(params), seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    raise BudgetloraError(f"--sampler {name!r}: allowed: tpe, grid")
+
+
+def _trial_dir(out: Path, study: optuna.Study, number: int) -> Path:
+    # Another study sharing the folder gets its own trial folders.
+    prefix = "" if study.study_name == out.resolve().name else f"{study.study_name}-"
+    return out / f"{prefix}trial-{number:04d}"
+
+
+def _check_same_study(study: optuna.Study, fingerprint: dict[str, Any]) -> None:
+    """A resumed study must search the same space from the same base config."""
+    if not study.user_attrs:
+        for name, value in fingerprint.items():
+            study.set_user_attr(name, value)
+        return
+    changed = [name for name, value in fingerprint.items() if study.user_attrs.get(name) != value]
+    if changed:
+        raise BudgetloraError(
+            f"study {study.study_name!r} was started with another {' and '.join(changed)}; "
+            "use another --output or --study-name for a new search"
+        )
+
+
+def sweep(
+    base_cfg: RunConfig,
+    space: dict[str, Any],
+    *,
+    n_trials: int,
+    output: str | Path,
+    sampler: str = "tpe",
+    storage: str | None = None,
+    study_name: str | None = None,
+    teacher: str | None = None,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    seed: int = 0,
+    pruner: Literal["median", "none"] = "median",
+) -> SweepResult:
+    """Search ``space`` around ``base_cfg`` until the study holds ``n_trials`` finished or
+    pruned trials (a resumed study runs only what is missing). Maximises the validation
+    ``train.best_metric``; writes trials.csv, trials.md, best.yaml and plots into ``output``."""
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise BudgetloraError(f"invalid value for --trials: {n_trials!r} (a positive integer)")
+    params = parse_space(space, teacher=teacher is not None)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    metric = base_cfg.train.best_metric
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name or out.resolve().name,
+        direction="maximize",
+        sampler=_make_sampler(sampler, params, seed),
+        pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
+        load_if_exists=True,
+    )
+    base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
+    _check_same_study(
+        study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}
+    )
+    if study.trials and sampler == "tpe":  # resumed: do not replay the first run's random draws
+        study.sampler = _make_sampler(sampler, params, seed + len(study.trials))
+    write_text_atomic(out / "space.yaml", yaml.safe_dump(space, sort_keys=False))
+    save_config(replace(base_cfg, output=str(out / "best")), out / "base.yaml")
+    target = n_trials
+    if sampler == "grid":
+        size = 1
+        for values in _grid(params).values():
+            size *= len(values)
+        target = min(n_trials, size)
+    done = sum(t.state in _COUNTED for t in study.trials)
+    missing = max(0, target - done)
+
+    def objective(trial: optuna.Trial) -> float:
+        values = _suggest(trial, params)
+        overrides = {k: v for k, v in values.items() if k not in _DISTILL_KEYS}
+        trial_dir = _trial_dir(out, study, trial.number)
+        start = time.perf_counter()
+        try:
+            cfg, _splits, budget = prepare_run(
+                with_overrides(replace(base_cfg, output=str(trial_dir)), overrides)
+            )
+        except OverBudgetError as err:
+            reason = str(err).splitlines()[0]
+            trial.set_user_attr("note", reason)
+            trial.set_user_attr("check_seconds", time.perf_counter() - start)
+            raise optuna.TrialPruned(reason) from None
+        except BudgetloraError as err:
+            trial.set_user_attr("note", "config error: " + str(err).splitlines()[0])
+            raise
+        trial.set_user_attr("trainable", budget.trainable)
+        trial.set_user_attr("config", config_to_dict(cfg))
+
+        def on_eval(step: int, metrics: dict[str, Any]) -> bool:
+            trial.report(metrics[metric], step)
+            if trial.should_prune():
+                note = f"pruned by the median rule at step {step} (validation {metric} {metrics[metric]:.4f})"
+                trial.set_user_attr("note", note)
+                raise optuna.TrialPruned(note)
+            return False
+
+        try:
+            if teacher is not None:
+                from budgetlora.distill import distill
+
+                a = float(values.get("distill.alpha", alpha))
+                t = float(values.get("distill.temperature", temperature))
+                trial.set_user_attr("distill", {"teacher": teacher, "alpha": a, "temperature": t})
+                result = distill(cfg, teacher, alpha=a, temperature=t, on_eval=on_eval).student
+            else:
+                result = train(cfg, on_eval=on_eval)
+        except BudgetloraError as err:
+            trial.set_user_attr("note", "error: " + str(err).splitlines()[0])
+            raise
+        if "test" in result.metrics:
+            trial.set_user_attr("test_accuracy", result.metrics["test"]["accuracy"])
+        trial.set_user_attr("validation_accuracy", result.metrics["validation"]["accuracy"])
+        return float(result.metrics["validation"][metric])
+
+    def after_trial(study: optuna.Study, _trial: FrozenTrial) -> None:
+        _write_tables(study, out, params, metric, storage, teacher, note=None)
+
+    if missing:
+        study.optimize(
+            objective,
+            n_trials=missing,
+            catch=(BudgetloraError,),
+            callbacks=[optuna.study.MaxTrialsCallback(target, states=_COUNTED), after_trial],
+        )
+    ran = sum(t.state in _COUNTED for t in study.trials) - done
+    trials = study.trials
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("note")]
+    if not completed and failed:
+        raise BudgetloraError(
+            f"no trial could run; the first: trial {failed[0].number}: {failed[0].user_attrs['note']}"
+        )
+    _plot_history(out / "optimization_history.png", trials, metric)
+    note = _plot_importances(out / "param_importances.png", study)
+    rows = _write_tables(study, out, params, metric, storage, teacher, note=note)
+    best_config = None
+    best = max(completed, key=lambda t: t.value or 0.0) if completed else None
+    if best is not None:
+        best_config = replace(config_from_dict(best.user_attrs["config"]), output=str(out / "best"))
+        save_config(best_config, out / "best.yaml")
+        if teacher is not None:
+            write_text_atomic(
+                out / "best-distill.yaml", yaml.safe_dump(best.user_attrs["distill"], sort_keys=False)
+            )
+    return SweepResult(
+        out, study, best.value if best else None, best.number if best else None, best_config, rows, ran
+    )
+
+
+def _row(t: FrozenTrial, params: Sequence[SearchParam]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "trial": t.number,
+        "state": t.state.name.lower(),
+        "value": t.value,
+        "test_accuracy": t.user_attrs.get("test_accuracy"),
+        "trainable": t.user_attrs.get("trainable"),
+        "seconds": round(t.duration.total_seconds(), 3) if t.duration else None,
+    }
+    for p in params:
+        if p.kind != "fixed":
+            row[p.key] = t.params.get(p.key)
+    row["note"] = t.user_attrs.get("note", "")
+    return row
+
+
+def _sort_key(t: FrozenTrial) -> tuple[int, float, int]:
+    if t.state == TrialState.COMPLETE:
+        return (0, -(t.value or 0.0), t.number)
+    last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+    return (1 if last is not None else 2, -(last or 0.0), t.number)
+
+
+def _write_tables(
+    study: optuna.Study,
+    out: Path,
+    params: Sequence[SearchParam],
+    metric: str,
+    storage: str,
+    teacher: str | None,
+    note: str | None,
+) -> list[dict[str, Any]]:
+    """trials.csv and trials.md, best first (then pruned trials by their last score)."""
+    rows = [_row(t, params) for t in sorted(study.trials, key=_sort_key)]
+    header = list(rows[0]) if rows else ["trial", "state", "value"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(out / "trials.csv") as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.3g}"
+        return "" if value is None else str(value).replace("|", "\\|")
+
+    counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
+    lines = [
+        f"# Sweep {study.study_name}",
+        "",
+        f"Objective: validation {metric} (maximised). Storage: `{storage}`."
+        + (f" Teacher: `{teacher}`." if teacher else ""),
+        "Trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".",
+        "",
+    ]
+    completed = [r for r in rows if r["state"] == "complete"]
+    if completed:
+        best_dir = _trial_dir(out, study, completed[0]["trial"])
+        lines += [
+            f"Best: trial {completed[0]['trial']} (validation {metric} {cell(completed[0]['value'])}, "
+            f"run folder `{best_dir}`). Re-run it: `budgetlora train --config {out / 'best.yaml'}`"
+            + (
+                f" (with `--distill-config {out / 'best-distill.yaml'}` for `budgetlora distill`)"
+                if teacher
+                else ""
+            )
+            + ".",
+            "",
+        ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(r[h]) for h in header) + " |" for r in rows]
+    lines += ["", "![optimization history](optimization_history.png)", ""]
+    if note is not None:
+        lines += [note if note else "![parameter importances](param_importances.png)", ""]
+    write_text_atomic(out / "trials.md", "\n".join(lines))
+    return rows
+
+
+# --- plots (matplotlib Figure objects: no pyplot state, no GUI backend) ---------------
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _plot_history(path: Path, trials: Sequence[FrozenTrial], metric: str) -> None:
+    """Each trial's validation score, pruned trials' last score, and the best so far."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    values = [float(t.value or 0.0) for t in done]
+    ax.scatter([t.number for t in done], values, color="#4c72b0", label="completed", zorder=3)
+    if done:
+        best = [max(values[: i + 1]) for i in range(len(done))]
+        ax.step([t.number for t in done], best, where="post", color="#dd8452", label="best so far")
+    cut = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    last = [t.intermediate_values[max(t.intermediate_values)] for t in cut]
+    if cut:
+        ax.scatter([t.number for t in cut], last, marker="x", color="grey", label="pruned (last score)")
+    for i, t in enumerate(t for t in trials if t.state == TrialState.PRUNED and not t.intermediate_values):
+        ax.axvline(
+            t.number, color="#c44e52", alpha=0.3, lw=1, label="pruned before training" if i == 0 else None
+        )
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("Optimization history")
+    if trials:
+        ax.legend(loc="best", fontsize="small")
+    _save(fig, path)
+
+
+def _plot_importances(path: Path, study: optuna.Study) -> str:
+    """Draw fANOVA parameter importances; returns '' when drawn, else a note saying why not."""
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    varying = sorted(
+        k for k in {k for t in done for k in t.params} if len({repr(t.params.get(k)) for t in done}) > 1
+    )
+    if len(done) < 2 or not varying or len({t.value for t in done}) < 2:
+        path.unlink(missing_ok=True)
+        return (
+            "Parameter importances: not drawn; they need at least 2 completed trials that differ "
+            f"in parameters and in score ({len(done)} completed)."
+        )
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varying)
+    except (RuntimeError, ValueError) as err:
+        return f"Parameter importances: not drawn ({err})."
+    names = list(importances)[::-1]
+    fig = Figure(figsize=(7, 0.5 * len(names) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.barh(names, [importances[n] for n in names], color="#4c72b0")
+    ax.set_xlabel("importance (fANOVA, share of variance)")
+    ax.set_title(f"Parameter importances ({len(done)} completed trials)")
+    _save(fig, path)
+    return ""
