@@ -63,11 +63,6 @@ def test_grid_sweep_prunes_over_budget_resumes_and_best_yaml_trains(
     assert len(over) == 4 and all(t.state == TrialState.PRUNED for t in over)
     for t in over:
         assert t.user_attrs["note"].startswith("over budget:")
-        assert (
-            t.user_attrs["check_seconds"] < 1.0
-            and t.duration is not None
-            and t.duration.total_seconds() < 1.0
-        )
         assert not (out / f"trial-{t.number:04d}").exists()  # nothing trained, nothing written
     assert all(t.state == TrialState.COMPLETE for t in fits)  # 4 trials < the median pruner's 5 to start
     for t in fits:
