@@ -163,7 +163,9 @@ def test_layer_out_of_range(tiny_model_dir: Path) -> None:
 
 def test_rank_pattern_gives_upper_layers_more_rank(roberta_base_dir: Path) -> None:
     # peft's rank_pattern: keys are regexes over module names. Rank 16 in layers 10-11, 4 elsewhere.
-    cfg = _cfg(roberta_base_dir, r=4, target_modules=("query", "value"), rank_pattern={r"layer\.(10|11)\..*": 16})
+    cfg = _cfg(
+        roberta_base_dir, r=4, target_modules=("query", "value"), rank_pattern={r"layer\.(10|11)\..*": 16}
+    )
     budget = measure(cfg, LABELS, 1_000_000)
     assert budget.groups["lora.query"] == 10 * 4 * 1536 + 2 * 16 * 1536
     assert budget.trainable == 593_668 + 2 * (10 * 4 + 2 * 16) * 1536
