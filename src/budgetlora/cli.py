@@ -326,7 +326,10 @@ def _add_inference_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (from budgetlora train)")
     parser.add_argument("--model", help="base model folder or Hub id, if not the one recorded in the run")
     parser.add_argument(
-        "--batch-size", type=int, default=256, help="samples per inference batch (default 256)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per inference batch (default 256 on a GPU, 16 on a CPU)",
     )
 
 

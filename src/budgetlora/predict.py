@@ -47,7 +47,12 @@ class LoadedRun:
     accelerator: Accelerator
 
     def logits(
-        self, texts: Sequence[str], *, batch_size: int = 256, progress: bool = False, use_cache: bool = True
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        use_cache: bool = True,
     ) -> np.ndarray:
         """(n, num_labels) logits for ``texts``, in their order, on the fast path."""
         encoded = encode(list(texts), None, self.tokenizer, self.cfg.data.max_length, use_cache=use_cache)
@@ -145,7 +150,7 @@ def predict_logits(
     encoded: Encoded,
     accelerator: Accelerator,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     pad_token_id: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
@@ -153,7 +158,11 @@ def predict_logits(
 
     Each process scores its share of the length-sorted batches; the main process gets
     all rows, each exactly once (nothing is padded, so nothing is double-counted).
+    ``batch_size`` None: 256 on a GPU, 16 on a CPU, where MiniLM scored 203 samples/s at
+    batch 16 and 107 at batch 256 (bigger batches fall out of the CPU's caches).
     """
+    if batch_size is None:
+        batch_size = 256 if accelerator.device.type == "cuda" else 16
     # The bare module: DDP's forward syncs buffers across processes, which would deadlock
     # here, where processes score different numbers of batches.
     model = accelerator.unwrap_model(model)
@@ -203,7 +212,7 @@ def evaluate(
     split: str = "test",
     output: str | Path | None = None,
     model: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Score a labelled split and write ``metrics.json`` + a report into ``output``
     (default ``RUN_DIR/eval-SPLIT``). Returns the metrics."""
@@ -253,7 +262,7 @@ def predict(
     text_column: str = "text",
     allow_pickle: bool = False,
     model: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> Path:
     """Write ``ID,Label`` for every row of ``input_path`` (in input order) and, beside it,
     ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path."""
