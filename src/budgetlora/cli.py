@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -466,6 +467,8 @@ def _quiet_libraries() -> None:
     """transformers' load report lists the new head as 'missing' on every run: expected, so hidden."""
     from transformers.utils import logging as hf_logging
 
+    # Raised inside peft's model wrapping on every build (transformers 5), nothing the user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
