@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +16,12 @@ from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.modeling import build_model
 from budgetlora.plan import PlanRow, format_plan, plan
+from test_cli import run_cli
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUDGET = 1_000_000
+# roberta-base, default head + LoRA on query,value at the largest rank that fits 1,000,000.
+ROBERTA_QV_ROW = ["default", "query,value", "all", "24", "11", "405,504", "593,668", "999,172", "99.9%"]
 # roberta-base: in + out features of each adapted Linear, by role (LoRA costs r * (in + out)).
 ROBERTA_IN_OUT = {
     "query": 768 + 768,
@@ -198,45 +198,18 @@ def test_format_plan_styles(roberta_plan: list[PlanRow]) -> None:
     assert table[0].split() == [
         "head", "targets", "layers", "modules", "rank", "LoRA", "head", "params", "trainable", "of", "budget"
     ]  # fmt: skip
-    assert table[1].split() == [
-        "default",
-        "query,value",
-        "all",
-        "24",
-        "11",
-        "405,504",
-        "593,668",
-        "999,172",
-        "99.9%",
-    ]
+    assert table[1].split() == ROBERTA_QV_ROW
     with pytest.raises(BudgetloraError, match="--format"):
         format_plan(rows, "html")  # type: ignore[arg-type]
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "budgetlora", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
 def test_cli_plan_from_a_config_only_folder(roberta_base_dir: Path) -> None:
-    result = _run_cli("plan", "--model", str(roberta_base_dir), "--budget", "1000000")
+    result = run_cli("plan", "--model", str(roberta_base_dir), "--budget", "1000000")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "a budget of 1,000,000 trainable parameters" in lines[0]
     assert lines[2].split()[:2] == ["head", "targets"]
-    assert lines[3].split() == [
-        "default",
-        "query,value",
-        "all",
-        "24",
-        "11",
-        "405,504",
-        "593,668",
-        "999,172",
-        "99.9%",
-    ]
+    assert lines[3].split() == ROBERTA_QV_ROW
     assert len([line for line in lines if line.startswith(("default ", "linear "))]) == 16
 
 

@@ -18,6 +18,8 @@ __all__ = [
     "Encoded",
     "encode",
     "cache_dir",
+    "cache_key",
+    "pad_id",
     "length_grouped_batches",
     "sorted_batches",
     "Collator",
@@ -51,8 +53,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "budgetlora"
 
 
-def _cache_key(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> str:
+def cache_key(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int, *extra: str) -> str:
+    """A key for anything computed from ``texts`` through ``tokenizer`` at ``max_length``
+    (``extra`` names whatever else it depends on, e.g. a teacher model)."""
     digest = hashlib.sha256()
+    for part in extra:
+        digest.update(part.encode() + b"|")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     digest.update(f"|{max_length}|{len(texts)}|".encode())
@@ -60,6 +66,11 @@ def _cache_key(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_len
         digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()[:32]
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with (0 for tokenizers without a pad token)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 def _truncate(ids: list[int], max_length: int, specials: set[int]) -> list[int]:
@@ -82,7 +93,7 @@ def encode(
 ) -> Encoded:
     """Tokenize ``texts`` with truncation and no padding; a second call with the same
     texts, tokenizer and max length reads the result from the on-disk cache."""
-    path = cache_dir() / "tokens" / f"{_cache_key(texts, tokenizer, max_length)}.npz"
+    path = cache_dir() / "tokens" / f"{cache_key(texts, tokenizer, max_length)}.npz"
     if use_cache and path.is_file():
         try:
             with np.load(path) as cached:

@@ -12,7 +12,6 @@ before the student trains. The student trains with :func:`budgetlora.train.train
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +23,7 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 
-from budgetlora.batching import cache_dir, encode
+from budgetlora.batching import cache_dir, cache_key, encode, pad_id
 from budgetlora.config import ModelConfig, RunConfig, load_config
 from budgetlora.data import Splits, TextTable
 from budgetlora.errors import BudgetloraError
@@ -32,7 +31,7 @@ from budgetlora.losses import distillation_loss
 from budgetlora.modeling import load_base_model, load_model_config, load_tokenizer
 from budgetlora.predict import load_run, make_accelerator, predict_logits, score
 from budgetlora.rundir import atomic_path, write_json_atomic, write_text_atomic
-from budgetlora.train import EvalCallback, LossFn, TrainResult, prepare_run, train
+from budgetlora.train import EvalCallback, LossFn, TrainResult, check_output, prepare_run, train
 
 __all__ = [
     "DistillSettings",
@@ -233,16 +232,6 @@ def _load_teacher_model(
     return model, accelerator
 
 
-def _cache_key(teacher: Teacher, tokenizer: Any, max_length: int, precision: str, texts: list[str]) -> str:
-    digest = hashlib.sha256(teacher.identity.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
-    digest.update(f"|{max_length}|{precision}|{len(texts)}|".encode())
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()[:32]
-
-
 @dataclass
 class TeacherLogits:
     """The teacher's logits over the student's splits, each (n, labels) float32 in split order."""
@@ -274,7 +263,7 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
     precision = f"{accelerator.device.type}:{accelerator.mixed_precision}"
     folder = cache_dir() / "teacher"
     paths = {
-        s: folder / f"{_cache_key(teacher, tokenizer, length, precision, t.texts)}.npy"
+        s: folder / f"{cache_key(t.texts, tokenizer, length, teacher.identity, precision)}.npy"
         for s, t in tables.items()
     }
     logits: dict[str, np.ndarray] = {}
@@ -288,10 +277,11 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
     computed = [s for s in tables if s not in logits]
     if computed:
         model, accelerator = _load_teacher_model(teacher, tuple(splits.label_names), accelerator)
-        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         for split in computed:
             encoded = encode(tables[split].texts, None, tokenizer, length)
-            logits[split] = predict_logits(model, encoded, accelerator, pad_token_id=pad_id, progress=True)
+            logits[split] = predict_logits(
+                model, encoded, accelerator, pad_token_id=pad_id(tokenizer), progress=True
+            )
             if accelerator.is_main_process:
                 with atomic_path(paths[split]) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, logits[split])
@@ -333,14 +323,6 @@ class DistillResult:
     teacher: TeacherLogits
     summary: dict[str, Any]
     """What ``distill.json`` holds."""
-
-
-def _refuse_finished(run_dir: Path, overwrite: bool) -> None:
-    # Checked before the teacher runs: train() would refuse too, but only after that work.
-    if (run_dir / "metrics.json").exists() and not overwrite:
-        raise BudgetloraError(
-            f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite"
-        )
 
 
 def _teacher_summary(soft: TeacherLogits, max_length: int) -> dict[str, Any]:
@@ -388,9 +370,9 @@ def distill(
     cfg, splits, budget = prepare_run(student_cfg)  # an over-budget student fails before the teacher runs
     run_dir = Path(cfg.output)
     baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
-    _refuse_finished(run_dir, overwrite)
+    check_output(run_dir, overwrite)  # before the teacher runs: train() would refuse only after it
     if compare_baseline:
-        _refuse_finished(baseline_dir, overwrite)
+        check_output(baseline_dir, overwrite)
     soft = teacher_logits(settings.teacher, splits, cfg.data.max_length)
     loss_fn = distillation_loss_fn(soft.logits["train"], alpha, temperature, cfg.train.label_smoothing)
     student = train(cfg, overwrite=overwrite, loss_fn=loss_fn, on_eval=on_eval)

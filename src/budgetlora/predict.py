@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from budgetlora.batching import Collator, Encoded, encode, sorted_batches
+from budgetlora.batching import Collator, Encoded, encode, pad_id, sorted_batches
 from budgetlora.config import RunConfig, load_config
 from budgetlora.errors import BudgetloraError
 from budgetlora.metrics import classification_metrics, mean_cross_entropy, softmax
@@ -61,7 +61,7 @@ class LoadedRun:
             encoded,
             self.accelerator,
             batch_size=batch_size,
-            pad_token_id=_pad_id(self.tokenizer),
+            pad_token_id=pad_id(self.tokenizer),
             progress=progress,
         )
 
@@ -248,10 +248,6 @@ def evaluate(
             label_names=run.label_names,
         )
     return metrics
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 def predict(

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from budgetlora.batching import Collator, Encoded, encode, iterate, length_grouped_batches
+from budgetlora.batching import Collator, Encoded, encode, iterate, length_grouped_batches, pad_id
 from budgetlora.budget import Budget, check_budget, count_trainable, measure, resolve_rank
 from budgetlora.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_config
@@ -50,6 +50,7 @@ __all__ = [
     "train",
     "prepare_run",
     "cross_entropy_loss",
+    "check_output",
 ]
 
 # (logits (batch, labels), batch dict with "labels" and "index") -> scalar loss.
@@ -93,7 +94,8 @@ def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
     return cfg, splits, budget
 
 
-def _check_output(run_dir: Path, overwrite: bool, resume: bool) -> None:
+def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to write over a finished run (unless ``overwrite``), or to resume what is not there."""
     if resume and not run_dir.is_dir():
         raise BudgetloraError(f"--resume: run folder {run_dir} does not exist")
     if resume and (run_dir / "metrics.json").exists():
@@ -237,7 +239,7 @@ def train(
     the run (a sweep's pruner).
     """
     run_dir = Path(cfg.output)
-    _check_output(run_dir, overwrite, resume)
+    check_output(run_dir, overwrite, resume)
     settings = cfg.train
     accelerator = make_accelerator(settings.mixed_precision)
     main = accelerator.is_main_process
@@ -281,8 +283,8 @@ def train(
     val_labels = val_enc.labels
     assert val_labels is not None
 
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    collate = Collator(train_enc, pad_id, 8 if on_cuda else 1)
+    pad_token_id = pad_id(tokenizer)
+    collate = Collator(train_enc, pad_token_id, 8 if on_cuda else 1)
     world, rank = accelerator.num_processes, accelerator.process_index
 
     def epoch_batches(epoch: int) -> list[np.ndarray]:
@@ -344,7 +346,7 @@ def train(
         """Evaluate on validation, keep the best weights; True when training should stop."""
         nonlocal best_state
         logits = predict_logits(
-            model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_id
+            model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_token_id
         )
         metrics = score(logits, val_labels, labels)
         history.add(
@@ -492,13 +494,13 @@ def train(
         unwrapped = unwrapped._orig_mod
     eval_start = time.perf_counter()
     val_logits = predict_logits(
-        model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_id
+        model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_token_id
     )
     eval_rate = len(val_enc) / max(time.perf_counter() - eval_start, 1e-9)
     metrics: dict[str, Any] = {"validation": score(val_logits, val_labels, labels)}
     if test_enc is not None and test_enc.labels is not None:
         test_logits = predict_logits(
-            model, test_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_id
+            model, test_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_token_id
         )
         metrics["test"] = score(test_logits, test_enc.labels, labels)
     metrics["best_step"] = progress.best_step
