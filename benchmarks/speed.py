@@ -183,7 +183,7 @@ def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str) -> dict:
 
     from budgetlora.batching import encode
     from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings
-    from budgetlora.predict import predict_logits
+    from budgetlora.inference import predict_logits
     from budgetlora.train import train
 
     cfg = RunConfig(
@@ -212,9 +212,9 @@ def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str) -> dict:
 
     splits = load_splits(cfg.data)
     encoded = encode(splits.validation.texts, None, run.tokenizer, args.max_length)
-    predict_logits(run.model, encoded, run.accelerator)  # warm-up (default batch: 256 GPU, 16 CPU)
+    predict_logits(run.model, encoded, run.runtime)  # warm-up (default batch: 256 GPU, 16 CPU)
     start = time.perf_counter()
-    predict_logits(run.model, encoded, run.accelerator)
+    predict_logits(run.model, encoded, run.runtime)
     out["predict_samples_per_second"] = len(encoded) / (time.perf_counter() - start)
     if torch.cuda.is_available():
         train_tokens = int(encode(splits.train.texts, None, run.tokenizer, args.max_length).lengths.sum())

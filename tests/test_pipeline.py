@@ -14,10 +14,11 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from budgetlora.batching import encode
-from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings, load_config
+from budgetlora.config import load_config
 from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.inference import predict_logits
 from budgetlora.metrics import softmax
-from budgetlora.predict import classify, evaluate, load_run, predict, predict_logits
+from budgetlora.predict import classify, evaluate, load_run, predict
 from budgetlora.train import train
 
 RUN_FILES = {
@@ -40,28 +41,9 @@ RUN_FILES = {
 }
 
 
-def tiny_config(model_dir: Path, data: Path, output: Path, **train: object) -> RunConfig:
-    settings = {
-        "epochs": 4,
-        "lr": 1e-2,
-        "batch_size": 16,
-        "progress": False,
-        "log_every": 5,
-        "eval_every": 20,
-        "mixed_precision": "no",  # exact comparisons below; bf16 is tested on its own
-        **train,
-    }
-    return RunConfig(
-        model=ModelConfig(str(model_dir), lora=LoraSettings(r=4, alpha=8, target_modules=("query", "value"))),
-        data=DataConfig(source=str(data), validation_size=0.2, test_size=0.2, max_length=32),
-        train=TrainSettings(**settings),  # type: ignore[arg-type]
-        output=str(output),
-    )
-
-
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    return train(tiny_config(tiny_model_dir, tiny_data_csv, tmp_path_factory.mktemp("runs") / "run"))
+def trained(tiny_config, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return train(tiny_config(tmp_path_factory.mktemp("runs") / "run"))
 
 
 def test_run_folder_holds_exactly_the_documented_files(trained) -> None:  # type: ignore[no-untyped-def]
@@ -93,8 +75,8 @@ def test_reloaded_run_predicts_exactly_as_the_trained_model(trained, tiny_data_c
     run = load_run(trained.run_dir, mixed_precision="no")
     texts = [row["text"] for row in csv.DictReader(tiny_data_csv.open())][:64]
     encoded = encode(texts, None, run.tokenizer, 32)
-    reloaded = predict_logits(run.model, encoded, run.accelerator)
-    in_memory = predict_logits(trained.model, encoded, run.accelerator)
+    reloaded = predict_logits(run.model, encoded, run.runtime)
+    in_memory = predict_logits(trained.model, encoded, run.runtime)
     assert np.array_equal(reloaded.argmax(1), in_memory.argmax(1))
     np.testing.assert_allclose(softmax(reloaded), softmax(in_memory), atol=1e-5)
 
@@ -105,8 +87,8 @@ def test_plain_peft_loading_works_too(trained, tiny_model_dir: Path) -> None:  #
     run = load_run(trained.run_dir, mixed_precision="no")
     encoded = encode(["market shares profit bank", "team coach goal"], None, run.tokenizer, 32)
     np.testing.assert_allclose(
-        predict_logits(model, encoded, run.accelerator),
-        predict_logits(run.model, encoded, run.accelerator),
+        predict_logits(model, encoded, run.runtime),
+        predict_logits(run.model, encoded, run.runtime),
         atol=1e-4,
     )
 
@@ -147,10 +129,8 @@ def test_evaluate_and_predict_and_classify(trained, tiny_data_csv: Path, tmp_pat
     assert [r["label_id"] for r in labelled] == [int(r[1]) for r in rows[1:]]
 
 
-def test_over_budget_config_is_refused_before_any_work(
-    tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
-) -> None:
-    cfg = replace(tiny_config(tiny_model_dir, tiny_data_csv, tmp_path / "run"), budget=1000)
+def test_over_budget_config_is_refused_before_any_work(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = replace(tiny_config(tmp_path / "run"), budget=1000)
     with pytest.raises(OverBudgetError, match="over budget"):
         train(cfg)
     assert not (tmp_path / "run").exists()
@@ -173,8 +153,8 @@ def test_run_folder_missing_its_adapter(trained, tmp_path: Path) -> None:  # typ
         load_run(broken)
 
 
-def test_bf16_autocast_training(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path) -> None:
+def test_bf16_autocast_training(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """bf16 autocast (what 'auto' picks on GPUs and on CPUs with AMX) trains the task too."""
-    result = train(tiny_config(tiny_model_dir, tiny_data_csv, tmp_path / "bf16", mixed_precision="bf16"))
+    result = train(tiny_config(tmp_path / "bf16", mixed_precision="bf16"))
     assert result.metrics["timing"]["mixed_precision"] == "bf16"
     assert result.metrics["test"]["accuracy"] > 0.9

@@ -18,7 +18,6 @@ from budgetlora.checkpoint import latest_checkpoint
 from budgetlora.predict import evaluate
 from budgetlora.rundir import atomic_path, write_json_atomic
 from budgetlora.train import train
-from test_pipeline import tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -79,20 +78,16 @@ def test_a_killed_run_resumes_to_the_same_result(
     ).read_bytes()
 
 
-def test_resume_refuses_a_finished_or_missing_run(
-    tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
-) -> None:
+def test_resume_refuses_a_finished_or_missing_run(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from budgetlora.errors import BudgetloraError
 
-    cfg = tiny_config(tiny_model_dir, tiny_data_csv, tmp_path / "missing", epochs=1)
+    cfg = tiny_config(tmp_path / "missing", epochs=1)
     with pytest.raises(BudgetloraError, match="does not exist"):
         train(cfg, resume=True)
 
 
-def test_checkpoints_rotate_and_same_seed_gives_the_same_run(
-    tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
-) -> None:
-    cfg = tiny_config(tiny_model_dir, tiny_data_csv, tmp_path / "a", epochs=2, eval_every=None)
+def test_checkpoints_rotate_and_same_seed_gives_the_same_run(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(tmp_path / "a", epochs=2, eval_every=None)
     cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=5, keep_checkpoints=2))
     first = train(cfg)
     names = sorted(p.name for p in (first.run_dir / "checkpoints").iterdir())

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "length_grouped_batches",
     "sorted_batches",
     "Collator",
+    "iterate",
 ]
 
 
@@ -194,12 +196,28 @@ class Collator:
 def iterate(
     batches: list[np.ndarray], collate: Collator, *, num_workers: int = 0, pin_memory: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches in order, through a DataLoader when workers or pinned memory are asked for."""
+    """Collated batches in order; through a DataLoader when workers or pinned memory are asked for.
+
+    ``num_workers`` processes collate ahead of the loop; ``pin_memory`` puts each batch in
+    page-locked memory, so that ``.to(device, non_blocking=True)`` overlaps compute.
+    """
     if num_workers == 0 and not pin_memory:
         for b in batches:
             yield collate(b)
         return
+    # A list of index arrays is a map-style dataset whose items are whole batches:
+    # batch_size=None hands each one to the collator as it is.
+    dataset: Any = batches
+    collate_fn: Any = collate  # typed by torch as taking a list of samples; here it takes a batch
     loader: torch.utils.data.DataLoader[dict[str, torch.Tensor]] = torch.utils.data.DataLoader(
-        batches,  # type: ignore[arg-type]  # a list of index arrays is a map-style dataset batch_size=None, collate_fn=collate,  # type: ignore[arg-type] num_workers=num_workers, pin_memory=pin_memory
+        dataset,
+        batch_size=None,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # Its own generator: a DataLoader draws worker seeds from the global RNG otherwise,
+        # which shifts every later dropout mask (and a resumed run's masks from the
+        # uninterrupted run's). Collating draws no random numbers.
+        generator=torch.Generator().manual_seed(0),
     )
     yield from loader

@@ -4,44 +4,54 @@ Not ``accelerator.save_state``: that writes every prepared model's full state di
 the frozen encoder too (about 500 MB for roberta-base per checkpoint). A LoRA run only
 needs its trainable parameters (a few MB), the optimizer and scheduler, each process's
 RNG states and the loop's position; the frozen weights come from the base model again.
+
+Parameters are saved under the bare model's names (no ``module.`` from DDP, no
+``_orig_mod.`` from torch.compile), so a checkpoint resumes with any number of
+processes, compiled or not. Several processes write into one folder: the run folder must
+be on a filesystem they all share (checked when training starts).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from accelerate import Accelerator
+from torch import nn
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "restore_rng"]
+from budgetlora.runtime import Runtime, rng_state
+
+__all__ = [
+    "save_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "trainable_state",
+    "load_trainable_state",
+]
 
 _PREFIX = "step-"
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable parameters of a bare (unwrapped) model, by name."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into a bare model's parameters, in each parameter's own dtype and device."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"checkpoint parameters not in the model: {', '.join(unknown[:5])}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 def save_checkpoint(
-    accelerator: Accelerator,
+    runtime: Runtime,
     run_dir: Path,
     step: int,
     state: dict[str, Any],
@@ -54,6 +64,7 @@ def save_checkpoint(
     Every process must call this at the same step. The folder appears by one rename once
     complete; only the newest ``keep`` checkpoints are kept.
     """
+    accelerator = runtime.accelerator
     root = run_dir / "checkpoints"
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
@@ -61,10 +72,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    mine = {"rng": _rng_state(), **(process_state or {})}
+    mine = {"rng": rng_state(runtime.device), **(process_state or {})}
     torch.save(mine, tmp / f"process-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        torch.save(state, tmp / "state.pt")
+        torch.save({**state, "processes": accelerator.num_processes}, tmp / "state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -82,9 +93,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the run state, this process's own state: "rng" and what it saved) of a checkpoint."""
+    """(the run state, this process's own state: "rng" and what it saved) of a checkpoint.
+
+    A process the checkpoint has no file for (resumed with more processes than it was
+    saved with) gets process 0's.
+    """
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     own = path / f"process-{process_index}.pt"
-    if not own.is_file():  # resumed with more processes than it was saved with
+    if not own.is_file():
         own = path / "process-0.pt"
     return state, torch.load(own, map_location="cpu", weights_only=False)

@@ -195,6 +195,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model=args.model,
         batch_size=args.batch_size,
     )
+    if not _is_main_process():
+        return 0
     print(
         f"{args.split}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
     )
@@ -213,14 +215,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model=args.model,
         batch_size=args.batch_size,
     )
-    print(f"wrote {path} and {path.with_suffix('.probs.csv')}")
+    if _is_main_process():
+        print(f"wrote {path} and {path.with_suffix('.probs.csv')}")
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from budgetlora.predict import classify
 
-    for row in classify(args.run_dir, args.texts, model=args.model):
+    rows = classify(args.run_dir, args.texts, model=args.model)
+    for row in rows if _is_main_process() else []:
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:
@@ -275,6 +279,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     summary = result.summary
+    if not _is_main_process():
+        return 0
     print()
     for name in ("teacher", "student", "baseline"):
         scores = summary[name]

@@ -218,7 +218,7 @@ class TrainSettings:
     tensorboard: bool = False
     """Also write TensorBoard logs to the run folder."""
     compile: bool = False
-    """torch.compile the model (CUDA only)."""
+    """torch.compile the training forward (dynamic shapes; the first steps are slow while it compiles)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     checkpoint_every: int | None = None

@@ -21,16 +21,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 
 from budgetlora.batching import cache_dir, cache_key, encode, pad_id
 from budgetlora.config import ModelConfig, RunConfig, load_config
 from budgetlora.data import Splits, TextTable
 from budgetlora.errors import BudgetloraError
+from budgetlora.inference import predict_logits
 from budgetlora.losses import distillation_loss
+from budgetlora.metrics import score
 from budgetlora.modeling import load_base_model, load_model_config, load_tokenizer
-from budgetlora.predict import load_run, make_accelerator, predict_logits, score
+from budgetlora.predict import load_run
 from budgetlora.rundir import atomic_path, write_json_atomic, write_text_atomic
+from budgetlora.runtime import Runtime, make_runtime
 from budgetlora.train import EvalCallback, LossFn, TrainResult, check_output, prepare_run, train
 
 __all__ = [
@@ -209,11 +212,11 @@ def _check_labels(teacher: Teacher, student: tuple[str, ...]) -> str:
 
 
 def _load_teacher_model(
-    teacher: Teacher, label_names: tuple[str, ...], accelerator: Accelerator
-) -> tuple[torch.nn.Module, Accelerator]:
+    teacher: Teacher, label_names: tuple[str, ...], runtime: Runtime
+) -> tuple[torch.nn.Module, Runtime]:
     if teacher.kind == "run":
-        run = load_run(teacher.source, mixed_precision=accelerator.mixed_precision)
-        return run.model, run.accelerator
+        run = load_run(teacher.source, mixed_precision=runtime.mixed_precision)
+        return run.model, run.runtime
     if teacher.kind == "adapter":
         from peft import PeftModel
 
@@ -228,8 +231,8 @@ def _load_teacher_model(
             ) from err
     else:
         model = load_base_model(ModelConfig(name_or_path=teacher.source), label_names)
-    model.eval().to(accelerator.device)  # type: ignore[arg-type]
-    return model, accelerator
+    model.eval().to(runtime.device)  # type: ignore[arg-type]
+    return model, runtime
 
 
 @dataclass
@@ -259,8 +262,8 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
     tables: dict[str, TextTable] = {"train": splits.train, "validation": splits.validation}
     if splits.test is not None:
         tables["test"] = splits.test
-    accelerator = make_accelerator(teacher.precision)  # its resolved precision and device key the cache
-    precision = f"{accelerator.device.type}:{accelerator.mixed_precision}"
+    runtime = make_runtime(teacher.precision)  # its resolved precision and device key the cache
+    precision = f"{runtime.device.type}:{runtime.mixed_precision}"
     folder = cache_dir() / "teacher"
     paths = {
         s: folder / f"{cache_key(t.texts, tokenizer, length, teacher.identity, precision)}.npy"
@@ -276,13 +279,13 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
             logits[split] = cached
     computed = [s for s in tables if s not in logits]
     if computed:
-        model, accelerator = _load_teacher_model(teacher, tuple(splits.label_names), accelerator)
+        model, runtime = _load_teacher_model(teacher, tuple(splits.label_names), runtime)
         for split in computed:
             encoded = encode(tables[split].texts, None, tokenizer, length)
             logits[split] = predict_logits(
-                model, encoded, accelerator, pad_token_id=pad_id(tokenizer), progress=True
+                model, encoded, runtime, pad_token_id=pad_id(tokenizer), progress=True
             )
-            if accelerator.is_main_process:
+            if runtime.is_main_process:
                 with atomic_path(paths[split]) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, logits[split])
         del model  # free the teacher before the student is built
@@ -295,7 +298,7 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
         result = score(logits[split], table.labels, splits.label_names)
         metrics[split] = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "n": len(table)}
     files = {s: str(p) for s, p in paths.items()}
-    return TeacherLogits(teacher, logits, metrics, matched, files, computed, accelerator.mixed_precision)
+    return TeacherLogits(teacher, logits, metrics, matched, files, computed, runtime.mixed_precision)
 
 
 def distillation_loss_fn(

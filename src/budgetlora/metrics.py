@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from budgetlora.errors import BudgetloraError
 
-__all__ = ["classification_metrics", "softmax", "mean_cross_entropy"]
+__all__ = ["classification_metrics", "softmax", "mean_cross_entropy", "score"]
 
 
 def _as_logits(logits: Any) -> np.ndarray:
@@ -127,3 +127,11 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: S
         "label_names": names,
         "predicted_distribution": {name: int(predicted_counts[i]) for i, name in enumerate(names)},
     }
+
+
+def score(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> dict[str, Any]:
+    """:func:`classification_metrics` of the arg-max of ``logits`` (n, k), plus their mean
+    cross-entropy as ``loss``."""
+    metrics = classification_metrics(labels, np.asarray(logits).argmax(axis=1), label_names)
+    metrics["loss"] = mean_cross_entropy(logits, labels)
+    return metrics

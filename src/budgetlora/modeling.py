@@ -307,8 +307,11 @@ def build_model(
 
 def _load_weights(name_or_path: str, config: PretrainedConfig) -> PreTrainedModel:
     # ignore_mismatched_sizes: a checkpoint fine-tuned for another label count keeps its
-    # encoder; its head is replaced (and trained) like any other.
-    kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True}
+    # encoder; its head is replaced (and trained) like any other. float32 whatever the
+    # checkpoint's stored dtype (transformers 5 keeps that by default): the head and the
+    # adapter train with float32 master weights, fp16's grad scaler can unscale them, and
+    # merging LoRA for inference does not round the update into half precision.
+    kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True, "dtype": torch.float32}
     try:
         try:
             return AutoModelForSequenceClassification.from_pretrained(

@@ -8,43 +8,40 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object
 from peft import PeftModel
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from budgetlora.batching import Collator, Encoded, encode, pad_id, sorted_batches
+from budgetlora.batching import encode, pad_id
 from budgetlora.config import RunConfig, load_config
 from budgetlora.errors import BudgetloraError
-from budgetlora.metrics import classification_metrics, mean_cross_entropy, softmax
+from budgetlora.inference import predict_logits
+from budgetlora.metrics import score, softmax
 from budgetlora.modeling import load_base_model, load_tokenizer
 from budgetlora.rundir import atomic_path, write_json_atomic
+from budgetlora.runtime import Runtime, make_runtime
 
-__all__ = ["LoadedRun", "load_run", "make_accelerator", "predict_logits", "evaluate", "predict", "classify"]
+__all__ = ["LoadedRun", "load_run", "evaluate", "predict", "classify"]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
 class LoadedRun:
-    """A trained run ready for inference: LoRA merged, eval mode, on its device."""
+    """A trained run ready for inference: LoRA merged, eval mode, on its device, in the
+    inference dtype of its device plan (bf16 where training autocast to bf16)."""
 
     cfg: RunConfig
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     label_names: tuple[str, ...]
-    accelerator: Accelerator
+    runtime: Runtime
 
     def logits(
         self,
@@ -59,7 +56,7 @@ class LoadedRun:
         return predict_logits(
             self.model,
             encoded,
-            self.accelerator,
+            self.runtime,
             batch_size=batch_size,
             pad_token_id=pad_id(self.tokenizer),
             progress=progress,
@@ -96,7 +93,7 @@ def load_run(
     label_names = cfg.data.label_names
     if not label_names:
         raise BudgetloraError(f"{run_dir / 'config.yaml'} records no data.label_names")
-    accelerator = make_accelerator(mixed_precision or cfg.train.mixed_precision)
+    runtime = make_runtime(mixed_precision or cfg.train.mixed_precision)
     base = load_base_model(cfg.model, label_names, weights=True)
     try:
         peft_model = PeftModel.from_pretrained(base, str(run_dir))
@@ -106,103 +103,13 @@ def load_run(
             f"({type(base).__name__}): {str(err).splitlines()[0][:300]}. Pass the base model the run "
             "was trained on with --model"
         ) from err
+    # Merged in float32 (the weights load in float32), then cast once: no autocast per forward.
     merged = peft_model.merge_and_unload().eval()
-    merged.to(accelerator.device)  # type: ignore[arg-type]
+    merged.to(runtime.device, runtime.plan.inference_dtype)  # type: ignore[arg-type]
     tokenizer = load_tokenizer(
         str(run_dir) if (run_dir / "tokenizer_config.json").is_file() else cfg.model.name_or_path
     )
-    return LoadedRun(cfg, merged, tokenizer, tuple(label_names), accelerator)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with bf16 matrix units (AMX) or AVX512-BF16."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence guarded
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    """The Accelerator of a training or inference process.
-
-    ``mixed_precision="auto"``: bf16 on GPUs that support it, fp16 on older GPUs; on a CPU
-    bf16 where it has bf16 units (AMX / AVX512-BF16: MiniLM trained 1.33x faster at the
-    same accuracy, see the README), else fp32. fp16 asked for on a CPU runs in fp32 (said
-    on stderr): there is no fp16 autocast there. Without CUDA the Accelerator is created
-    with ``cpu=True``: accelerate only sets up multi-process CPU training (gloo, under
-    torchrun) in that mode.
-    """
-    on_cuda = torch.cuda.is_available()
-    if mixed_precision == "auto":
-        if on_cuda:
-            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            mixed_precision = "bf16" if cpu_has_fast_bf16() else "no"
-    if mixed_precision == "fp16" and not on_cuda:
-        print("budgetlora: fp16 needs a GPU; training in fp32 on the CPU", file=sys.stderr)
-        mixed_precision = "no"
-    # accelerate keeps one process-wide state and refuses a second Accelerator with other
-    # settings (a sweep, or train() called twice); the process group itself is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not on_cuda)
-
-
-def predict_logits(
-    model: nn.Module,
-    encoded: Encoded,
-    accelerator: Accelerator,
-    *,
-    batch_size: int | None = None,
-    pad_token_id: int = 0,
-    progress: bool = False,
-) -> np.ndarray:
-    """Logits for every row of ``encoded``, in input order: (n, num_labels) float32.
-
-    Each process scores its share of the length-sorted batches; the main process gets
-    all rows, each exactly once (nothing is padded, so nothing is double-counted).
-    ``batch_size`` None: 256 on a GPU, 16 on a CPU, where MiniLM scored 203 samples/s at
-    batch 16 and 107 at batch 256 (bigger batches fall out of the CPU's caches).
-    """
-    if batch_size is None:
-        batch_size = 256 if accelerator.device.type == "cuda" else 16
-    # The bare module: DDP's forward syncs buffers across processes, which would deadlock
-    # here, where processes score different numbers of batches.
-    model = accelerator.unwrap_model(model)
-    multiple = 8 if accelerator.device.type == "cuda" else 1
-    collate = Collator(encoded, pad_token_id, multiple)
-    batches = sorted_batches(
-        encoded.lengths, batch_size, world_size=accelerator.num_processes, rank=accelerator.process_index
-    )
-    was_training = model.training
-    model.eval()
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    with torch.inference_mode(), accelerator.autocast():
-        for indices in tqdm(
-            batches, desc="predict", unit="batch", disable=not (progress and accelerator.is_main_process)
-        ):
-            batch = collate(indices)
-            logits = model(
-                input_ids=batch["input_ids"].to(accelerator.device, non_blocking=True),
-                attention_mask=batch["attention_mask"].to(accelerator.device, non_blocking=True),
-            ).logits
-            parts.append((indices, logits.float().cpu().numpy()))
-    model.train(was_training)
-    if accelerator.num_processes > 1:
-        parts = [p for chunk in gather_object([parts]) for p in chunk]
-    num_labels = parts[0][1].shape[1] if parts else 0
-    out = np.zeros((len(encoded), num_labels), dtype=np.float32)
-    seen = np.zeros(len(encoded), dtype=bool)
-    for indices, logits in parts:
-        out[indices] = logits
-        seen[indices] = True
-    if not seen.all():
-        raise RuntimeError(f"{int((~seen).sum())} rows were not scored")
-    return out
-
-
-def score(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> dict[str, Any]:
-    """Classification metrics plus the mean cross-entropy loss of ``logits``."""
-    metrics = classification_metrics(labels, logits.argmax(axis=1), label_names)
-    metrics["loss"] = mean_cross_entropy(logits, labels)
-    return metrics
+    return LoadedRun(cfg, merged, tokenizer, tuple(label_names), runtime)
 
 
 def evaluate(
@@ -238,7 +145,7 @@ def evaluate(
     assert table.labels is not None
     metrics = score(logits, table.labels, run.label_names)
     out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
-    if run.accelerator.is_main_process:
+    if run.runtime.is_main_process:
         write_json_atomic(out_dir / "metrics.json", {"source": data_cfg.source, "split": split, **metrics})
         write_report(
             out_dir,
@@ -269,7 +176,7 @@ def predict(
     run = load_run(run_dir, model=model)
     logits = run.logits(table.texts, batch_size=batch_size, progress=True)
     output = Path(output)
-    if run.accelerator.is_main_process:
+    if run.runtime.is_main_process:
         ids = table.ids if table.ids is not None else [str(i) for i in range(len(table))]
         preds = logits.argmax(axis=1)
         probs = softmax(logits)

@@ -1,9 +1,10 @@
 """The training loop: one explicit loop on accelerate, read top to bottom.
 
-Order of work in :func:`train`: read the data (no tokenization) → count the budget on
-the weightless skeleton and refuse an over-budget config → load weights → tokenize
-(cached) → loop (forward, loss, backward, step, schedule, periodic eval, keep the
-best) → save the adapter, metrics and report into the run folder.
+:func:`train` is the order of work: check the output folder → read the data and count
+the budget on the weightless skeleton (no tokenization, no weights: an over-budget config
+fails in seconds) → set up (weights, tokens, optimizer; every device decision comes from
+:mod:`budgetlora.runtime`) → restore a checkpoint → :func:`fit` (the loop) → final
+metrics → write the run folder.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +32,37 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from budgetlora.batching import Collator, Encoded, encode, iterate, length_grouped_batches, pad_id
 from budgetlora.budget import Budget, check_budget, count_trainable, measure, resolve_rank
-from budgetlora.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from budgetlora.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
 from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_config
 from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
+from budgetlora.inference import predict_logits
+from budgetlora.metrics import score
 from budgetlora.modeling import build_model, load_tokenizer
-from budgetlora.predict import make_accelerator, predict_logits, score
 from budgetlora.report import write_report
 from budgetlora.rundir import write_json_atomic
+from budgetlora.runtime import (
+    Runtime,
+    StopAgreement,
+    check_shared_folder,
+    compilations,
+    compile_for_training,
+    load_scaler_state,
+    make_runtime,
+    on_main_process,
+    restore_rng,
+    scaler_state,
+)
 
 __all__ = [
     "TrainResult",
@@ -48,6 +70,7 @@ __all__ = [
     "LossFn",
     "EvalCallback",
     "train",
+    "fit",
     "prepare_run",
     "cross_entropy_loss",
     "check_output",
@@ -111,7 +134,8 @@ def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
         raise BudgetloraError(f"--output {run_dir} exists and is not a folder")
 
 
-def _make_optimizer(model: nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.Optimizer:
+    """Built on the parameters after they were placed on their device (fused AdamW needs that)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
@@ -124,11 +148,7 @@ def _make_optimizer(model: nn.Module, settings: TrainSettings, device: torch.dev
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
     cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=settings.lr, fused=device.type == "cuda")
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    return cls(groups, lr=settings.lr, fused=fused)
 
 
 class _History:
@@ -142,6 +162,7 @@ class _History:
         records: list[dict[str, Any]] | None = None,
     ) -> None:
         self.records: list[dict[str, Any]] = list(records or [])  # from a checkpoint when resuming
+        self.running_loss: torch.Tensor | None = None  # the loss sum at the checkpoint, when resuming
         self.path = path
         self.echo = echo  # print each record (when there is no progress bar to show it)
         self._fh = path.open("w", encoding="utf-8") if path is not None else None
@@ -187,13 +208,478 @@ class _Progress:
 
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already trained on
+    batch_in_epoch: int = 0  # this process's batches of `epoch` already trained on
     samples: int = 0
     train_seconds: float = 0.0
     running_count: int = 0  # micro-batches since the last log step
     best_value: float = -1.0
     best_step: int = 0
     stale: int = 0  # evaluations since the best one
+
+
+@dataclass
+class _Best:
+    """The trainable weights of the best validation score so far (its value and step are in _Progress)."""
+
+    state: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Session:
+    """Everything the loop works with, made by :func:`_set_up`."""
+
+    cfg: RunConfig
+    runtime: Runtime
+    model: nn.Module
+    """As prepared by accelerate (DDP, compiled); train through this one."""
+    bare: nn.Module
+    """The same peft model unwrapped: its parameter names and eager forward."""
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: Any
+    scheduler: Any
+    train_enc: Encoded
+    val_enc: Encoded
+    test_enc: Encoded | None
+    collate: Collator
+    total_steps: int
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This process's training batches (index arrays) of ``epoch``."""
+        settings = self.cfg.train
+        return length_grouped_batches(
+            self.train_enc.lengths,
+            settings.batch_size,
+            seed=settings.seed,
+            epoch=epoch,
+            world_size=self.runtime.num_processes,
+            rank=self.runtime.process_index,
+            group_by_length=settings.group_by_length,
+        )
+
+    def logits(self, encoded: Encoded) -> np.ndarray:
+        return predict_logits(
+            self.bare,
+            encoded,
+            self.runtime,
+            batch_size=self.cfg.train.eval_batch_size,
+            pad_token_id=pad_id(self.tokenizer),
+        )
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    loss_fn: LossFn | None = None,
+    on_eval: EvalCallback | None = None,
+) -> TrainResult:
+    """Train ``cfg`` and write its run folder; returns the budget, metrics and history.
+
+    ``resume`` continues from the newest checkpoint in the run folder (model, optimizer,
+    scheduler, RNG states, data position, history). ``loss_fn`` replaces the
+    cross-entropy (distillation); ``on_eval`` sees every validation result and may stop
+    the run (a sweep's pruner).
+    """
+    run_dir = Path(cfg.output)
+    check_output(run_dir, overwrite, resume)
+    runtime = make_runtime(cfg.train.mixed_precision)
+    cfg, splits, budget = prepare_run(cfg)
+    saved = _find_checkpoint(run_dir, cfg, runtime) if resume else None
+    check_shared_folder(runtime.accelerator, run_dir)
+    if runtime.is_main_process:
+        print(f"trainable parameters of {cfg.model.name_or_path}:\n{budget.table()}", flush=True)
+    session = _set_up(cfg, splits, budget, runtime)
+    progress, best, history = _restore(session, saved, run_dir)
+    try:
+        fit(session, progress, best, history, loss_fn, on_eval)
+    finally:
+        history.close()
+    if progress.best_step > 0:
+        load_trainable_state(session.bare, best.state)
+    metrics = _final_metrics(session, splits, budget, progress)
+    on_main_process(
+        runtime.accelerator,
+        lambda: _write_run(run_dir, session, budget, metrics, history),
+        f"writing the run folder {run_dir}",
+    )
+    runtime.accelerator.wait_for_everyone()
+    return TrainResult(run_dir, cfg, budget, metrics, history.records, session.bare)
+
+
+def _find_checkpoint(
+    run_dir: Path, cfg: RunConfig, runtime: Runtime
+) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """(folder, run state, this process's state) of the newest checkpoint, or None."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        if runtime.is_main_process:
+            print(f"no checkpoint in {run_dir}: starting from the beginning", flush=True)
+        return None
+    state, own = load_checkpoint(checkpoint, runtime.process_index)
+    if state["config"] != _comparable(cfg):
+        raise BudgetloraError(
+            f"cannot resume {run_dir}: the config differs from the interrupted run's "
+            f"(see {run_dir / 'config.yaml'}); resume without changing options, or start a new --output"
+        )
+    if runtime.is_main_process:
+        print(f"resuming from {checkpoint}", flush=True)
+    return checkpoint, state, own
+
+
+def _set_up(cfg: RunConfig, splits: Splits, budget: Budget, runtime: Runtime) -> _Session:
+    """Weights, tokens, optimizer and schedule, each placed as the runtime's plan says."""
+    settings = cfg.train
+    labels = cfg.data.label_names
+    assert labels is not None  # set by prepare_run
+    set_seed(settings.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    model = build_model(cfg.model, labels)
+    built = count_trainable(model, cfg.budget)
+    if built.groups != budget.groups:  # the skeleton and the real model must agree exactly
+        raise RuntimeError(f"budget mismatch: skeleton {budget.groups} != model {built.groups}")
+
+    with runtime.accelerator.main_process_first():
+        train_enc, val_enc = (
+            encode(table.texts, table.labels, tokenizer, cfg.data.max_length)
+            for table in (splits.train, splits.validation)
+        )
+        test_enc = (
+            encode(splits.test.texts, splits.test.labels, tokenizer, cfg.data.max_length)
+            if splits.test
+            else None
+        )
+
+    plan = runtime.plan
+    bare = model
+    # Placed (and DDP-wrapped) first: the optimizer is built on the placed parameters.
+    prepared = runtime.accelerator.prepare(compile_for_training(model) if settings.compile else model)
+    optimizer = runtime.accelerator.prepare(_make_optimizer(bare, settings, plan.fused_optimizer))
+    per_epoch = len(length_grouped_batches(
+        train_enc.lengths, settings.batch_size, seed=settings.seed, epoch=0,
+        world_size=runtime.num_processes, group_by_length=settings.group_by_length,
+    ))  # fmt: skip
+    steps_per_epoch = max(1, math.ceil(per_epoch / settings.grad_accum))
+    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    warmup = (
+        settings.warmup_steps
+        if settings.warmup_steps is not None
+        else int(settings.warmup_ratio * total_steps)
+    )
+    scheduler_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    scheduler = get_scheduler(
+        scheduler_name[settings.scheduler],
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+    )
+    return _Session(
+        cfg=cfg,
+        runtime=runtime,
+        model=prepared,
+        bare=bare,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_enc=train_enc,
+        val_enc=val_enc,
+        test_enc=test_enc,
+        collate=Collator(train_enc, pad_id(tokenizer), plan.pad_to_multiple_of),
+        total_steps=total_steps,
+    )
+
+
+def _restore(
+    session: _Session, saved: tuple[Path, dict[str, Any], dict[str, Any]] | None, run_dir: Path
+) -> tuple[_Progress, _Best, _History]:
+    """The loop's starting point: from the checkpoint if there is one, else step 0.
+
+    A checkpoint saved with another number of processes resumes at the same point of the
+    schedule and the same fraction of its epoch: steps and batch positions are rescaled
+    by the ratio of the process counts (a step covers that many more or fewer samples).
+    The rest of that epoch is dealt out anew, so a few of its samples may be seen twice
+    or not at all.
+    """
+    runtime = session.runtime
+    main = runtime.is_main_process
+    progress = _Progress()
+    best = _Best(trainable_state(session.bare))
+    records: list[dict[str, Any]] = []
+    if saved is not None:
+        _, state, own = saved
+        load_trainable_state(session.bare, state["trainable"])
+        session.optimizer.load_state_dict(state["optimizer"])
+        session.scheduler.load_state_dict(state["scheduler"])
+        load_scaler_state(runtime.accelerator, state.get("scaler"))
+        progress = _Progress(**state["progress"])
+        best = _Best(state["best_state"])
+        records = state["history"]
+        restore_rng(own["rng"], runtime.device)
+        scale = state.get("processes", 1) / runtime.num_processes
+        if scale != 1:
+            progress, records = _rescale(progress, records, scale)
+            session.scheduler.last_epoch = progress.step - 1
+            with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                session.scheduler.step()  # sets the learning rate of the rescaled step
+            if main:
+                print(
+                    f"the checkpoint was saved by {state.get('processes', 1)} processes, resumed by "
+                    f"{runtime.num_processes}: continuing at step {progress.step} of {session.total_steps}",
+                    flush=True,
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if main and saved is None and not (run_dir / "metrics.json").exists():
+        # The resolved config, from the start, so that an interrupted run can be resumed.
+        # (Over a finished run, with --overwrite, it is replaced only at the end.)
+        save_config(session.cfg, run_dir / "config.yaml")
+    settings = session.cfg.train
+    history = _History(
+        run_dir / ".history.jsonl.partial" if main else None,
+        run_dir / "tensorboard" if settings.tensorboard and main else None,
+        echo=main and not settings.progress,
+        records=records,
+    )
+    history.running_loss = own["running_loss"] if saved is not None else None
+    return progress, best, history
+
+
+def _rescale(
+    progress: _Progress, records: list[dict[str, Any]], scale: float
+) -> tuple[_Progress, list[dict[str, Any]]]:
+    """Positions counted in steps of another process count, in steps of this one."""
+
+    def steps(n: int) -> int:
+        return int(round(n * scale))
+
+    progress = replace(
+        progress,
+        step=steps(progress.step),
+        batch_in_epoch=steps(progress.batch_in_epoch),
+        best_step=steps(progress.best_step),
+    )
+    return progress, [{**r, "step": steps(r["step"])} for r in records]
+
+
+def fit(
+    session: _Session,
+    progress: _Progress,
+    best: _Best,
+    history: _History,
+    loss_fn: LossFn | None = None,
+    on_eval: EvalCallback | None = None,
+) -> None:
+    """The loop, an optimizer step at a time, until ``session.total_steps`` or an early
+    stop. ``progress``, ``best`` and ``history`` are updated as it goes; SIGINT/SIGTERM
+    save a checkpoint and raise :class:`TrainingInterrupted`."""
+    cfg, runtime = session.cfg, session.runtime
+    settings = cfg.train
+    accelerator, device, world = runtime.accelerator, runtime.device, runtime.num_processes
+    loss_fn = loss_fn or cross_entropy_loss(settings.label_smoothing)
+    agreement = StopAgreement(accelerator, max_interval=settings.log_every)
+    # Loss summed on the device since the last log step: no host-device sync per step.
+    running_loss = torch.zeros((), device=device)
+    if history.running_loss is not None:
+        running_loss += history.running_loss.to(device)
+    window_seconds, window_samples = progress.train_seconds, 0
+    bar = tqdm(
+        total=session.total_steps,
+        initial=progress.step,
+        desc="train",
+        unit="step",
+        disable=not (runtime.is_main_process and settings.progress),
+    )
+
+    stop = False
+    session.model.train()
+    with _StopSignals() as signals, bar:
+        while progress.step < session.total_steps and not stop:
+            batches = session.epoch_batches(progress.epoch)
+            steps = _step_groups(
+                iterate(
+                    batches[progress.batch_in_epoch :],
+                    session.collate,
+                    num_workers=settings.num_workers,
+                    pin_memory=runtime.plan.pin_memory,
+                ),
+                settings.grad_accum,
+            )
+            tick = time.perf_counter()
+            for group in steps:
+                loss_sum, samples = _optimizer_step(session, group, loss_fn)
+                running_loss += loss_sum
+                progress.running_count += len(group)
+                progress.samples += samples * world
+                window_samples += samples * world
+                progress.step += 1
+                progress.batch_in_epoch += len(group)
+                progress.train_seconds += time.perf_counter() - tick
+                bar.update(1)
+                epoch_progress = progress.epoch + progress.batch_in_epoch / len(batches)
+
+                if progress.step % settings.log_every == 0 or progress.step == session.total_steps:
+                    # Reading the loss syncs host and device: only on log steps.
+                    mean_loss = accelerator.reduce(running_loss, "mean").item() / progress.running_count
+                    rate = window_samples / max(progress.train_seconds - window_seconds, 1e-9)
+                    lr = session.scheduler.get_last_lr()[0]
+                    history.add({
+                        "type": "train", "step": progress.step, "epoch": round(epoch_progress, 4),
+                        "loss": mean_loss, "lr": lr, "samples_per_second": rate,
+                    })  # fmt: skip
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
+                    running_loss.zero_()
+                    progress.running_count = 0
+                    window_seconds, window_samples = progress.train_seconds, 0
+                if settings.eval_every and progress.step % settings.eval_every == 0:
+                    stop = _evaluate(session, progress, best, history, on_eval, epoch_progress)
+                interrupted = agreement.stop(signals.received)
+                periodic = settings.checkpoint_every and progress.step % settings.checkpoint_every == 0
+                if interrupted or (periodic and progress.step < session.total_steps):
+                    saved_to = _checkpoint(session, progress, best, history, running_loss)
+                    if interrupted:
+                        raise TrainingInterrupted(
+                            f"interrupted by {interrupted} at step {progress.step}/{session.total_steps}; "
+                            f"checkpoint saved to {saved_to}. Resume with: budgetlora train --resume "
+                            f"--output {cfg.output}"
+                        )
+                if progress.step >= session.total_steps or stop:
+                    break
+                tick = time.perf_counter()
+            if progress.batch_in_epoch >= len(batches):
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+                evaluated = settings.eval_every and progress.step % settings.eval_every == 0
+                if settings.eval_each_epoch and not stop and not evaluated:
+                    stop = _evaluate(session, progress, best, history, on_eval, float(progress.epoch))
+
+
+def _evaluate(
+    session: _Session,
+    progress: _Progress,
+    best: _Best,
+    history: _History,
+    on_eval: EvalCallback | None,
+    epoch: float,
+) -> bool:
+    """Validation metrics into the history, the best weights kept; True to stop training."""
+    settings = session.cfg.train
+    assert session.val_enc.labels is not None  # validation rows are labelled
+    labels = session.cfg.data.label_names or ()
+    metrics = score(session.logits(session.val_enc), session.val_enc.labels, labels)
+    history.add({
+        "type": "eval", "step": progress.step, "epoch": round(epoch, 4), "split": "validation",
+        "loss": metrics["loss"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+    })  # fmt: skip
+    value = metrics[settings.best_metric]
+    if value > progress.best_value:
+        progress.best_value, progress.best_step, progress.stale = value, progress.step, 0
+        best.state = trainable_state(session.bare)
+    else:
+        progress.stale += 1
+    stop = on_eval(progress.step, metrics) if on_eval is not None else False
+    patience = settings.early_stopping_patience
+    return stop or (patience is not None and progress.stale >= patience)
+
+
+def _checkpoint(
+    session: _Session, progress: _Progress, best: _Best, history: _History, running_loss: torch.Tensor
+) -> Path:
+    """Save a resumable checkpoint (every process calls this at the same step)."""
+    cfg = session.cfg
+    state = {
+        "config": _comparable(cfg),
+        "trainable": trainable_state(session.bare),
+        "optimizer": session.optimizer.state_dict(),
+        "scheduler": session.scheduler.state_dict(),
+        "scaler": scaler_state(session.runtime.accelerator),
+        "progress": dataclasses.asdict(progress),
+        "best_state": best.state,
+        "history": history.records,
+    }
+    # The device-side loss sum as it is (float32): a resumed run logs the same bits.
+    own = {"running_loss": running_loss.detach().cpu()}
+    return save_checkpoint(
+        session.runtime, Path(cfg.output), progress.step, state, cfg.train.keep_checkpoints, own
+    )
+
+
+def _step_groups(
+    batches: Iterator[dict[str, torch.Tensor]], grad_accum: int
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The micro-batches of each optimizer step, in order (the last step of an epoch may have fewer)."""
+    while group := list(islice(batches, grad_accum)):
+        yield group
+
+
+def _optimizer_step(
+    session: _Session, group: list[dict[str, torch.Tensor]], loss_fn: LossFn
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward over the micro-batches of one step, then one optimizer step.
+
+    Returns the summed loss of the micro-batches (on the device, not synced) and this
+    process's sample count.
+    """
+    accelerator, device = session.runtime.accelerator, session.runtime.device
+    model, settings = session.model, session.cfg.train
+    loss_sum = torch.zeros((), device=device)
+    samples = 0
+    for i, cpu_batch in enumerate(group):
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        last = i == len(group) - 1
+        # Gradients are all-reduced across processes only on the last micro-batch.
+        with nullcontext() if last else accelerator.no_sync(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = loss_fn(logits, batch)
+            accelerator.backward(loss / len(group))
+        loss_sum += loss.detach()
+        samples += len(batch["input_ids"])
+    if settings.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    session.optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skips steps with inf grads
+        session.scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, samples
+
+
+def _final_metrics(session: _Session, splits: Splits, budget: Budget, progress: _Progress) -> dict[str, Any]:
+    """Validation (and test) metrics of the kept weights, timing, data sizes and budget."""
+    labels = session.cfg.data.label_names or ()
+    runtime = session.runtime
+    assert session.val_enc.labels is not None
+    start = time.perf_counter()
+    val_logits = session.logits(session.val_enc)
+    eval_rate = len(session.val_enc) / max(time.perf_counter() - start, 1e-9)
+    metrics: dict[str, Any] = {"validation": score(val_logits, session.val_enc.labels, labels)}
+    if session.test_enc is not None and session.test_enc.labels is not None:
+        metrics["test"] = score(session.logits(session.test_enc), session.test_enc.labels, labels)
+    metrics["best_step"] = progress.best_step
+    metrics["steps"] = progress.step
+    metrics["timing"] = {
+        "train_seconds": round(progress.train_seconds, 3),
+        "train_samples": progress.samples,
+        "train_samples_per_second": progress.samples / max(progress.train_seconds, 1e-9),
+        "eval_samples_per_second": eval_rate,
+        "device": str(runtime.device),
+        "processes": runtime.num_processes,
+        "mixed_precision": runtime.mixed_precision,
+    }
+    if session.cfg.train.compile:
+        metrics["timing"]["compilations"] = compilations()
+    metrics["budget"] = budget.to_dict()
+    metrics["data"] = {
+        "train": len(splits.train),
+        "validation": len(splits.validation),
+        "test": len(splits.test) if splits.test else 0,
+        "dropped": splits.dropped,
+    }
+    return metrics
+
+
+def _comparable(cfg: RunConfig) -> dict[str, Any]:
+    """The config as resumption compares it (progress bars may differ)."""
+    values = config_to_dict(cfg)
+    values["train"].pop("progress")
+    return values
 
 
 class TrainingInterrupted(BudgetloraError):
@@ -223,351 +709,11 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def train(
-    cfg: RunConfig,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    loss_fn: LossFn | None = None,
-    on_eval: EvalCallback | None = None,
-) -> TrainResult:
-    """Train ``cfg`` and write its run folder; returns the budget, metrics and history.
-
-    ``resume`` continues from the newest checkpoint in the run folder (model, optimizer,
-    scheduler, RNG states, data position, history). ``loss_fn`` replaces the
-    cross-entropy (distillation); ``on_eval`` sees every validation result and may stop
-    the run (a sweep's pruner).
-    """
-    run_dir = Path(cfg.output)
-    check_output(run_dir, overwrite, resume)
-    settings = cfg.train
-    accelerator = make_accelerator(settings.mixed_precision)
-    main = accelerator.is_main_process
-    on_cuda = accelerator.device.type == "cuda"
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    cfg, splits, budget = prepare_run(cfg)
-    labels = cfg.data.label_names
-    assert labels is not None
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    saved, saved_own = load_checkpoint(checkpoint, accelerator.process_index) if checkpoint else ({}, {})
-    if saved and saved["config"] != _comparable(cfg):
-        raise BudgetloraError(
-            f"cannot resume {run_dir}: the config differs from the interrupted run's "
-            f"(see {run_dir / 'config.yaml'}); resume without changing options, or start a new --output"
-        )
-    if main:
-        print(f"trainable parameters of {cfg.model.name_or_path}:\n{budget.table()}", flush=True)
-        if checkpoint:
-            print(f"resuming from {checkpoint}", flush=True)
-        elif resume:
-            print(f"no checkpoint in {run_dir}: starting from the beginning", flush=True)
-
-    set_seed(settings.seed)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    model = build_model(cfg.model, labels)
-    built = count_trainable(model, cfg.budget)
-    if built.groups != budget.groups:  # the skeleton and the real model must agree exactly
-        raise RuntimeError(f"budget mismatch: skeleton {budget.groups} != model {built.groups}")
-
-    with accelerator.main_process_first():
-        train_enc = encode(splits.train.texts, splits.train.labels, tokenizer, cfg.data.max_length)
-        val_enc = encode(splits.validation.texts, splits.validation.labels, tokenizer, cfg.data.max_length)
-        test_enc = (
-            encode(splits.test.texts, splits.test.labels, tokenizer, cfg.data.max_length)
-            if splits.test
-            else None
-        )
-    val_labels = val_enc.labels
-    assert val_labels is not None
-
-    pad_token_id = pad_id(tokenizer)
-    collate = Collator(train_enc, pad_token_id, 8 if on_cuda else 1)
-    world, rank = accelerator.num_processes, accelerator.process_index
-
-    def epoch_batches(epoch: int) -> list[np.ndarray]:
-        return length_grouped_batches(
-            train_enc.lengths,
-            settings.batch_size,
-            seed=settings.seed,
-            epoch=epoch,
-            world_size=world,
-            rank=rank,
-            group_by_length=settings.group_by_length,
-        )
-
-    steps_per_epoch = max(1, math.ceil(len(epoch_batches(0)) / settings.grad_accum))
-    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
-    warmup = (
-        settings.warmup_steps
-        if settings.warmup_steps is not None
-        else int(settings.warmup_ratio * total_steps)
-    )
-
-    optimizer = _make_optimizer(model, settings, accelerator.device)
-    scheduler_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
-        settings.scheduler
-    ]
-    scheduler = get_scheduler(
-        scheduler_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
-    if settings.compile and on_cuda:
-        model = torch.compile(model)  # type: ignore[assignment]
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = loss_fn or cross_entropy_loss(settings.label_smoothing)
-
-    progress = _Progress()
-    best_state = _trainable_state(model)
-    history_records: list[dict[str, Any]] = []
-    if saved:
-        _load_trainable_state(model, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        progress = _Progress(**saved["progress"])
-        best_state = saved["best_state"]
-        history_records = saved["history"]
-        restore_rng(saved_own["rng"])
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main and not saved and not (run_dir / "metrics.json").exists():
-        # The resolved config, from the start, so that an interrupted run can be resumed.
-        # (Over a finished run, with --overwrite, it is replaced only at the end.)
-        save_config(cfg, run_dir / "config.yaml")
-    history = _History(
-        run_dir / ".history.jsonl.partial" if main else None,
-        run_dir / "tensorboard" if settings.tensorboard and main else None,
-        echo=main and not settings.progress,
-        records=history_records,
-    )
-
-    def run_eval(epoch: float) -> bool:
-        """Evaluate on validation, keep the best weights; True when training should stop."""
-        nonlocal best_state
-        logits = predict_logits(
-            model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_token_id
-        )
-        metrics = score(logits, val_labels, labels)
-        history.add(
-            {
-                "type": "eval",
-                "step": progress.step,
-                "epoch": round(epoch, 4),
-                "split": "validation",
-                "loss": metrics["loss"],
-                "accuracy": metrics["accuracy"],
-                "macro_f1": metrics["macro_f1"],
-            }
-        )
-        value = metrics[settings.best_metric]
-        if value > progress.best_value:
-            progress.best_value, progress.best_step, progress.stale = value, progress.step, 0
-            best_state = _trainable_state(model)
-        else:
-            progress.stale += 1
-        stop_requested = on_eval(progress.step, metrics) if on_eval is not None else False
-        patience = settings.early_stopping_patience
-        return stop_requested or (patience is not None and progress.stale >= patience)
-
-    def checkpoint_now() -> Path:
-        state = {
-            "config": _comparable(cfg),
-            "trainable": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "progress": dataclasses.asdict(progress),
-            "best_state": best_state,
-            "history": history.records,
-        }
-        # The device-side loss sum as it is (float32): a resumed run logs the same bits.
-        own = {"running_loss": running_loss.detach().cpu()}
-        return save_checkpoint(accelerator, run_dir, progress.step, state, settings.keep_checkpoints, own)
-
-    bar = tqdm(
-        total=total_steps,
-        initial=progress.step,
-        desc="train",
-        unit="step",
-        disable=not (main and settings.progress),
-    )
-    # Loss summed on the device since the last log step: no host-device sync per step.
-    running_loss = torch.zeros((), device=accelerator.device)
-    if saved:
-        running_loss += saved_own["running_loss"].to(accelerator.device)
-    window_start, window_samples = time.perf_counter(), 0
-    stop = False
-    model.train()
-    try:
-        with _StopSignals() as signals:
-            while progress.step < total_steps and not stop:
-                batches = epoch_batches(progress.epoch)
-                tick = time.perf_counter()
-                micro = 0
-                loader = iterate(
-                    batches[progress.batch_in_epoch :],
-                    collate,
-                    num_workers=settings.num_workers,
-                    pin_memory=on_cuda,
-                )
-                for i, cpu_batch in enumerate(loader, start=progress.batch_in_epoch):
-                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
-                    micro += 1
-                    sync = micro % settings.grad_accum == 0 or i == len(batches) - 1
-                    with accelerator.no_sync(model) if not sync else nullcontext():
-                        logits = model(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                        ).logits
-                        loss = loss_fn(logits, batch)
-                        accelerator.backward(loss / settings.grad_accum)
-                    running_loss += loss.detach()
-                    progress.running_count += 1
-                    n = len(batch["input_ids"]) * world
-                    progress.samples += n
-                    window_samples += n
-                    if not sync:
-                        continue
-                    micro = 0
-                    if settings.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    progress.step += 1
-                    progress.batch_in_epoch = i + 1
-                    bar.update(1)
-                    epoch_progress = progress.epoch + (i + 1) / len(batches)
-                    log_step = progress.step % settings.log_every == 0 or progress.step == total_steps
-                    if log_step:
-                        # Reading the loss syncs host and device: only on log steps.
-                        mean_loss = accelerator.reduce(running_loss, "mean").item() / progress.running_count
-                        now = time.perf_counter()
-                        rate = window_samples / max(now - window_start, 1e-9)
-                        record = {
-                            "type": "train",
-                            "step": progress.step,
-                            "epoch": round(epoch_progress, 4),
-                            "loss": mean_loss,
-                            "lr": scheduler.get_last_lr()[0],
-                            "samples_per_second": rate,
-                        }
-                        history.add(record)
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.0f}")
-                        running_loss.zero_()
-                        progress.running_count = 0
-                        window_start, window_samples = now, 0
-                    if settings.eval_every and progress.step % settings.eval_every == 0:
-                        progress.train_seconds += time.perf_counter() - tick
-                        stop = run_eval(epoch_progress)
-                        tick = window_start = time.perf_counter()
-                        window_samples = 0
-                    interrupted = _signal_received(signals, accelerator, check_all=log_step)
-                    periodic = settings.checkpoint_every and progress.step % settings.checkpoint_every == 0
-                    if interrupted or (periodic and progress.step < total_steps):
-                        progress.train_seconds += time.perf_counter() - tick
-                        tick = time.perf_counter()
-                        saved_to = checkpoint_now()
-                        if interrupted:
-                            raise TrainingInterrupted(
-                                f"interrupted by {interrupted} at step {progress.step}/{total_steps}; "
-                                f"checkpoint saved to {saved_to}. Resume with: budgetlora train --resume --output {run_dir}"
-                            )
-                    if progress.step >= total_steps or stop:
-                        break
-                progress.train_seconds += time.perf_counter() - tick
-                if progress.batch_in_epoch >= len(batches):
-                    progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-                    evaluated = settings.eval_every and progress.step % settings.eval_every == 0
-                    if settings.eval_each_epoch and not stop and not evaluated:
-                        stop = run_eval(float(progress.epoch))
-    except BaseException:
-        # An exception out of the loop (a pruned sweep trial, an error): close the files.
-        history.close()
-        bar.close()
-        raise
-    bar.close()
-
-    if progress.best_step > 0:
-        _load_trainable_state(model, best_state)
-    unwrapped = accelerator.unwrap_model(model)
-    if hasattr(unwrapped, "_orig_mod"):
-        unwrapped = unwrapped._orig_mod
-    eval_start = time.perf_counter()
-    val_logits = predict_logits(
-        model, val_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_token_id
-    )
-    eval_rate = len(val_enc) / max(time.perf_counter() - eval_start, 1e-9)
-    metrics: dict[str, Any] = {"validation": score(val_logits, val_labels, labels)}
-    if test_enc is not None and test_enc.labels is not None:
-        test_logits = predict_logits(
-            model, test_enc, accelerator, batch_size=settings.eval_batch_size, pad_token_id=pad_token_id
-        )
-        metrics["test"] = score(test_logits, test_enc.labels, labels)
-    metrics["best_step"] = progress.best_step
-    metrics["steps"] = progress.step
-    metrics["timing"] = {
-        "train_seconds": round(progress.train_seconds, 3),
-        "train_samples": progress.samples,
-        "train_samples_per_second": progress.samples / max(progress.train_seconds, 1e-9),
-        "eval_samples_per_second": eval_rate,
-        "device": str(accelerator.device),
-        "processes": world,
-        "mixed_precision": accelerator.mixed_precision,
-    }
-    metrics["budget"] = budget.to_dict()
-    metrics["data"] = {
-        "train": len(splits.train),
-        "validation": len(splits.validation),
-        "test": len(splits.test) if splits.test else 0,
-        "dropped": splits.dropped,
-    }
-    history.close()
-    if main:
-        _write_run(run_dir, cfg, budget, unwrapped, tokenizer, metrics, history, train_enc, "test" in metrics)
-    accelerator.wait_for_everyone()
-    return TrainResult(run_dir, cfg, budget, metrics, history.records, unwrapped)
-
-
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    """The config as resumption compares it (progress bars may differ)."""
-    values = config_to_dict(cfg)
-    values["train"].pop("progress")
-    return values
-
-
-def _signal_received(signals: _StopSignals, accelerator: Any, *, check_all: bool) -> str | None:
-    """The signal that asks to stop, agreed by all processes.
-
-    One process alone decides at every step; several agree only on log steps (a
-    collective per step would cost a host-device sync each time).
-    """
-    if accelerator.num_processes == 1:
-        return signals.received
-    if not check_all:
-        return None
-    flag = torch.tensor([1.0 if signals.received else 0.0], device=accelerator.device)
-    return "a signal" if accelerator.reduce(flag, "sum").item() > 0 else None
-
-
-def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device))
-
-
 def _write_run(
-    run_dir: Path,
-    cfg: RunConfig,
-    budget: Budget,
-    model: nn.Module,
-    tokenizer: Any,
-    metrics: dict[str, Any],
-    history: _History,
-    train_enc: Encoded,
-    has_test: bool,
+    run_dir: Path, session: _Session, budget: Budget, metrics: dict[str, Any], history: _History
 ) -> None:
-    """Write every output file; each lands by an atomic rename."""
+    """Write every output file; each lands by an atomic rename, metrics.json last."""
+    cfg, model, tokenizer, train_enc = session.cfg, session.bare, session.tokenizer, session.train_enc
     staging = Path(tempfile.mkdtemp(prefix=".save.", dir=run_dir))
     try:
         model.save_pretrained(staging)  # type: ignore[operator]
@@ -581,7 +727,7 @@ def _write_run(
     write_json_atomic(run_dir / "budget.json", budget.to_dict())
     if history.path is not None:
         os.replace(history.path, run_dir / "history.jsonl")
-    split = "test" if has_test else "validation"
+    split = "test" if "test" in metrics else "validation"
     labels = cfg.data.label_names or ()
     write_report(
         run_dir,

@@ -1,0 +1,79 @@
+"""Batched forward passes over an encoded split: the fast path of evaluation and prediction.
+
+Batches sorted by length (almost no padding), ``inference_mode``, batches pinned and
+copied asynchronously where the device plan says so, logits kept on the device until the
+end; with several processes each scores its share and all get every row, once.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from torch import nn
+from tqdm.auto import tqdm
+
+from budgetlora.batching import Collator, Encoded, iterate, sorted_batches
+from budgetlora.runtime import Runtime, unwrap
+
+__all__ = ["predict_logits"]
+
+
+def predict_logits(
+    model: nn.Module,
+    encoded: Encoded,
+    runtime: Runtime,
+    *,
+    batch_size: int | None = None,
+    pad_token_id: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Logits for every row of ``encoded``, in input order: (n, num_labels) float32.
+
+    ``model`` may be a training model (fp32 weights: autocast to the run's precision, the
+    bare module: DDP's forward would sync buffers across processes that score different
+    numbers of batches, and evaluation stays off a compiled training graph) or a merged
+    inference model already in half precision (no autocast). ``batch_size`` None: the
+    device plan's (256 on a GPU, 16 on a CPU).
+    """
+    model = unwrap(runtime.accelerator, model)
+    device = runtime.device
+    batches = sorted_batches(
+        encoded.lengths,
+        batch_size or runtime.plan.inference_batch_size,
+        world_size=runtime.num_processes,
+        rank=runtime.process_index,
+    )
+    collate = Collator(encoded, pad_token_id, runtime.plan.pad_to_multiple_of)
+    fp32_weights = next(model.parameters()).dtype == torch.float32
+    was_training = model.training
+    model.eval()
+    indices: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    loader = iterate(batches, collate, pin_memory=runtime.plan.pin_memory)
+    shown = progress and runtime.is_main_process
+    with torch.inference_mode(), runtime.accelerator.autocast() if fp32_weights else nullcontext():
+        for batch in tqdm(loader, total=len(batches), desc="predict", unit="batch", disable=not shown):
+            logits = model(
+                input_ids=batch["input_ids"].to(device, non_blocking=True),
+                attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+            ).logits  # (batch, labels)
+            outputs.append(logits.float())
+            indices.append(batch["index"])
+    model.train(was_training)
+    num_labels = int(outputs[0].shape[1]) if outputs else 0
+    # One device-to-host copy at the end, not one per batch.
+    parts = [(torch.cat(indices).numpy(), torch.cat(outputs).cpu().numpy())] if outputs else []
+    if runtime.num_processes > 1:
+        parts = [p for chunk in gather_object([parts]) for p in chunk]
+        num_labels = max((p[1].shape[1] for p in parts), default=0)
+    out = np.zeros((len(encoded), num_labels), dtype=np.float32)
+    seen = np.zeros(len(encoded), dtype=bool)
+    for rows, logits_np in parts:
+        out[rows] = logits_np
+        seen[rows] = True
+    if not seen.all():
+        raise RuntimeError(f"{int((~seen).sum())} rows were not scored")
+    return out
