@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# The shared assets beside the project; BUDGETLORA_SHARED points elsewhere (a GPU machine
+# gets a copy carried with the working tree, see benchmarks/gpu.py --make-carry).
+SHARED = Path(os.environ.get("BUDGETLORA_SHARED") or REPO.parent / "shared")
 SAMPLE = SHARED / "data" / "ag_news" / "sample.csv"
 ROBERTA_TOKENIZER = SHARED / "models" / "roberta-base-tokenizer"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
@@ -174,11 +176,13 @@ def run_trainer_arm(args: argparse.Namespace) -> dict:
         "train_samples": samples, "train_seconds": train_seconds, "train_samples_per_second": samples / train_seconds,
         "accuracy": accuracy, "predict_samples_per_second": len(val_rows) / predict_seconds,
         "peak_memory_mb": _peak_memory_mb(), "steps": output.global_step,
-        "precision": "fp16" if cuda else "no",
+        "precision": "fp16" if cuda else "no", "batch_size": args.batch_size,
     }  # fmt: skip
 
 
-def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str) -> dict:
+def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str, *, defaults: bool = False) -> dict:
+    """budgetlora's own loop; ``defaults``: its default batch size and learning rate
+    instead of the notebook's (the same LoRA, data and seed)."""
     import torch
 
     from budgetlora.batching import encode
@@ -186,13 +190,15 @@ def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str) -> dict:
     from budgetlora.inference import predict_logits
     from budgetlora.train import train
 
+    own = {} if defaults else {"lr": args.lr, "batch_size": args.batch_size}
     cfg = RunConfig(
         model=ModelConfig(args.model, lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=("query", "value"))),
         data=DataConfig(source=args.data, validation_size=args.validation_size, max_length=args.max_length),
         train=TrainSettings(
-            epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+            epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
             eval_each_epoch=False, progress=False, log_every=50, compile=args.compile,
             mixed_precision=mixed_precision,  # type: ignore[arg-type]
+            **own,  # type: ignore[arg-type]
         ),
         output=tempfile.mkdtemp() + "/run",
     )  # fmt: skip
@@ -202,7 +208,8 @@ def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str) -> dict:
         "train_samples": timing["train_samples"], "train_seconds": timing["train_seconds"],
         "train_samples_per_second": timing["train_samples_per_second"], "accuracy": result.metrics["validation"]["accuracy"],
         "peak_memory_mb": _peak_memory_mb(), "steps": result.metrics["steps"],
-        "precision": timing["mixed_precision"],
+        "precision": timing["mixed_precision"], "batch_size": cfg.train.batch_size,
+        "compilations": timing.get("compilations"),
     }  # fmt: skip
     # Prediction speed on the validation rows, on the fast path (LoRA merged, length-sorted).
     from budgetlora.predict import load_run
@@ -216,6 +223,14 @@ def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str) -> dict:
     start = time.perf_counter()
     predict_logits(run.model, encoded, run.runtime)
     out["predict_samples_per_second"] = len(encoded) / (time.perf_counter() - start)
+    if args.eval_rows:  # the validation rows repeated to N: seconds to score them (a test set's size)
+        rows = [splits.validation.texts[i % len(splits.validation)] for i in range(args.eval_rows)]
+        many = encode(rows, None, run.tokenizer, args.max_length)
+        start = time.perf_counter()
+        predict_logits(run.model, many, run.runtime)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out["eval_rows_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
         train_tokens = int(encode(splits.train.texts, None, run.tokenizer, args.max_length).lengths.sum())
         tokens = train_tokens * out["train_samples"] / len(splits.train)
@@ -260,8 +275,13 @@ def main() -> None:
     parser.add_argument(
         "--arms",
         default="trainer,budgetlora-fp32,budgetlora",
-        help="trainer (the notebook), budgetlora-fp32, budgetlora (mixed precision 'auto': bf16 on GPUs and AMX CPUs)",
+        help="trainer (the notebook), budgetlora-fp32, budgetlora (mixed precision 'auto': bf16 on GPUs and "
+        "AMX CPUs), budgetlora-default (also its own default batch size and learning rate)",
     )
+    parser.add_argument(
+        "--eval-rows", type=int, help="budgetlora arms: also time scoring N rows (7600: AG News test)"
+    )
+    parser.add_argument("--json-out", help="also write the results of every arm as JSON")
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm, print JSON
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "budgetlora-bench"))
     args = parser.parse_args()
@@ -271,7 +291,10 @@ def main() -> None:
         if args.arm == "trainer":
             result = run_trainer_arm(args)
         else:  # budgetlora: its default precision ("auto"), or budgetlora-fp32
-            result = run_budgetlora_arm(args, "no" if args.arm == "budgetlora-fp32" else "auto")
+            defaults = args.arm == "budgetlora-default"
+            result = run_budgetlora_arm(
+                args, "no" if args.arm == "budgetlora-fp32" else "auto", defaults=defaults
+            )
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -290,13 +313,68 @@ def main() -> None:
     )
     results = {}
     for arm in args.arms.split(","):
-        child = [sys.executable, __file__, "--arm", arm, *_forward(args)]
+        run_dir = Path(tempfile.mkdtemp(dir=workdir)) / "run"
+        child = (
+            cli_command(args, run_dir)
+            if arm == "budgetlora-cli"
+            else [sys.executable, __file__, "--arm", arm, *_forward(args)]
+        )
+        start = time.perf_counter()
         done = subprocess.run(child, capture_output=True, text=True)
+        wall = time.perf_counter() - start
         line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
-        if done.returncode != 0 or line is None:
+        if done.returncode != 0 or (line is None and arm != "budgetlora-cli"):
             sys.exit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
-        results[arm] = json.loads(line[len("RESULT ") :])
+        results[arm] = cli_result(run_dir) if line is None else json.loads(line[len("RESULT ") :])
+        if arm in ("trainer", "budgetlora-cli"):  # processes that do nothing but the job
+            results[arm]["process_seconds"] = wall
     print_table(results)
+    print_phases(results)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"hardware": hardware(), "arms": results}, indent=1))
+
+
+def cli_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The whole job as a user runs it: `budgetlora train` with the notebook's LoRA, batch and
+    learning rate, and budgetlora's other defaults (evaluation each epoch, report, plots)."""
+    steps = ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
+    return [
+        sys.executable, "-m", "budgetlora", "train", "--model", args.model, "--data", args.data,
+        "--output", str(run_dir), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--target-modules", "query,value",
+        "--max-length", str(args.max_length), "--validation-size", str(args.validation_size),
+        "--seed", str(args.seed), "--log-every", "50", "--no-progress", *steps,
+        *(["--compile"] if args.compile else []),
+    ]  # fmt: skip
+
+
+def cli_result(run_dir: Path) -> dict:
+    import yaml
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    timing = metrics["timing"]
+    return {
+        "train_samples": timing["train_samples"], "train_seconds": timing["train_seconds"],
+        "train_samples_per_second": timing["train_samples_per_second"],
+        "accuracy": metrics["validation"]["accuracy"], "steps": metrics["steps"],
+        "precision": timing["mixed_precision"], "phases": timing["phases"],
+        "batch_size": yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["batch_size"],
+    }  # fmt: skip
+
+
+def print_phases(results: dict[str, dict]) -> None:
+    """Where the whole process's time goes, for the arms that ran the real CLI."""
+    for arm, result in results.items():
+        if "phases" not in result:
+            continue
+        phases = dict(result["phases"])
+        phases["start the interpreter, import, parse options, exit"] = result["process_seconds"] - sum(
+            phases.values()
+        )
+        print(f"\nwhere the {result['process_seconds']:.1f} s of {arm} went:")
+        print("| phase | seconds | share |\n| --- | ---: | ---: |")
+        for phase, seconds in phases.items():
+            print(f"| {phase} | {seconds:.1f} | {seconds / result['process_seconds']:.0%} |")
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
@@ -313,6 +391,7 @@ def _forward(args: argparse.Namespace) -> list[str]:
         "max_length",
         "validation_size",
         "seed",
+        "eval_rows",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -327,16 +406,21 @@ def print_table(results: dict[str, dict]) -> None:
     rows = [
         ("mixed precision", "precision", "{}"),
         ("train samples/s", "train_samples_per_second", "{:.1f}"),
+        ("batch size", "batch_size", "{}"),
         ("train seconds", "train_seconds", "{:.1f}"),
+        ("whole process seconds", "process_seconds", "{:.1f}"),
         ("optimizer steps", "steps", "{}"),
         ("validation accuracy", "accuracy", "{:.4f}"),
         ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
         ("predict samples/s", "predict_samples_per_second", "{:.1f}"),
+        ("seconds to score eval rows", "eval_rows_seconds", "{:.2f}"),
+        ("compilations", "compilations", "{}"),
         ("MFU (bf16 peak)", "mfu", "{:.1%}"),
     ]
     arms = list(results)
     base, others = arms[0], arms[1:]
     ratio_keys = ("train_samples_per_second", "predict_samples_per_second", "peak_memory_mb")
+    speedups = ("process_seconds",)  # seconds: the baseline's over the arm's
     print("\n| metric | " + " | ".join(arms) + " | " + " | ".join(f"{a} / {base}" for a in others) + " |")
     print("| --- |" + " ---: |" * (len(arms) + len(others)))
     for label, key, fmt in rows:
@@ -345,9 +429,11 @@ def print_table(results: dict[str, dict]) -> None:
             continue
         cells = [fmt.format(v) if v is not None else "-" for v in values]
         ratios = [
-            f"{v / values[0]:.2f}x" if key in ratio_keys and v is not None and values[0] else ""
+            f"{v / values[0]:.2f}x" if key in ratio_keys and v is not None and values[0]
+            else f"{values[0] / v:.2f}x faster" if key in speedups and v and values[0]
+            else ""
             for v in values[1:]
-        ]
+        ]  # fmt: skip
         print(f"| {label} | " + " | ".join(cells + ratios) + " |")
     for arm in arms:
         if "mfu_counted_as" in results[arm]:

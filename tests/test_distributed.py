@@ -30,7 +30,9 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     from budgetlora.errors import BudgetloraError
-    from budgetlora.runtime import StopAgreement, check_shared_folder, make_runtime, on_main_process
+    from budgetlora.runtime import (
+        StopAgreement, check_shared_folder, end_processes, make_runtime, on_main_process,
+    )
 
     runtime = make_runtime("no")
     rank, base = runtime.process_index, Path(sys.argv[1])
@@ -57,6 +59,7 @@ SCRIPT = textwrap.dedent(
         if stop := agreement.stop(received):
             print(f"rank {rank} stopped at step {step}: {stop}", flush=True)
             break
+    end_processes()
     """
 )
 

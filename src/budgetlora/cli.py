@@ -491,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"budgetlora {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "budgetlora.runtime" in sys.modules:  # only a command that set up a runtime has processes to end
+            sys.modules["budgetlora.runtime"].end_processes()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from budgetlora.batching import cache_dir, cache_key, encode, pad_id
 from budgetlora.config import ModelConfig, RunConfig, load_config
 from budgetlora.data import Splits, TextTable
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import predict_logits
+from budgetlora.inference import inference_model, predict_logits
 from budgetlora.losses import distillation_loss
 from budgetlora.metrics import score
 from budgetlora.modeling import load_base_model, load_model_config, load_tokenizer
@@ -217,13 +217,14 @@ def _load_teacher_model(
     if teacher.kind == "run":
         run = load_run(teacher.source, mixed_precision=runtime.mixed_precision)
         return run.model, run.runtime
+    model: torch.nn.Module
     if teacher.kind == "adapter":
         from peft import PeftModel
 
         assert teacher.base is not None
         base = load_base_model(ModelConfig(name_or_path=teacher.base), label_names)
         try:
-            model = PeftModel.from_pretrained(base, teacher.source).merge_and_unload()
+            model = PeftModel.from_pretrained(base, teacher.source)
         except (ValueError, RuntimeError, KeyError) as err:
             raise BudgetloraError(
                 f"teacher adapter {teacher.source} does not fit its base model {teacher.base!r}: "
@@ -231,8 +232,7 @@ def _load_teacher_model(
             ) from err
     else:
         model = load_base_model(ModelConfig(name_or_path=teacher.source), label_names)
-    model.eval().to(runtime.device)  # type: ignore[arg-type]
-    return model, runtime
+    return inference_model(model, runtime), runtime
 
 
 @dataclass

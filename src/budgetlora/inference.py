@@ -7,18 +7,38 @@ end; with several processes each scores its share and all get every row, once.
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
 from budgetlora.batching import Collator, Encoded, iterate, sorted_batches
 from budgetlora.runtime import Runtime, unwrap
 
-__all__ = ["predict_logits"]
+__all__ = ["inference_model", "predict_logits"]
+
+
+def inference_model(model: nn.Module, runtime: Runtime, *, keep: bool = False) -> nn.Module:
+    """The fast form of a model for inference: LoRA merged into the weights (in float32,
+    as every model loads), eval mode, on the runtime's device, cast once to its plan's
+    inference dtype (bf16 where training autocasts to bf16), so that no forward autocasts.
+
+    Every inference path goes through here (a run reloaded for evaluate/predict, a teacher,
+    the final metrics of a training run), so they all score with the same numbers.
+    ``keep``: merge a copy and leave ``model`` as it is (a training model), else ``model``
+    itself is merged.
+    """
+    if keep:
+        model = copy.deepcopy(model)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.eval()
+    return model.to(runtime.device, runtime.plan.inference_dtype)  # type: ignore[arg-type]
 
 
 def predict_logits(

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from budgetlora.batching import encode, pad_id
 from budgetlora.config import RunConfig, load_config
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import predict_logits
+from budgetlora.inference import inference_model, predict_logits
 from budgetlora.metrics import score, softmax
 from budgetlora.modeling import load_base_model, load_tokenizer
 from budgetlora.rundir import atomic_path, write_json_atomic
@@ -103,9 +103,7 @@ def load_run(
             f"({type(base).__name__}): {str(err).splitlines()[0][:300]}. Pass the base model the run "
             "was trained on with --model"
         ) from err
-    # Merged in float32 (the weights load in float32), then cast once: no autocast per forward.
-    merged = peft_model.merge_and_unload().eval()
-    merged.to(runtime.device, runtime.plan.inference_dtype)  # type: ignore[arg-type]
+    merged = inference_model(peft_model, runtime)
     tokenizer = load_tokenizer(
         str(run_dir) if (run_dir / "tokenizer_config.json").is_file() else cfg.model.name_or_path
     )

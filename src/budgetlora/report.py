@@ -419,7 +419,12 @@ def write_report(
         written.append(_plot_token_lengths(out_dir / "token_lengths.png", lengths, max_length))
         sections.append(_token_length_section(lengths, max_length))
     if timing:
-        rows = [_timing_row(key, value) for key, value in timing.items()]
+        rows = []
+        for key, value in timing.items():
+            if isinstance(value, dict):  # seconds of each phase of the run
+                rows += [[f"Time: {phase}", _duration(seconds)] for phase, seconds in value.items()]
+            else:
+                rows.append(_timing_row(key, value))
         sections.append(_section("Timing", _md_table(["", "Value"], rows, "lr")))
     sections += [_section(heading, body.strip()) for heading, body in (extra or {}).items()]
 

@@ -43,6 +43,7 @@ __all__ = [
     "StopAgreement",
     "on_main_process",
     "check_shared_folder",
+    "end_processes",
 ]
 
 T = TypeVar("T")
@@ -291,6 +292,13 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T], what: str) 
     if failure is not None:
         raise failure
     return result
+
+
+def end_processes() -> None:
+    """Tear down the process group (if any) before the interpreter exits: gloo's threads,
+    left running at exit, abort a process ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def check_shared_folder(accelerator: Accelerator, folder: Path) -> None:

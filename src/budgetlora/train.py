@@ -46,7 +46,7 @@ from budgetlora.checkpoint import (
 from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_config
 from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import predict_logits
+from budgetlora.inference import inference_model, predict_logits
 from budgetlora.metrics import score
 from budgetlora.modeling import build_model, load_tokenizer
 from budgetlora.report import write_report
@@ -256,9 +256,10 @@ class _Session:
             group_by_length=settings.group_by_length,
         )
 
-    def logits(self, encoded: Encoded) -> np.ndarray:
+    def logits(self, encoded: Encoded, model: nn.Module | None = None) -> np.ndarray:
+        """Logits of ``encoded`` by the training model (or ``model``), in row order."""
         return predict_logits(
-            self.bare,
+            model if model is not None else self.bare,
             encoded,
             self.runtime,
             batch_size=self.cfg.train.eval_batch_size,
@@ -282,6 +283,7 @@ def train(
     the run (a sweep's pruner).
     """
     run_dir = Path(cfg.output)
+    clock = _PhaseClock()
     check_output(run_dir, overwrite, resume)
     runtime = make_runtime(cfg.train.mixed_precision)
     cfg, splits, budget = prepare_run(cfg)
@@ -289,18 +291,23 @@ def train(
     check_shared_folder(runtime.accelerator, run_dir)
     if runtime.is_main_process:
         print(f"trainable parameters of {cfg.model.name_or_path}:\n{budget.table()}", flush=True)
+    clock.lap("read data and check the budget")
     session = _set_up(cfg, splits, budget, runtime)
     progress, best, history = _restore(session, saved, run_dir)
+    clock.lap("load weights, tokenize, set up")
     try:
         fit(session, progress, best, history, loss_fn, on_eval)
     finally:
         history.close()
+    clock.lap("train (with evaluations)")
     if progress.best_step > 0:
         load_trainable_state(session.bare, best.state)
     metrics = _final_metrics(session, splits, budget, progress)
+    clock.lap("final evaluation")
+    metrics["timing"]["phases"] = clock.seconds
     on_main_process(
         runtime.accelerator,
-        lambda: _write_run(run_dir, session, budget, metrics, history),
+        lambda: _write_run(run_dir, session, budget, metrics, history, clock),
         f"writing the run folder {run_dir}",
     )
     runtime.accelerator.wait_for_everyone()
@@ -642,16 +649,21 @@ def _optimizer_step(
 
 
 def _final_metrics(session: _Session, splits: Splits, budget: Budget, progress: _Progress) -> dict[str, Any]:
-    """Validation (and test) metrics of the kept weights, timing, data sizes and budget."""
+    """Validation (and test) metrics of the kept weights, timing, data sizes and budget.
+
+    Scored by a merged copy, as `budgetlora evaluate` scores the saved run: the same numbers.
+    """
     labels = session.cfg.data.label_names or ()
     runtime = session.runtime
     assert session.val_enc.labels is not None
+    merged = inference_model(session.bare, runtime, keep=True)
     start = time.perf_counter()
-    val_logits = session.logits(session.val_enc)
+    val_logits = session.logits(session.val_enc, merged)
     eval_rate = len(session.val_enc) / max(time.perf_counter() - start, 1e-9)
     metrics: dict[str, Any] = {"validation": score(val_logits, session.val_enc.labels, labels)}
     if session.test_enc is not None and session.test_enc.labels is not None:
-        metrics["test"] = score(session.logits(session.test_enc), session.test_enc.labels, labels)
+        metrics["test"] = score(session.logits(session.test_enc, merged), session.test_enc.labels, labels)
+    del merged
     metrics["best_step"] = progress.best_step
     metrics["steps"] = progress.step
     metrics["timing"] = {
@@ -709,8 +721,26 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+class _PhaseClock:
+    """Seconds of each phase of a run, for metrics.json ("where the time goes")."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+
 def _write_run(
-    run_dir: Path, session: _Session, budget: Budget, metrics: dict[str, Any], history: _History
+    run_dir: Path,
+    session: _Session,
+    budget: Budget,
+    metrics: dict[str, Any],
+    history: _History,
+    clock: _PhaseClock | None = None,
 ) -> None:
     """Write every output file; each lands by an atomic rename, metrics.json last."""
     cfg, model, tokenizer, train_enc = session.cfg, session.bare, session.tokenizer, session.train_enc
@@ -742,4 +772,6 @@ def _write_run(
         max_length=cfg.data.max_length,
         timing=metrics["timing"],
     )
+    if clock is not None:
+        clock.lap("write the adapter, report and plots")
     write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
