@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from budgetlora.config import ModelConfig
+from budgetlora.modeling import load_base_model
 from conftest import REPO, minilm_dir, requires_shared
 
 pytestmark = [
@@ -66,3 +69,18 @@ def _table_rows(text: str, header: str) -> list[list[str]]:
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
     return rows
+
+
+def test_the_carry_for_a_gpu_machine_fits_one_call_and_loads_in_float32(tmp_path: Path) -> None:
+    carry = tmp_path / "carry"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--make-carry", str(carry)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = {str(f.relative_to(carry)) for f in carry.rglob("*") if f.is_file()}
+    assert {"shared/data/ag_news/sample.csv", "shared/models/roberta-base-tokenizer/vocab.json"} <= files
+    assert "minilm-fp16/model.safetensors" in files
+    assert sum(f.stat().st_size for f in carry.rglob("*") if f.is_file()) < 64 * 2**20  # one device call
+    model = load_base_model(ModelConfig(str(carry / "minilm-fp16")), ["a", "b", "c", "d"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
