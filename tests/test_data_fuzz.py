@@ -98,9 +98,10 @@ def test_well_formed_files_round_trip(rows: list[tuple[str, int]], extension: st
     test_size=st.one_of(st.just(0.0), st.floats(0.01, 0.5), st.integers(1, 10)),
     seed=st.integers(0, 3),
 )
-def test_splits_partition_the_rows(
+def test_splits_partition_the_rows_or_say_why_not(
     labels: list[int], validation_size: float, test_size: float, seed: int
 ) -> None:
+    counts = np.bincount(labels)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "train.csv"
         path.write_text("text,label,ID\n" + "".join(f"t{i},{y},{i}\n" for i, y in enumerate(labels)))
@@ -110,8 +111,18 @@ def test_splits_partition_the_rows(
         try:
             splits = load_splits(cfg)
         except BudgetloraError as err:
-            assert "leaving none to train on" in str(err)
+            message = str(err)
+            assert message.startswith(str(path))
+            if (counts > 0).sum() < 2:
+                assert "a classifier needs at least two classes" in message
+            elif (counts == 0).any():
+                assert "no training rows of class(es)" in message
+            elif (counts == 1).any():
+                assert "have one row each" in message
+            else:
+                assert "leaving none to train on" in message or "no training rows left of class" in message
             return
+    assert (counts > 0).all() and counts.min() >= 2  # each rule above was met
     parts = [splits.train, splits.validation] + ([splits.test] if splits.test is not None else [])
     assert (splits.test is not None) == (test_size > 0)
     ids = [i for part in parts for i in part.ids or []]
@@ -120,3 +131,4 @@ def test_splits_partition_the_rows(
         assert part.labels is not None
         assert part.labels.tolist() == [labels[int(i)] for i in part.ids or []]
     assert splits.label_names == tuple(f"label_{k}" for k in range(max(labels) + 1))
+    assert splits.train.labels is not None and set(splits.train.labels.tolist()) == set(labels)
