@@ -34,6 +34,8 @@ __all__ = [
     "build_model",
     "load_base_model",
     "load_model_config",
+    "max_sequence_length",
+    "check_max_length",
     "load_tokenizer",
     "layer_index",
     "resolve_targets",
@@ -107,6 +109,52 @@ def load_model_config(name_or_path: str, **overrides: Any) -> PretrainedConfig:
         if Path(name_or_path).is_dir():
             raise BudgetloraError(f"cannot read a model config from {name_or_path}: {err}") from err
         raise BudgetloraError(_hub_hint(name_or_path)) from err
+
+
+# Architectures whose position ids count from pad_token_id + 1 (RoBERTa's
+# create_position_ids_from_input_ids): those first positions never hold a token.
+_PADDING_OFFSET_TYPES = frozenset(
+    {"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+     "xmod", "mpnet", "longformer", "ibert", "luke", "mluke"}
+)  # fmt: skip
+
+
+def max_sequence_length(config: PretrainedConfig) -> int | None:
+    """The most tokens a sequence may hold for the model's position embeddings; None: no such limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    if config.model_type.startswith("deberta") and not getattr(config, "position_biased_input", True):
+        return None  # relative positions only
+    if config.model_type in _PADDING_OFFSET_TYPES:
+        return positions - (getattr(config, "pad_token_id", None) or 0) - 1
+    return positions
+
+
+def check_max_length(cfg: ModelConfig, max_length: int, option: str = "data.max_length") -> None:
+    """Refuse a max length beyond the model's position embeddings (only config.json is read).
+
+    A model whose config cannot be read (a Hub id offline) is not checked here: loading it
+    fails later with its own message.
+    """
+    try:
+        config = load_model_config(cfg.name_or_path, **cfg.config_overrides)
+    except BudgetloraError:
+        return
+    limit = max_sequence_length(config)
+    if limit is None or max_length <= limit:
+        return
+    positions = config.max_position_embeddings
+    why = (
+        f"max_position_embeddings {positions} less pad_token_id + 1 = {positions - limit}, the positions"
+        f" {config.model_type} reserves for padding"
+        if limit != positions
+        else f"max_position_embeddings {positions}"
+    )
+    raise BudgetloraError(
+        f"{option}={max_length} is more than {cfg.name_or_path!r} can read: at most {limit} tokens"
+        f" ({why}); use --max-length {limit} or less"
+    )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
