@@ -24,7 +24,7 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.inference import predict_logits
 from budgetlora.metrics import score, softmax
 from budgetlora.modeling import check_max_length, load_base_model, load_tokenizer
-from budgetlora.rundir import atomic_path, write_json_atomic
+from budgetlora.rundir import atomic_path, check_output_path, write_json_atomic
 from budgetlora.runtime import Runtime, make_runtime
 
 __all__ = ["LoadedRun", "load_run", "evaluate", "predict", "classify"]
@@ -153,11 +153,12 @@ def evaluate(
         raise BudgetloraError(
             f"{data_cfg.source} has no test split; use --split validation, or pass --data with a labelled test file"
         )
+    out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
+    check_output_path(out_dir, "--output", folder=True)
     run = load_run(run_dir, model=model)
     logits = run.logits(table.texts, batch_size=batch_size, progress=True)
     assert table.labels is not None
     metrics = score(logits, table.labels, run.label_names)
-    out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
     if run.runtime.is_main_process:
         write_json_atomic(out_dir / "metrics.json", {"source": data_cfg.source, "split": split, **metrics})
         write_report(
@@ -185,13 +186,15 @@ def predict(
     from budgetlora.data import read_table
 
     _check_batch_size(batch_size)
+    output = Path(output)
+    for path in (output, output.with_suffix(".probs.csv")):
+        check_output_path(path, "--output", folder=False)
     _run_config(Path(run_dir), model)  # before reading the input: the cheaper mistake first
     table = read_table(
         input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle, unique_ids=True
     )
     run = load_run(run_dir, model=model)
     logits = run.logits(table.texts, batch_size=batch_size, progress=True)
-    output = Path(output)
     if run.runtime.is_main_process:
         ids = table.ids if table.ids is not None else [str(i) for i in range(len(table))]
         preds = logits.argmax(axis=1)

@@ -10,6 +10,7 @@ URL), so an interrupted sweep continues where it stopped and several processes c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,10 +25,11 @@ import optuna
 import yaml
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from budgetlora.config import RunConfig, config_from_dict, config_to_dict, save_config, with_overrides
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.rundir import atomic_path, write_text_atomic
+from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
 from budgetlora.train import prepare_run, train
 
 __all__ = ["SearchParam", "SweepResult", "load_space", "parse_space", "sweep"]
@@ -293,17 +295,25 @@ def sweep(
         _grid(params)
     _check_before_writing(base_cfg, params, teacher, alpha, temperature)
     out = Path(output)
+    check_output_path(out, "--output", folder=True)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     metric = base_cfg.train.best_metric
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name or out.resolve().name,
-        direction="maximize",
-        sampler=_make_sampler(sampler, params, seed),
-        pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name or out.resolve().name,
+            direction="maximize",
+            sampler=_make_sampler(sampler, params, seed),
+            pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
+            load_if_exists=True,
+        )
+    except (ImportError, ValueError, SQLAlchemyError) as err:  # a URL optuna (on SQLAlchemy) cannot open
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty
+        raise BudgetloraError(f"--storage {storage!r}: cannot open the study: {err}") from None
     base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
     _check_same_study(
         study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}

@@ -50,7 +50,7 @@ from budgetlora.inference import predict_logits
 from budgetlora.metrics import score
 from budgetlora.modeling import build_model, check_max_length, load_tokenizer
 from budgetlora.report import write_report
-from budgetlora.rundir import write_json_atomic
+from budgetlora.rundir import check_output_path, write_json_atomic
 from budgetlora.runtime import (
     Runtime,
     StopAgreement,
@@ -132,8 +132,7 @@ def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
             f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite "
             "(its files are replaced only when the new run finishes)"
         )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise BudgetloraError(f"--output {run_dir} exists and is not a folder")
+    check_output_path(run_dir, "--output", folder=True)
 
 
 def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.Optimizer:
