@@ -229,8 +229,8 @@ def _assert_refused(code_and_err: tuple[int, str], *fragments: str) -> None:
 
 @pytest.fixture(scope="module")
 def config_only(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's config.json alone: no weights, no tokenizer. A command that stops with
-    the expected message on it did so before loading either."""
+    """The tiny model's config.json alone, without weights: a command that stops with the
+    expected message on it did so before loading any."""
     import shutil
 
     folder = tmp_path_factory.mktemp("config-only")
@@ -246,6 +246,12 @@ def _csv(path: Path, header: str, rows: list[str]) -> Path:
 
 def _labelled(path: Path, labels: list[object]) -> Path:
     return _csv(path, "text,label", [f"market team row {i},{y}" for i, y in enumerate(labels)])
+
+
+def _with_validation(folder: Path, train: list[object], validation: list[object]) -> Path:
+    _labelled(folder / "train.csv", train)
+    _labelled(folder / "validation.csv", validation)
+    return folder
 
 
 BAD_TRAINING_DATA = {
@@ -264,7 +270,7 @@ BAD_TRAINING_DATA = {
         ["dup.csv has more than one column named 'text' (columns 1, 3)", "data.text_column"],
     ),
     "unknown-validation-class": (
-        lambda d: (_labelled(d / "src" / "train.csv", [0, 1] * 4), _labelled(d / "src" / "validation.csv", [0, 2]))[0].parent,
+        lambda d: _with_validation(d / "src", [0, 1] * 4, [0, 2]),
         ["validation.csv: labels out of range in rows 2 (2)"],
     ),
 }  # fmt: skip
@@ -435,6 +441,9 @@ def test_evaluate_refuses_classes_the_run_does_not_know(
         (["--budget", "0"], ["budget: 0"]),
         (["--min-unique-ratio", "nan"], ["data.min_unique_ratio: nan"]),
         (["--lora-alpha", "inf"], ["lora.alpha: inf"]),
+        (["--set", "model.config_overrides={hidden_size: abc}"], ["model.config_overrides", "hidden_size"]),
+        (["--set", "model.config_overrides={num_attention_heads: 3}"], ["config_overrides", "multiple"]),
+        (["--set", "model.config_overrides={vocab_size: 0}"], ["cannot build", "{'vocab_size': 0}"]),
     ],
 )
 def test_option_values_are_checked_where_the_config_is_built(
@@ -466,44 +475,66 @@ def test_inference_and_search_options_are_checked_first(
     )
     assert not sub.exists()
     out = tmp_path / "out"
-    common = [
-        "--model",
-        str(config_only),
-        "--data",
-        str(tiny_data_csv),
-        "--output",
-        str(out),
-        "--teacher",
-        str(cli_run),
-    ]
-    _assert_refused(main_exit("distill", *common, "--temperature", "nan"), "distill.temperature: nan")
-    _assert_refused(main_exit("distill", *common, "--alpha", "2"), "distill.alpha: 2")
+    student = ["--model", str(config_only), "--data", str(tiny_data_csv), "--output", str(out)]
+    teacher = ["--teacher", str(cli_run)]
+    _assert_refused(
+        main_exit("distill", *student, *teacher, "--temperature", "nan"), "distill.temperature: nan"
+    )
+    _assert_refused(main_exit("distill", *student, *teacher, "--alpha", "2"), "distill.alpha: 2")
     broken = tmp_path / "distill.yaml"
     broken.write_text("teacher: [unclosed\n")
-    _assert_refused(main_exit("distill", *common[:6], "--distill-config", str(broken)), "distill.yaml")
+    _assert_refused(main_exit("distill", *student, "--distill-config", str(broken)), "distill.yaml")
     base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
     from budgetlora.config import DataConfig, ModelConfig, RunConfig, save_config
 
     save_config(RunConfig(model=ModelConfig(str(config_only)), data=DataConfig(str(tiny_data_csv))), base)
     sweep = ["sweep", "--config", str(base), "--space", str(space), "--output", str(out)]
-    for content, fragments in [
-        ("lora.r: [0, 4]\n", ["search space model.lora.r: the value 0", "lora.r"]),
-        ("lr: {type: float, low: 0, high: 0.1, log: true}\n", ["a log range needs low > 0"]),
-        ("lr: {type: float, low: -1, high: 0.1}\n", ["search space train.lr: the value -1.0"]),
-        ("distill.alpha: [0.5, 1.5]\n", ["search space distill.alpha: the value 1.5"]),
-        ("lora.r: [1]\n", ["--seed: -1"]),
+    for content, extra, fragment in [
+        ("lora.r: [0, 4]\n", [], "search space model.lora.r: the value 0: invalid value for lora.r"),
+        ("lr: {type: float, low: 0, high: 0.1, log: true}\n", [], "a log range needs low > 0"),
+        ("lr: {type: float, low: -1, high: 0.1}\n", [], "search space train.lr: the value -1.0"),
+        ("distill.alpha: [0.5, 1.5]\n", teacher, "search space distill.alpha: the value 1.5"),
+        ("lora.r: [1]\n", ["--seed", "-1"], "--seed: -1"),
+        ("lora.r: [1]\n", [*teacher, "--temperature", "0"], "distill.temperature: 0"),
     ]:
         space.write_text(content)
-        extra = (
-            ["--teacher", str(cli_run)]
-            if "distill" in content
-            else ["--seed", "-1"]
-            if "[1]" in content
-            else []
-        )
-        _assert_refused(main_exit(*sweep, *extra), *fragments)
-    space.write_text("lora.r: [1]\n")
+        _assert_refused(main_exit(*sweep, *extra), fragment)
+    assert not out.exists()
+
+
+def test_outputs_that_cannot_be_written_are_refused_first(
+    cli_run: Path, config_only: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me\n")
+    a_folder = tmp_path / "folder"
+    a_folder.mkdir()
+    texts = _csv(tmp_path / "in.csv", "text", ["market shares"])
+    model = ["--model", str(config_only)]  # no weights: each stops before loading any
     _assert_refused(
-        main_exit(*sweep, "--teacher", str(cli_run), "--temperature", "0"), "distill.temperature: 0"
+        main_exit("predict", str(cli_run), str(texts), "--output", str(a_folder), *model),
+        f"--output {a_folder} exists and is not a file",
+    )
+    _assert_refused(
+        main_exit("predict", str(cli_run), str(texts), "--output", str(a_file / "s.csv"), *model),
+        f"{a_file} is a file, so nothing can be written under it",
+    )
+    _assert_refused(
+        main_exit("evaluate", str(cli_run), "--split", "validation", "--output", str(a_file), *model),
+        f"--output {a_file} exists and is not a folder",
+    )
+    train = ["--model", str(config_only), "--data", str(tiny_data_csv)]
+    _assert_refused(main_exit("train", *train, "--output", str(a_file / "run")), f"{a_file} is a file")
+    space = tmp_path / "space.yaml"
+    space.write_text("lora.r: [1]\n")
+    sweep = ["sweep", "--space", str(space), "--set", f"model.name_or_path={config_only}"]
+    sweep += ["--set", f"data.source={tiny_data_csv}"]
+    _assert_refused(
+        main_exit(*sweep, "--output", str(a_file)), f"--output {a_file} exists and is not a folder"
+    )
+    out = tmp_path / "sweep"
+    _assert_refused(
+        main_exit(*sweep, "--output", str(out), "--storage", "no-such-url"), "--storage 'no-such-url'"
     )
     assert not out.exists()
+    assert a_file.read_text() == "keep me\n" and list(a_folder.iterdir()) == []

@@ -168,7 +168,8 @@ _TRAIN_OPTIONS = {
     "--set": ["data.label_names=[a, b]", "data.label_names=[a]", "data.label_names=[a, a]",
               "data.label_names=[World, Sports, Business, Sci/Tech]", "data.label_names=[1, 2]",
               "data.label_names=5", "data.split_seed=-1", "train.lr=[", "data.drop_empty=true",
-              "train.eval_batch_size=0", "model.lora.dropout=1"],
+              "train.eval_batch_size=0", "model.lora.dropout=1", "model.config_overrides={vocab_size: 0}",
+              "model.config_overrides={num_attention_heads: 3}", "model.config_overrides={hidden_size: x}"],
 }  # fmt: skip
 
 

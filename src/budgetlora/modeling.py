@@ -104,11 +104,26 @@ def load_model_config(name_or_path: str, **overrides: Any) -> PretrainedConfig:
     if _looks_like_path(name_or_path) and not Path(name_or_path).exists():
         raise BudgetloraError(f"model folder not found: {name_or_path}")
     try:
-        return AutoConfig.from_pretrained(name_or_path, **overrides)
+        config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         if Path(name_or_path).is_dir():
             raise BudgetloraError(f"cannot read a model config from {name_or_path}: {err}") from err
         raise BudgetloraError(_hub_hint(name_or_path)) from err
+    if not overrides:
+        return config
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **overrides)
+    except Exception as err:  # each config class checks its fields in its own way
+        raise BudgetloraError(
+            f"the config of {name_or_path!r} refuses a value of model.config_overrides: {_first_line(err)}"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """A library's error for a one-line message ('Validation error for field x:' and its reason)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    shown = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return shown[:300] or type(err).__name__
 
 
 # Architectures whose position ids count from pad_token_id + 1 (RoBERTa's
@@ -326,8 +341,16 @@ def load_base_model(cfg: ModelConfig, label_names: Sequence[str], *, weights: bo
     if weights:
         model = _load_weights(cfg.name_or_path, config)
     else:
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config)
+        try:
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(config)
+        # sizes that do not fit together (often from model.config_overrides); torch's layers
+        # check some of them with assert
+        except (ValueError, TypeError, AssertionError, RuntimeError) as err:
+            overrides = f" with model.config_overrides {cfg.config_overrides}" if cfg.config_overrides else ""
+            raise BudgetloraError(
+                f"cannot build {cfg.name_or_path!r}{overrides}: {_first_line(err)}"
+            ) from err
     _set_head(model, cfg.head, len(labels))
     return model
 
