@@ -752,6 +752,23 @@ def test_every_class_keeps_a_training_row(tmp_path: Path) -> None:
     )
 
 
+@requires_sample
+def test_real_agnews_sample_rules() -> None:
+    cfg = DataConfig(source=str(AG_NEWS / "sample.csv"), max_train_samples=3)
+    message = refused(cfg, "sample.csv: no training rows left of class(es) ")
+    # classes as the file numbers them (1..4), named from classes.txt, with where their rows went
+    assert re.search(
+        r"class [1-4] \((World|Sports|Business|Sci/Tech)\): 1400 row\(s\), 70 held out for validation/test,"
+        r" 1330 left out by data.max_train_samples=3",
+        message,
+    ), message
+    refused(
+        replace(cfg, max_train_samples=None, label_names=("a", "b", "c", "d")),
+        "the class names differ",
+        "sample.csv: World, Sports, Business, Sci/Tech; data.label_names: a, b, c, d",
+    )
+
+
 def test_evaluation_data_needs_no_training_rows(tmp_path: Path) -> None:
     path = labelled_csv(tmp_path / "eval.csv", [1] * 5)
     cfg = DataConfig(source=str(path), label_names=("a", "b"), validation_size=2)
