@@ -700,6 +700,12 @@ def test_class_names_that_disagree_are_refused(tmp_path: Path) -> None:
         "train.parquet: neg, pos",
         "data.label_names: pos, neg",
     )
+    # the names a run trained on bare integers records stand for as many classes, whatever their names
+    made_up = load_splits(DataConfig(source=str(path), label_names=("label_0", "label_1")))
+    assert made_up.label_names == ("neg", "pos")
+    refused(
+        DataConfig(source=str(path), label_names=("label_0", "label_1", "label_2")), "the class names differ"
+    )
 
 
 def test_validation_rows_of_classes_the_training_rows_lack_are_refused(tmp_path: Path) -> None:

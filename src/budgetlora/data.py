@@ -364,12 +364,20 @@ def _given_label_names(raws: dict[str, RawTable], cfg: DataConfig) -> tuple[str,
     given = None if cfg.label_names is None else tuple(cfg.label_names)
     if given is not None:
         recorded.setdefault(given, "data.label_names")
+    # label_0, label_1, ... (a run trained on bare integers) name nothing: real names of as many classes win
+    counts = {len(names) for names in recorded if not _made_up(names)}
+    recorded = {n: where for n, where in recorded.items() if not (_made_up(n) and len(n) in counts)}
     if len(recorded) > 1:
         shown = "; ".join(f"{where}: {_names(names)}" for names, where in recorded.items())
         raise BudgetloraError(
             f"the class names differ ({shown}): labels would mean different classes; use one set of names"
         )
     return next(iter(recorded), None)
+
+
+def _made_up(names: tuple[str, ...]) -> bool:
+    """Whether the names are the label_0, label_1, ... given to bare integer labels."""
+    return all(name == f"label_{i}" for i, name in enumerate(names))
 
 
 def _class(index: int, names: tuple[str, ...], classic: bool) -> str:
@@ -401,7 +409,7 @@ def _check_classes(table: TextTable, given: bool, classic: bool) -> None:
     present = np.flatnonzero(counts)
     if len(present) < 2:
         raise BudgetloraError(
-            f"{table.source}: all {len(table)} training rows have the label {_class(present[0], names, classic)};"
+            f"{table.source}: all {len(table)} training rows have the label {_class(int(present[0]), names, classic)};"
             " a classifier needs at least two classes"
         )
     missing = np.flatnonzero(counts == 0)
@@ -412,7 +420,8 @@ def _check_classes(table: TextTable, given: bool, classic: bool) -> None:
         what = f"of the {k} label names ({_names(names)})"
         fix = "give only the names of classes that have rows, or add rows of the missing ones"
     else:
-        what = f"of the integer labels {first}..{k - 1 + first} (K = the largest label{' + 1' * (1 - first)})"
+        k_is = "the largest class index" if classic else "the largest label + 1"
+        what = f"of the integer labels {first}..{k - 1 + first} (K = {k_is})"
         fix = (
             f"renumber the labels {first}..{len(present) - 1 + first}, or name the classes (data.label_names)"
         )
