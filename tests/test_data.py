@@ -685,6 +685,16 @@ def test_label_names_without_training_rows_are_refused(tmp_path: Path) -> None:
     refused(DataConfig(source=str(tmp_path / "ag")), "class(es) 4 (Sci/Tech)")  # numbered as in the file
 
 
+def test_class_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "case.csv", "text,label\na,Sports\nb,World\nc,sports\nd,Sports\ne,world\n")
+    with pytest.raises(BudgetloraError) as excinfo:
+        read_table(path)
+    assert "case.csv: column 'label': class names that differ only in case:" in error(excinfo)
+    assert "'Sports' (rows 1, 4), 'sports' (rows 3); 'World' (rows 2), 'world' (rows 5)" in error(excinfo)
+    named = read_table(path, label_names=("Sports", "World", "sports", "world"))  # named apart on purpose
+    assert named.labels is not None and named.labels.tolist() == [0, 1, 2, 0, 3]
+
+
 def test_class_names_that_disagree_are_refused(tmp_path: Path) -> None:
     import datasets
 

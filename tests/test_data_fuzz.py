@@ -189,7 +189,7 @@ def _labelled_files(draw: st.DrawFn) -> tuple[str, list[str], list[list[object]]
         drawn = st.lists(st.tuples(_TEXTS, _LABEL_VALUES, st.integers(0, 4), _TEXTS), max_size=12)
         rows = [list(row) for row in draw(drawn)]
     if extension == ".csv-classic":  # no header: class index from 1, title, description
-        first = [int(r[1]) + 1 if good else draw(st.integers(0, 6)) for r in rows]  # type: ignore[call-overload]
+        first = [int(r[1]) + 1 if good else draw(st.integers(0, 6)) for r in rows]
         return (
             extension,
             ["class", "title", "description"],

@@ -322,6 +322,7 @@ def _labels(
     if "name" in by_kind:
         if label_names is None:
             label_names = tuple(sorted({name for _, name in by_kind["name"]}))
+            _check_distinct_names(by_kind["name"], where)
             index = {name: i for i, name in enumerate(label_names)}
         unknown = [(r, n) for r, n in by_kind["name"] if n not in index]
         if unknown:
@@ -345,6 +346,22 @@ def _labels(
             f" allowed: {allowed}"
         )
     return np.array([v for _, v in by_kind["int"]], dtype=np.int64), label_names
+
+
+def _check_distinct_names(pairs: list[tuple[int, str]], where: str) -> None:
+    """Class names of a file that differ only in case ('Sports', 'sports') are one class misspelt."""
+    rows_of: dict[str, dict[str, list[int]]] = {}
+    for row, name in pairs:
+        rows_of.setdefault(name.casefold(), {}).setdefault(name, []).append(row)
+    clashes = [spellings for spellings in rows_of.values() if len(spellings) > 1]
+    if clashes:
+        shown = "; ".join(
+            ", ".join(f"{name!r} (rows {_rows(rows)})" for name, rows in spellings.items())
+            for spellings in clashes[:_SHOWN]
+        )
+        raise BudgetloraError(
+            f"{where}: class names that differ only in case: {shown}; spell each class one way"
+        )
 
 
 def _names(names: Sequence[str]) -> str:
