@@ -169,3 +169,41 @@ def test_rank_pattern_gives_upper_layers_more_rank(roberta_base_dir: Path) -> No
     budget = measure(cfg, LABELS, 1_000_000)
     assert budget.groups["lora.query"] == 10 * 4 * 1536 + 2 * 16 * 1536
     assert budget.trainable == 593_668 + 2 * (10 * 4 + 2 * 16) * 1536
+
+
+@pytest.mark.parametrize(
+    ("config", "limit"),
+    [
+        (RobertaConfig(max_position_embeddings=514), 512),  # roberta-base: pad_token_id + 1 = 2 reserved
+        (MPNetConfig(max_position_embeddings=514), 512),
+        (BertConfig(max_position_embeddings=64), 64),
+        (DistilBertConfig(), 512),
+    ],
+)
+def test_max_sequence_length_from_the_config(config: object, limit: int) -> None:
+    from transformers import DebertaV2Config
+
+    from budgetlora.modeling import max_sequence_length
+
+    assert max_sequence_length(config) == limit  # type: ignore[arg-type]
+    assert max_sequence_length(DebertaV2Config(position_biased_input=False)) is None  # relative positions
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path: Path) -> None:
+    from budgetlora.modeling import check_max_length
+
+    roberta = tmp_path / "roberta-base"
+    RobertaConfig(max_position_embeddings=514).save_pretrained(roberta)  # as roberta-base's config.json
+    check_max_length(_cfg(roberta), 512)
+    with pytest.raises(BudgetloraError) as excinfo:
+        check_max_length(_cfg(roberta), 2048)
+    assert str(excinfo.value) == (
+        f"data.max_length=2048 is more than {str(roberta)!r} can read: at most 512 tokens"
+        " (max_position_embeddings 514 less pad_token_id + 1 = 2, the positions roberta reserves for"
+        " padding); use --max-length 512 or less"
+    )
+    bert = tmp_path / "bert"
+    BertConfig(max_position_embeddings=64).save_pretrained(bert)
+    with pytest.raises(BudgetloraError, match=r"at most 64 tokens \(max_position_embeddings 64\)"):
+        check_max_length(_cfg(bert), 65)
+    check_max_length(_cfg(tmp_path / "missing"), 10**6)  # no config to read: loading it fails later

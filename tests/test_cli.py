@@ -198,3 +198,343 @@ def test_a_finished_run_is_kept(cli_run: Path, tiny_model_dir: Path, tiny_data_c
     )
     _assert_user_error(result, "already holds a finished run", "--overwrite")
     assert (cli_run / "adapter_model.safetensors").read_bytes() == before
+
+
+# --- bad input: one message, exit code 2, before any work, nothing written ------------------
+
+
+def main_exit(*args: str) -> tuple[int, str]:
+    """``budgetlora ARGS`` in this process (much faster than a subprocess): exit code and stderr."""
+    import contextlib
+    import io
+
+    from budgetlora.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's own usage errors
+            code = int(exit_.code or 0)
+    return code, err.getvalue()
+
+
+def _assert_refused(code_and_err: tuple[int, str], *fragments: str) -> None:
+    code, err = code_and_err
+    assert code == 2, (code, err[-2000:])
+    assert "error:" in err and "Traceback" not in err, err[-2000:]
+    for fragment in fragments:
+        assert fragment in err, (fragment, err[-2000:])
+
+
+@pytest.fixture(scope="module")
+def config_only(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's config.json alone, without weights: a command that stops with the
+    expected message on it did so before loading any."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("config-only")
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    return folder
+
+
+def _csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def _labelled(path: Path, labels: list[object]) -> Path:
+    return _csv(path, "text,label", [f"market team row {i},{y}" for i, y in enumerate(labels)])
+
+
+def _with_validation(folder: Path, train: list[object], validation: list[object]) -> Path:
+    _labelled(folder / "train.csv", train)
+    _labelled(folder / "validation.csv", validation)
+    return folder
+
+
+BAD_TRAINING_DATA = {
+    "one-class": (lambda d: _labelled(d / "one.csv", [0] * 8), ["one.csv", "at least two classes"]),
+    "gaps": (
+        lambda d: _labelled(d / "gaps.csv", [0, 1, 2, 3, 9] * 2),
+        ["gaps.csv", "class(es) 4, 5, 6, 7, 8", "rows above the first missing class: 5 (9), 10 (9)"],
+    ),
+    "two-rows-1-7": (lambda d: _labelled(d / "two.csv", [1, 7]), ["two.csv", "0, 2, 3, 4, 5, 6", "2 (7)"]),
+    "too-small": (
+        lambda d: _labelled(d / "small.csv", [0, 1]),
+        ["small.csv", "have one row each (rows 1, 2)", "at least 2 rows of every class"],
+    ),
+    "repeated-text-column": (
+        lambda d: _csv(d / "dup.csv", "text,label,text", [f"a{i},{i % 2},b{i}" for i in range(8)]),
+        ["dup.csv has more than one column named 'text' (columns 1, 3)", "data.text_column"],
+    ),
+    "unknown-validation-class": (
+        lambda d: _with_validation(d / "src", [0, 1] * 4, [0, 2]),
+        ["validation.csv: labels out of range in rows 2 (2)"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAINING_DATA))
+@pytest.mark.parametrize("command", ["train", "distill", "sweep"])
+def test_bad_training_data_stops_before_any_work(
+    case: str, command: str, config_only: Path, tmp_path: Path
+) -> None:
+    make, fragments = BAD_TRAINING_DATA[case]
+    data, out = make(tmp_path), tmp_path / "out"
+    options = ["--model", str(config_only), "--data", str(data), "--output", str(out)]
+    if command == "train":
+        result = main_exit("train", *options)
+    elif command == "distill":  # the data is read before the teacher is even looked for
+        result = main_exit("distill", *options, "--teacher", str(tmp_path / "no-teacher"))
+    else:
+        from budgetlora.config import ModelConfig, RunConfig, save_config
+
+        base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
+        save_config(RunConfig(model=ModelConfig(str(config_only))), base)
+        space.write_text("lora.r: [1, 2]\n")
+        data_option = f"data.source={data}"
+        result = main_exit(
+            "sweep", "--config", str(base), "--space", str(space), "--output", str(out), "--set", data_option
+        )
+    _assert_refused(result, *fragments)
+    assert not out.exists()
+
+
+def test_bad_input_exits_2_without_a_traceback(cli_run: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """One real process per class of problem: labels, size, model limit, duplicates, options."""
+    model = str(tiny_model_dir)
+    out = tmp_path / "out"
+    gaps = _labelled(tmp_path / "gaps.csv", [0, 1, 2, 3, 9] * 2)
+    _assert_user_error(
+        run_cli("train", "--model", model, "--data", str(gaps), "--output", str(out)), "gaps.csv"
+    )
+    small = _labelled(tmp_path / "small.csv", [0, 1])
+    _assert_user_error(
+        run_cli("train", "--model", model, "--data", str(small), "--output", str(out)), "small.csv"
+    )
+    data = _labelled(tmp_path / "ok.csv", [0, 1, 2, 3] * 3)
+    long = run_cli(
+        "train", "--model", model, "--data", str(data), "--output", str(out), "--max-length", "2048"
+    )
+    _assert_user_error(long, "data.max_length=2048", "at most 129 tokens", "pad_token_id + 1 = 2")
+    _assert_user_error(run_cli("train", "--data", str(data), "--output", str(out), "--lr", "nan"), "train.lr")
+    assert not out.exists()
+    ids = _csv(tmp_path / "ids.csv", "ID,text", ["1,market", "2,team", "1,chip"])
+    submission = tmp_path / "sub.csv"
+    result = run_cli("predict", str(cli_run), str(ids), "--output", str(submission))
+    _assert_user_error(result, "ids.csv: column 'ID' repeats IDs: '1' in rows 1, 3")
+    assert not submission.exists()
+
+
+def test_max_length_is_checked_before_weights_load(
+    cli_run: Path, config_only: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    train = ["--model", str(config_only), "--data", str(tiny_data_csv), "--output", str(out)]
+    _assert_refused(
+        main_exit("train", *train, "--max-length", "130"), "data.max_length=130", "at most 129 tokens"
+    )
+    _assert_refused(
+        main_exit("distill", *train, "--max-length", "130", "--teacher", str(cli_run)), "at most 129 tokens"
+    )
+    # the limit itself is allowed: what stops it then is the missing weights, later
+    code, err = main_exit("train", *train, "--max-length", "129")
+    assert code == 2 and "cannot load model weights" in err and "max_length" not in err, err
+    assert not out.exists()
+    # a base model with fewer positions than the run's max length (32), given to predict
+    short = tmp_path / "short"
+    short.mkdir()
+    config = json.loads((config_only / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 20}))
+    texts = _csv(tmp_path / "in.csv", "text", ["market shares"])
+    result = main_exit(
+        "predict", str(cli_run), str(texts), "--model", str(short), "--output", str(tmp_path / "s.csv")
+    )
+    _assert_refused(result, "data.max_length=32", "at most 18 tokens")  # 20 - (pad_token_id 1 + 1)
+    _assert_refused(main_exit("classify", str(cli_run), "market", "--model", str(short)), "at most 18 tokens")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_teacher_with_fewer_positions_is_refused_before_it_loads(
+    config_only: Path, tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    config = json.loads((config_only / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 20}))
+    out = tmp_path / "student"
+    options = ["--model", str(tiny_model_dir), "--data", str(tiny_data_csv), "--output", str(out)]
+    result = main_exit("distill", *options, "--max-length", "32", "--teacher", str(teacher))
+    _assert_refused(result, "data.max_length=32", str(teacher), "at most 18 tokens")
+    assert not out.exists()
+
+
+def test_predict_refuses_repeated_or_missing_ids_and_keeps_the_old_submission(
+    cli_run: Path, config_only: Path, tmp_path: Path
+) -> None:
+    submission = tmp_path / "submission.csv"
+    submission.write_text("ID,Label\n0,1\n")
+    before = submission.read_bytes()
+    repeated = _csv(tmp_path / "r.csv", "ID,text", ["a,market", "b,team", "a,chip", "c,bank", "b,goal"])
+    # --model without weights: the IDs are checked before any weights load
+    predict = ["--output", str(submission), "--model", str(config_only)]
+    _assert_refused(
+        main_exit("predict", str(cli_run), str(repeated), *predict), "'a' in rows 1, 3; 'b' in rows 2, 5"
+    )
+    missing = _csv(tmp_path / "m.csv", "id,text", ["1,market", ",team"])
+    _assert_refused(
+        main_exit("predict", str(cli_run), str(missing), *predict), "m.csv: column 'id'", "rows 2"
+    )
+    dup_text = _csv(tmp_path / "d.csv", "ID,text,text", ["1,a,b"])
+    _assert_refused(
+        main_exit("predict", str(cli_run), str(dup_text), *predict), "more than one column named 'text'"
+    )
+    assert submission.read_bytes() == before
+    assert not submission.with_suffix(".probs.csv").exists()
+
+
+def test_evaluate_refuses_classes_the_run_does_not_know(
+    cli_run: Path, config_only: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    ints = _labelled(tmp_path / "ints.csv", [0, 1, 2, 3, 4] * 4)
+    evaluate = ["--split", "validation", "--output", str(out), "--model", str(config_only)]
+    _assert_refused(
+        main_exit("evaluate", str(cli_run), "--data", str(ints), *evaluate),
+        "ints.csv: column 'label': labels out of range in rows 5 (4)",
+        "allowed: 0..3 (label_0, label_1, label_2, label_3)",
+    )
+    names = _labelled(tmp_path / "names.csv", ["World", "Sports"] * 4)
+    _assert_refused(
+        main_exit("evaluate", str(cli_run), "--data", str(names), *evaluate), "unknown label names"
+    )
+    _assert_refused(
+        main_exit("evaluate", str(cli_run), "--split", "dev", "--output", str(out)), "--split 'dev'"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "fragments"),
+    [
+        (["--lr", "nan"], ["train.lr: nan", "finite"]),
+        (["--epochs", "inf"], ["train.epochs: inf"]),
+        (["--lr", "0"], ["train.lr: 0.0"]),
+        (["--batch-size", "0"], ["train.batch_size: 0"]),
+        (["--batch-size", "2.5"], ["--batch-size", "invalid int value"]),  # argparse's own message
+        (["--validation-size", "2.5"], ["data.validation_size: 2.5", "whole number of rows"]),
+        (["--validation-size", "nan"], ["data.validation_size: nan"]),
+        (["--test-size", "-0.1"], ["data.test_size: -0.1"]),
+        (["--seed", "-1"], ["train.seed: -1"]),
+        (["--set", "data.split_seed=4294967296"], ["data.split_seed: 4294967296"]),
+        (["--set", "train.lr=["], ["--set 'train.lr=['", "not valid YAML"]),
+        (["--set", "train.batch_size=2.5"], ["train.batch_size: 2.5", "an integer"]),
+        (["--set", "data.label_names=[a]"], ["data.label_names", "at least two classes"]),
+        (["--set", "data.label_names=['', b]"], ["data.label_names", "non-empty text"]),
+        (["--set", "data.label_names=[a, a]"], ["data.label_names", "unique"]),
+        (["--set", "data.drop_empty=2"], ["data.drop_empty: 2", "true or false"]),
+        (["--set", "data.text_column=[a]"], ["data.text_column", "text"]),
+        (["--label-column", "text"], ["data.text_column and data.label_column both name 'text'"]),
+        (["--max-length", "7"], ["data.max_length: 7"]),
+        (["--budget", "0"], ["budget: 0"]),
+        (["--min-unique-ratio", "nan"], ["data.min_unique_ratio: nan"]),
+        (["--lora-alpha", "inf"], ["lora.alpha: inf"]),
+        (["--set", "model.config_overrides={hidden_size: abc}"], ["model.config_overrides", "hidden_size"]),
+        (["--set", "model.config_overrides={num_attention_heads: 3}"], ["config_overrides", "multiple"]),
+        (["--set", "model.config_overrides={vocab_size: 0}"], ["cannot build", "{'vocab_size': 0}"]),
+    ],
+)
+def test_option_values_are_checked_where_the_config_is_built(
+    options: list[str], fragments: list[str], config_only: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    common = ["--model", str(config_only), "--data", str(tiny_data_csv), "--output", str(out)]
+    _assert_refused(main_exit("train", *common, *options), *fragments)
+    assert not out.exists()
+
+
+def test_inference_and_search_options_are_checked_first(
+    cli_run: Path, config_only: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    texts = _csv(tmp_path / "in.csv", "text", ["market shares"])
+    sub = tmp_path / "s.csv"
+    model = ["--model", str(config_only)]  # no weights: each of these stops before loading any
+    _assert_refused(
+        main_exit("predict", str(cli_run), str(texts), "--batch-size", "0", "--output", str(sub), *model),
+        "--batch-size: 0",
+    )
+    _assert_refused(
+        main_exit("evaluate", str(cli_run), "--batch-size", "-1", "--output", str(sub), *model),
+        "--batch-size: -1",
+    )
+    _assert_refused(main_exit("classify", str(cli_run), "market", "  ", *model), "TEXT 2 of 2 is empty")
+    _assert_refused(
+        main_exit("classify", str(cli_run), "market", "--batch-size", "0", *model), "--batch-size: 0"
+    )
+    assert not sub.exists()
+    out = tmp_path / "out"
+    student = ["--model", str(config_only), "--data", str(tiny_data_csv), "--output", str(out)]
+    teacher = ["--teacher", str(cli_run)]
+    _assert_refused(
+        main_exit("distill", *student, *teacher, "--temperature", "nan"), "distill.temperature: nan"
+    )
+    _assert_refused(main_exit("distill", *student, *teacher, "--alpha", "2"), "distill.alpha: 2")
+    broken = tmp_path / "distill.yaml"
+    broken.write_text("teacher: [unclosed\n")
+    _assert_refused(main_exit("distill", *student, "--distill-config", str(broken)), "distill.yaml")
+    base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
+    from budgetlora.config import DataConfig, ModelConfig, RunConfig, save_config
+
+    save_config(RunConfig(model=ModelConfig(str(config_only)), data=DataConfig(str(tiny_data_csv))), base)
+    sweep = ["sweep", "--config", str(base), "--space", str(space), "--output", str(out)]
+    for content, extra, fragment in [
+        ("lora.r: [0, 4]\n", [], "search space model.lora.r: the value 0: invalid value for lora.r"),
+        ("lr: {type: float, low: 0, high: 0.1, log: true}\n", [], "a log range needs low > 0"),
+        ("lr: {type: float, low: -1, high: 0.1}\n", [], "search space train.lr: the value -1.0"),
+        ("distill.alpha: [0.5, 1.5]\n", teacher, "search space distill.alpha: the value 1.5"),
+        ("lora.r: [1]\n", ["--seed", "-1"], "--seed: -1"),
+        ("lora.r: [1]\n", [*teacher, "--temperature", "0"], "distill.temperature: 0"),
+    ]:
+        space.write_text(content)
+        _assert_refused(main_exit(*sweep, *extra), fragment)
+    assert not out.exists()
+
+
+def test_outputs_that_cannot_be_written_are_refused_first(
+    cli_run: Path, config_only: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me\n")
+    a_folder = tmp_path / "folder"
+    a_folder.mkdir()
+    texts = _csv(tmp_path / "in.csv", "text", ["market shares"])
+    model = ["--model", str(config_only)]  # no weights: each stops before loading any
+    _assert_refused(
+        main_exit("predict", str(cli_run), str(texts), "--output", str(a_folder), *model),
+        f"--output {a_folder} exists and is not a file",
+    )
+    _assert_refused(
+        main_exit("predict", str(cli_run), str(texts), "--output", str(a_file / "s.csv"), *model),
+        f"{a_file} is a file, so nothing can be written under it",
+    )
+    _assert_refused(
+        main_exit("evaluate", str(cli_run), "--split", "validation", "--output", str(a_file), *model),
+        f"--output {a_file} exists and is not a folder",
+    )
+    train = ["--model", str(config_only), "--data", str(tiny_data_csv)]
+    _assert_refused(main_exit("train", *train, "--output", str(a_file / "run")), f"{a_file} is a file")
+    space = tmp_path / "space.yaml"
+    space.write_text("lora.r: [1]\n")
+    sweep = ["sweep", "--space", str(space), "--set", f"model.name_or_path={config_only}"]
+    sweep += ["--set", f"data.source={tiny_data_csv}"]
+    _assert_refused(
+        main_exit(*sweep, "--output", str(a_file)), f"--output {a_file} exists and is not a folder"
+    )
+    out = tmp_path / "sweep"
+    _assert_refused(
+        main_exit(*sweep, "--output", str(out), "--storage", "no-such-url"), "--storage 'no-such-url'"
+    )
+    assert not out.exists()
+    assert a_file.read_text() == "keep me\n" and list(a_folder.iterdir()) == []

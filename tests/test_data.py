@@ -530,12 +530,13 @@ def test_same_config_same_splits_and_seed_matters(tmp_path: Path) -> None:
     assert other.validation.ids != first.validation.ids
 
 
-def test_small_classes_fall_back_to_an_unstratified_split(tmp_path: Path) -> None:
-    labels = [0] * 20 + [1]  # class 1 has one row: sklearn cannot stratify
-    splits = load_splits(DataConfig(source=str(labelled_csv(tmp_path / "t.csv", labels)), validation_size=5))
-    assert (len(splits.train), len(splits.validation)) == (16, 5)
+def test_small_hold_outs_fall_back_to_an_unstratified_split(tmp_path: Path) -> None:
+    labels = [0] * 20 + [1] * 2  # one validation row for two classes: sklearn cannot stratify
+    splits = load_splits(DataConfig(source=str(labelled_csv(tmp_path / "t.csv", labels)), validation_size=1))
+    assert (len(splits.train), len(splits.validation)) == (21, 1)
     assert splits.label_names == ("label_0", "label_1")
-    again = load_splits(DataConfig(source=str(tmp_path / "t.csv"), validation_size=5))
+    assert splits.train.labels is not None and set(splits.train.labels.tolist()) == {0, 1}
+    again = load_splits(DataConfig(source=str(tmp_path / "t.csv"), validation_size=1))
     assert again.validation.ids == splits.validation.ids
 
 
@@ -604,16 +605,23 @@ def test_save_to_disk_splits_and_class_labels(tmp_path: Path) -> None:
     assert (len(splits.train), len(splits.validation)) == (16, 4)
 
 
-def test_string_labels_share_names_across_splits_and_empty_rows_are_counted(tmp_path: Path) -> None:
+def test_string_labels_take_their_names_from_the_training_rows(tmp_path: Path) -> None:
     write(
         tmp_path / "d" / "train.jsonl",
         "".join(f'{{"text": "t{i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(10)),
     )
-    write(tmp_path / "d" / "test.jsonl", '{"text": "x", "label": "c"}\n{"text": " ", "label": "a"}\n')
+    write(tmp_path / "d" / "test.jsonl", '{"text": "x", "label": "b"}\n{"text": " ", "label": "a"}\n')
     splits = load_splits(DataConfig(source=str(tmp_path / "d"), validation_size=2, drop_empty=True))
-    assert splits.label_names == ("a", "b", "c")
-    assert splits.test is not None and splits.test.labels is not None and splits.test.labels.tolist() == [2]
+    assert splits.label_names == ("a", "b")
+    assert splits.test is not None and splits.test.labels is not None and splits.test.labels.tolist() == [1]
     assert splits.dropped == {"empty_text": 1}
+    # a class only the test file has is one the run would never train on
+    write(tmp_path / "d" / "test.jsonl", '{"text": "x", "label": "b"}\n{"text": "y", "label": "c"}\n')
+    with pytest.raises(BudgetloraError) as excinfo:
+        load_splits(DataConfig(source=str(tmp_path / "d"), validation_size=2))
+    assert "test.jsonl" in error(excinfo) and "unknown label names in rows 2 ('c'); known: a, b" in error(
+        excinfo
+    )
 
 
 def test_label_names_from_config_are_checked_in_every_split(tmp_path: Path) -> None:
@@ -632,6 +640,228 @@ def test_hold_out_too_large(tmp_path: Path) -> None:
     with pytest.raises(BudgetloraError) as excinfo:
         load_splits(cfg)
     assert "data.validation_size=8 holds out 8 of the 8 training rows" in error(excinfo)
+
+
+# --- label sets, sizes, repeated columns and IDs: the rules of the README's "Bad input" --------
+
+
+def refused(cfg: DataConfig, *fragments: str, training: bool = True) -> str:
+    with pytest.raises(BudgetloraError) as excinfo:
+        load_splits(cfg, training=training)
+    for fragment in fragments:
+        assert fragment in error(excinfo), (fragment, error(excinfo))
+    return error(excinfo)
+
+
+def test_one_class_is_refused(tmp_path: Path) -> None:
+    path = labelled_csv(tmp_path / "one.csv", [2] * 6)
+    refused(
+        DataConfig(source=str(path)), "one.csv: all 6 training rows have the label 2", "at least two classes"
+    )
+    names = write(tmp_path / "names.csv", "text,label\n" + "a,pos\n" * 6)
+    refused(DataConfig(source=str(names)), "all 6 training rows have the label 0 (pos)")
+
+
+def test_integer_labels_with_gaps_are_refused(tmp_path: Path) -> None:
+    path = labelled_csv(tmp_path / "gaps.csv", [0, 1, 2, 3, 9] * 3)
+    refused(
+        DataConfig(source=str(path)),
+        "gaps.csv: no training rows of class(es) 4, 5, 6, 7, 8 of the integer labels 0..9",
+        "rows above the first missing class: 5 (9), 10 (9), 15 (9)",
+        "renumber the labels 0..4",
+    )
+    two = labelled_csv(tmp_path / "two.csv", [1, 7])
+    refused(DataConfig(source=str(two)), "class(es) 0, 2, 3, 4, 5, 6 of", "1 (1), 2 (7)")
+
+
+def test_label_names_without_training_rows_are_refused(tmp_path: Path) -> None:
+    path = labelled_csv(tmp_path / "t.csv", balanced(3, k=3))
+    refused(
+        DataConfig(source=str(path), label_names=NAMES),
+        "t.csv: no training rows of class(es) 3 (Sci/Tech) of the 4 label names",
+    )
+    write(tmp_path / "ag" / "classes.txt", "\n".join(NAMES) + "\n")
+    write(tmp_path / "ag" / "train.csv", "".join(f'"{i % 3 + 1}","t {i}","d"\n' for i in range(12)))
+    refused(DataConfig(source=str(tmp_path / "ag")), "class(es) 4 (Sci/Tech)")  # numbered as in the file
+
+
+def test_class_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "case.csv", "text,label\na,Sports\nb,World\nc,sports\nd,Sports\ne,world\n")
+    with pytest.raises(BudgetloraError) as excinfo:
+        read_table(path)
+    assert "case.csv: column 'label': class names that differ only in case:" in error(excinfo)
+    assert "'Sports' (rows 1, 4), 'sports' (rows 3); 'World' (rows 2), 'world' (rows 5)" in error(excinfo)
+    named = read_table(path, label_names=("Sports", "World", "sports", "world"))  # named apart on purpose
+    assert named.labels is not None and named.labels.tolist() == [0, 1, 2, 0, 3]
+
+
+def test_class_names_that_disagree_are_refused(tmp_path: Path) -> None:
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    rows = {"text": [f"t{i}" for i in range(8)], "label": [i % 2 for i in range(8)]}
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    refused(
+        DataConfig(source=str(path), label_names=("pos", "neg")),
+        "the class names differ",
+        "train.parquet: neg, pos",
+        "data.label_names: pos, neg",
+    )
+    # the names a run trained on bare integers records stand for as many classes, whatever their names
+    made_up = load_splits(DataConfig(source=str(path), label_names=("label_0", "label_1")))
+    assert made_up.label_names == ("neg", "pos")
+    refused(
+        DataConfig(source=str(path), label_names=("label_0", "label_1", "label_2")), "the class names differ"
+    )
+
+
+def test_validation_rows_of_classes_the_training_rows_lack_are_refused(tmp_path: Path) -> None:
+    labelled_csv(tmp_path / "d" / "train.csv", balanced(4, k=2))
+    labelled_csv(tmp_path / "d" / "validation.csv", [0, 1, 3])
+    refused(
+        DataConfig(source=str(tmp_path / "d")),
+        "validation.csv: labels out of range in rows 3 (3)",
+        "the training rows of",
+        "have classes 0..1",
+    )
+
+
+def test_holding_out_needs_two_rows_of_every_class(tmp_path: Path) -> None:
+    path = labelled_csv(tmp_path / "two.csv", [0, 1])  # once "trained" to validation accuracy 0.0
+    refused(
+        DataConfig(source=str(path)),
+        "two.csv: class(es) 0, 1 have one row each (rows 1, 2)",
+        "data.validation_size=0.05",
+        "at least 2 rows of every class",
+    )
+    labelled_csv(tmp_path / "d" / "train.csv", [0, 1])  # with its own validation file it can train
+    labelled_csv(tmp_path / "d" / "validation.csv", [1, 0])
+    splits = load_splits(DataConfig(source=str(tmp_path / "d")))
+    assert (len(splits.train), len(splits.validation)) == (2, 2)
+
+
+def test_every_class_keeps_a_training_row(tmp_path: Path) -> None:
+    path = labelled_csv(tmp_path / "t.csv", balanced(10))
+    message = refused(
+        DataConfig(source=str(path), validation_size=4, max_train_samples=2),
+        "t.csv: no training rows left of class(es)",
+        "every class needs at least one training row",
+    )
+    assert re.search(
+        r"class \d: 10 row\(s\), 1 held out for validation/test, 9 left out by data.max_train_samples=2",
+        message,
+    )
+    rows = ["text,label"] + [f"{'one' if i % 4 == 3 else 'three words here'},{i % 4}" for i in range(40)]
+    filtered = write(tmp_path / "f.csv", "\n".join(rows) + "\n")
+    refused(
+        DataConfig(source=str(filtered), validation_size=4, min_words=2),
+        "class 3: 10 row(s), 1 held out for validation/test, 9 removed by the word filters",
+    )
+    # 2 validation rows for 3 classes: not stratified, and with this seed both rows of class 2
+    small = labelled_csv(tmp_path / "small.csv", [0, 0, 1, 1, 2, 2])
+    refused(
+        DataConfig(source=str(small), validation_size=2, split_seed=4),
+        "small.csv: no training rows left of class(es) 2 (class 2: 2 row(s), 2 held out for validation/test)",
+    )
+
+
+@requires_sample
+def test_real_agnews_sample_rules() -> None:
+    cfg = DataConfig(source=str(AG_NEWS / "sample.csv"), max_train_samples=3)
+    message = refused(cfg, "sample.csv: no training rows left of class(es) ")
+    # classes as the file numbers them (1..4), named from classes.txt, with where their rows went
+    assert re.search(
+        r"class [1-4] \((World|Sports|Business|Sci/Tech)\): 1400 row\(s\), 70 held out for validation/test,"
+        r" 1330 left out by data.max_train_samples=3",
+        message,
+    ), message
+    refused(
+        replace(cfg, max_train_samples=None, label_names=("a", "b", "c", "d")),
+        "the class names differ",
+        "sample.csv: World, Sports, Business, Sci/Tech; data.label_names: a, b, c, d",
+    )
+
+
+def test_evaluation_data_needs_no_training_rows(tmp_path: Path) -> None:
+    path = labelled_csv(tmp_path / "eval.csv", [1] * 5)
+    cfg = DataConfig(source=str(path), label_names=("a", "b"), validation_size=2)
+    splits = load_splits(cfg, training=False)  # as `evaluate` reads a labelled file
+    assert splits.label_names == ("a", "b") and len(splits.validation) == 2
+    refused(cfg, "all 5 training rows have the label 1 (b)")
+    unknown = write(tmp_path / "unknown.csv", "text,label\nx,a\ny,z\n")
+    refused(
+        replace(cfg, source=str(unknown)), "unknown label names in rows 2 ('z'); known: a, b", training=False
+    )
+
+
+def _repeated_text_column(tmp_path: Path, extension: str) -> Path:
+    """A file whose columns are text, label, text (as a spreadsheet export can have)."""
+    rows = [("first", 0, "other"), ("second", 1, "more")]
+    path = tmp_path / f"dup{extension}"
+    if extension in (".csv", ".tsv"):
+        sep = "\t" if extension == ".tsv" else ","
+        path.write_text("\n".join(sep.join(map(str, r)) for r in [("text", "label", "text"), *rows]) + "\n")
+    elif extension == ".jsonl":
+        path.write_text("".join(f'{{"text": "{a}", "label": {b}, "text": "{c}"}}\n' for a, b, c in rows))
+    elif extension == ".json":
+        path.write_text(
+            "[" + ", ".join(f'{{"text": "{a}", "label": {b}, "text": "{c}"}}' for a, b, c in rows) + "]"
+        )
+    elif extension == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = [pa.array([r[j] for r in rows]) for j in range(3)]
+        pq.write_table(pa.Table.from_arrays(columns, names=["text", "label", "text"]), path)
+    else:
+        frame = pd.DataFrame(rows, columns=["text", "label", "text"])
+        frame.to_pickle(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extension", "where"),
+    [(".csv", "columns 1, 3"), (".tsv", "columns 1, 3"), (".jsonl", "JSON line 1"), (".json", "item 1"),
+     (".parquet", "columns 1, 3"), (".pkl", "columns 1, 3")],
+)  # fmt: skip
+def test_repeated_names_of_read_columns_are_refused(tmp_path: Path, extension: str, where: str) -> None:
+    path = _repeated_text_column(tmp_path, extension)
+    with pytest.raises(BudgetloraError) as excinfo:
+        read_table(path, allow_pickle=True)
+    assert f"dup{extension} has more than one column named 'text' ({where})" in error(excinfo)
+    assert "data.text_column" in error(excinfo)
+
+
+def test_a_repeated_column_that_is_not_read_is_kept_apart(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.csv", "text,label,note,note\na,0,x,y\nb,1,z,w\n")
+    table = read_table(path)
+    assert table.texts == ["a", "b"] and table.labels is not None and table.labels.tolist() == [0, 1]
+    with pytest.raises(BudgetloraError, match=r"more than one column named 'note' \(columns 3, 4\)"):
+        read_table(path, label_column="note")
+
+
+def test_the_text_cannot_be_its_own_label(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.csv", "text,label\na,0\nb,1\n")
+    with pytest.raises(BudgetloraError, match="data.text_column and data.label_column both name 'text'"):
+        read_table(path, label_column="text")
+    assert read_table(path, label_column="text", require_labels=False).labels is None
+
+
+def test_submission_input_needs_each_id_once(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.csv", "ID,text\n7,a\n8,b\n7,c\n9,d\n8,e\n7,f\n")
+    assert read_table(path, require_labels=False).ids == ["7", "8", "7", "9", "8", "7"]  # training reads them
+    with pytest.raises(BudgetloraError) as excinfo:
+        read_table(path, require_labels=False, unique_ids=True)
+    assert "p.csv: column 'ID' repeats IDs: '7' in rows 1, 3, 6; '8' in rows 2, 5" in error(excinfo)
+    missing = write(tmp_path / "m.jsonl", '{"id": 1, "text": "a"}\n{"text": "b"}\n{"id": " ", "text": "c"}\n')
+    with pytest.raises(BudgetloraError, match=r"m\.jsonl: column 'id': 2 row\(s\) have no ID: rows 2, 3"):
+        read_table(missing, require_labels=False, unique_ids=True)
+    both = write(tmp_path / "b.csv", "ID,id,text\n1,2,a\n")
+    with pytest.raises(BudgetloraError, match=r"b\.csv has both an 'ID' and an 'id' column"):
+        read_table(both, require_labels=False, unique_ids=True)
 
 
 def test_offline_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:

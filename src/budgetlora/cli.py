@@ -120,6 +120,20 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _set_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as config overrides (VALUE read as YAML)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise BudgetloraError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise BudgetloraError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+    return overrides
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The config file (or defaults) with the command-line options applied.
 
@@ -142,11 +156,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             overrides[key] = True
     if args.no_progress:
         overrides["train.progress"] = False
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise BudgetloraError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
-        overrides[key.strip()] = yaml.safe_load(raw)
+    overrides.update(_set_options(args.set))
     if "model.lora.layers" in overrides and isinstance(overrides["model.lora.layers"], str):
         try:
             overrides["model.lora.layers"] = [
@@ -223,7 +233,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from budgetlora.predict import classify
 
-    rows = classify(args.run_dir, args.texts, model=args.model)
+    rows = classify(args.run_dir, args.texts, model=args.model, batch_size=args.batch_size)
     for row in rows if _is_main_process() else []:
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
@@ -297,12 +307,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from budgetlora.sweep import load_space, sweep
 
     cfg = load_config(args.config) if args.config else RunConfig()
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise BudgetloraError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=1")
-        overrides[key.strip()] = yaml.safe_load(raw)
+    overrides = _set_options(args.set)
     if args.no_progress:
         overrides["train.progress"] = False
     result = sweep(

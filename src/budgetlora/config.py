@@ -8,11 +8,13 @@ README are written from the same words. Variants are made with
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NoReturn, Union
 
 import yaml
 
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-def _fail(option: str, value: Any, allowed: str) -> None:
+def _fail(option: str, value: Any, allowed: str) -> NoReturn:
     raise BudgetloraError(f"invalid value for {option}: {value!r} ({allowed})")
 
 
@@ -48,8 +50,22 @@ def _check_positive(option: str, value: float | int | None, *, allow_zero: bool 
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(option, value, "must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(option, value, "must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         _fail(option, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+def _check_size(option: str, value: float, *, allow_zero: bool = False) -> None:
+    """A number of rows: a fraction in (0, 1), or a whole count."""
+    _check_positive(option, value, allow_zero=allow_zero)
+    if isinstance(value, float) and value >= 1 and not value.is_integer():
+        _fail(option, value, "a fraction below 1, or a whole number of rows")
+
+
+def _check_seed(option: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        _fail(option, value, "an integer in 0..2**32-1")
 
 
 @dataclass(frozen=True)
@@ -90,8 +106,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.source:
             _fail("data.source", self.source, "a Hub dataset id or a local path")
-        _check_positive("data.validation_size", self.validation_size)
-        _check_positive("data.test_size", self.test_size, allow_zero=True)
+        for option, column in (
+            ("data.text_column", self.text_column),
+            ("data.label_column", self.label_column),
+        ):
+            if not column:
+                _fail(option, column, "a column name")
+        _check_size("data.validation_size", self.validation_size)
+        _check_size("data.test_size", self.test_size, allow_zero=True)
+        _check_seed("data.split_seed", self.split_seed)
         _check_positive("data.max_train_samples", self.max_train_samples)
         _check_positive("data.max_eval_samples", self.max_eval_samples)
         _check_positive("data.max_length", self.max_length)
@@ -103,8 +126,13 @@ class DataConfig:
             _fail("data.min_words", self.min_words, f"must not exceed data.max_words={self.max_words}")
         if self.min_unique_ratio is not None and not 0 <= self.min_unique_ratio <= 1:
             _fail("data.min_unique_ratio", self.min_unique_ratio, "a ratio in [0, 1]")
-        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
-            _fail("data.label_names", self.label_names, "names must be unique")
+        if self.label_names is not None:
+            if any(not isinstance(name, str) or not name.strip() for name in self.label_names):
+                _fail("data.label_names", self.label_names, "names must be non-empty text")
+            if len(set(self.label_names)) != len(self.label_names):
+                _fail("data.label_names", self.label_names, "names must be unique")
+            if len(self.label_names) < 2:
+                _fail("data.label_names", self.label_names, "a classifier needs at least two classes")
 
 
 @dataclass(frozen=True)
@@ -254,6 +282,7 @@ class TrainSettings:
         _check_positive("train.early_stopping_patience", self.early_stopping_patience)
         _check_positive("train.checkpoint_every", self.checkpoint_every)
         _check_positive("train.num_workers", self.num_workers, allow_zero=True)
+        _check_seed("train.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -325,20 +354,38 @@ def _convert(value: Any, annotation: Any, option: str) -> Any:
         if not isinstance(value, dict):
             _fail(option, value, "a mapping")
         return dict(value)
-    if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    # YAML and --set give any type: each field gets its own, or a message naming it.
+    if annotation is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            _fail(option, value, "text")
+        return str(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            _fail(option, value, "a number")
         try:
             return float(value)
         except ValueError:
             _fail(option, value, "a number")
-    if annotation is int and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
+    if annotation is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                try:
+                    value = float(value)  # "1e3"
+                except ValueError:
+                    _fail(option, value, "an integer")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(option, value, "an integer")
-    if annotation is bool and isinstance(value, str):
-        if value.lower() in ("true", "yes", "1", "on"):
+        if isinstance(value, float) and not value.is_integer():  # also inf and nan
+            _fail(option, value, "an integer")
+        return int(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
             return True
-        if value.lower() in ("false", "no", "0", "off"):
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
             return False
         _fail(option, value, "true or false")
     return value
@@ -413,22 +460,26 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 
 def field_help(dotted: str) -> str:
     """The docstring under a config field, e.g. ``field_help("train.lr")`` -> "Peak learning rate."."""
-    import ast
-    import inspect
-
     cls: Any = RunConfig
     *parents, leaf = dotted.split(".")
     for name in parents:
         cls = typing.get_type_hints(cls)[name]
+    return _field_docs(cls).get(leaf, "")
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring under it, read once per class (the CLI asks for every option)."""
+    import ast
+    import inspect
+
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and node.target.id == leaf
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-        ):
-            return str(following.value.value)
-    return ""
+    return {
+        node.target.id: str(following.value.value)
+        for node, following in zip(body, body[1:], strict=False)
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and isinstance(following, ast.Expr)
+        and isinstance(following.value, ast.Constant)
+    }

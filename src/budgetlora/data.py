@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ class TextTable:
     label_names: tuple[str, ...] | None
     source: str
     """Path or Hub id, for messages."""
+    rows: np.ndarray | None = None
+    """Shape (n,): each row's 1-based number among the source's data rows, for messages."""
 
     def __post_init__(self) -> None:
         if self.labels is not None:
@@ -49,6 +52,10 @@ class TextTable:
             object.__setattr__(self, "labels", labels)
         if self.ids is not None and len(self.ids) != len(self.texts):
             raise ValueError(f"{len(self.ids)} ids for {len(self.texts)} texts")
+        rows = np.arange(1, len(self.texts) + 1) if self.rows is None else np.asarray(self.rows)
+        if len(rows) != len(self.texts):
+            raise ValueError(f"{len(rows)} row numbers for {len(self.texts)} texts")
+        object.__setattr__(self, "rows", rows.astype(np.int64, copy=False).reshape(-1))
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -56,12 +63,14 @@ class TextTable:
     def select(self, indices: Sequence[int] | np.ndarray) -> TextTable:
         """The rows at `indices`, in that order."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        assert self.rows is not None  # set in __post_init__
         return TextTable(
             texts=[self.texts[i] for i in index],
             labels=None if self.labels is None else self.labels[index],
             ids=None if self.ids is None else [self.ids[i] for i in index],
             label_names=self.label_names,
             source=self.source,
+            rows=self.rows[index],
         )
 
 
@@ -86,11 +95,13 @@ def read_table(
     require_labels: bool = True,
     allow_pickle: bool = False,
     drop_empty: bool = False,
+    unique_ids: bool = False,
 ) -> TextTable:
     """Read one data file (csv, tsv, jsonl, json, parquet, pickle) or saved dataset folder.
 
     With `require_labels=False` (prediction input) labels are read when the label column
-    exists and are None otherwise.
+    exists and are None otherwise. `unique_ids` (a submission's input) refuses an `ID`
+    column with repeated or missing values.
     """
     if label_names is not None and len(set(label_names)) != len(label_names):
         raise BudgetloraError(f"label names must be unique: {list(label_names)}")
@@ -102,6 +113,7 @@ def read_table(
         label_names=None if label_names is None else tuple(label_names),
         require_labels=require_labels,
         drop_empty=drop_empty,
+        unique_ids=unique_ids,
     )
     return table
 
@@ -135,6 +147,16 @@ def _require_column(raw: RawTable, column: str, option: str) -> None:
         raise BudgetloraError(
             f"{raw.source} has no column {column!r} (set {option}); its columns: {', '.join(names)}{more}"
         )
+    _check_one_column(raw, column, option)
+
+
+def _check_one_column(raw: RawTable, column: str, option: str) -> None:
+    """A column that is read must be the only one of its name: which one was meant is a guess."""
+    if column in raw.repeated:
+        raise BudgetloraError(
+            f"{raw.source} has more than one column named {column!r} ({raw.repeated[column]});"
+            f" rename all but one ({option} reads it)"
+        )
 
 
 def _to_table(
@@ -145,6 +167,7 @@ def _to_table(
     label_names: tuple[str, ...] | None,
     require_labels: bool,
     drop_empty: bool,
+    unique_ids: bool = False,
 ) -> tuple[TextTable, int]:
     """A checked table and the number of empty-text rows dropped."""
     if raw.classic:  # the classic release has no header: its columns are named by the reader
@@ -152,6 +175,10 @@ def _to_table(
     if raw.n_rows == 0:
         raise BudgetloraError(
             f"no rows to predict in {raw.source}" if not require_labels else f"{raw.source} has no data rows"
+        )
+    if text_column == label_column and require_labels:
+        raise BudgetloraError(
+            f"data.text_column and data.label_column both name {text_column!r}: a text cannot be its own label"
         )
     _require_column(raw, text_column, "data.text_column")
     if require_labels:
@@ -169,22 +196,55 @@ def _to_table(
         raise BudgetloraError(f"{raw.source}: every row has empty text; no rows left")
 
     labels: np.ndarray | None = None
-    column = raw.columns.get(label_column)
+    column = raw.columns.get(label_column) if label_column != text_column else None
     # prediction input may carry an empty label column (a template): that is no labels
     if column is not None and (
         require_labels or not all(_label_kind(column[i], {})[0] == "missing" for i in keep)
     ):
+        _check_one_column(raw, label_column, "data.label_column")
         label_names = label_names or raw.class_labels.get(label_column)
         labels, label_names = _labels(
             [column[i] for i in keep], [i + 1 for i in keep], raw, label_column, label_names
         )
-    id_column = next((c for c in ("ID", "id") if c in raw.columns), None)
-    ids = None
-    if id_column is not None:
-        values = raw.columns[id_column]
-        ids = ["" if _is_missing(values[i]) else str(values[i]) for i in keep]
-    table = TextTable([texts[i] for i in keep], labels, ids, label_names, raw.source)
+    ids = _ids(raw, keep, unique_ids)
+    rows = np.array(keep) + 1
+    table = TextTable([texts[i] for i in keep], labels, ids, label_names, raw.source, rows)
     return table, len(empty)
+
+
+def _ids(raw: RawTable, keep: list[int], unique: bool) -> list[str] | None:
+    """The `ID` (or `id`) column's values of the kept rows; with `unique`, each once and none missing."""
+    present = [c for c in ("ID", "id") if c in raw.columns]
+    if not present:
+        return None
+    column = present[0]
+    values = raw.columns[column]
+    ids = ["" if _is_missing(values[i]) else str(values[i]) for i in keep]
+    if not unique:
+        return ids
+    if len(present) > 1:
+        raise BudgetloraError(
+            f"{raw.source} has both an 'ID' and an 'id' column: which one the submission uses is a guess;"
+            " rename or drop one"
+        )
+    _check_one_column(raw, column, "the ID column")
+    missing = [i + 1 for i, value in zip(keep, ids, strict=True) if not value.strip()]
+    if missing:
+        raise BudgetloraError(
+            f"{raw.source}: column {column!r}: {len(missing)} row(s) have no ID: rows {_rows(missing)};"
+            " every row of a submission needs its ID"
+        )
+    rows_of: dict[str, list[int]] = {}
+    for i, value in zip(keep, ids, strict=True):
+        rows_of.setdefault(value, []).append(i + 1)
+    repeated = {value: rows for value, rows in rows_of.items() if len(rows) > 1}
+    if repeated:
+        shown = "; ".join(f"{_short(v)} in rows {_rows(r)}" for v, r in list(repeated.items())[:_SHOWN])
+        more = f"; ... ({len(repeated)} repeated IDs in all)" if len(repeated) > _SHOWN else ""
+        raise BudgetloraError(
+            f"{raw.source}: column {column!r} repeats IDs: {shown}{more}; a submission needs each ID once"
+        )
+    return ids
 
 
 def _texts(raw: RawTable, column: str) -> list[str]:
@@ -262,6 +322,7 @@ def _labels(
     if "name" in by_kind:
         if label_names is None:
             label_names = tuple(sorted({name for _, name in by_kind["name"]}))
+            _check_distinct_names(by_kind["name"], where)
             index = {name: i for i, name in enumerate(label_names)}
         unknown = [(r, n) for r, n in by_kind["name"] if n not in index]
         if unknown:
@@ -287,29 +348,120 @@ def _labels(
     return np.array([v for _, v in by_kind["int"]], dtype=np.int64), label_names
 
 
+def _check_distinct_names(pairs: list[tuple[int, str]], where: str) -> None:
+    """Class names of a file that differ only in case ('Sports', 'sports') are one class misspelt."""
+    rows_of: dict[str, dict[str, list[int]]] = {}
+    for row, name in pairs:
+        rows_of.setdefault(name.casefold(), {}).setdefault(name, []).append(row)
+    clashes = [spellings for spellings in rows_of.values() if len(spellings) > 1]
+    if clashes:
+        shown = "; ".join(
+            ", ".join(f"{name!r} (rows {_rows(rows)})" for name, rows in spellings.items())
+            for spellings in clashes[:_SHOWN]
+        )
+        raise BudgetloraError(
+            f"{where}: class names that differ only in case: {shown}; spell each class one way"
+        )
+
+
 def _names(names: Sequence[str]) -> str:
     return ", ".join(names[:20]) + (f", ... ({len(names)} names)" if len(names) > 20 else "")
 
 
-# --- sources ------------------------------------------------------------------------
+# --- sources and their classes --------------------------------------------------------
 
 
-def _label_names_of_source(raws: dict[str, RawTable], cfg: DataConfig) -> tuple[str, ...] | None:
-    """cfg.label_names, else ClassLabel / classes.txt names, else the sorted class names of all splits."""
-    if cfg.label_names is not None:
-        return tuple(cfg.label_names)
-    columns = {split: "label" if raw.classic else cfg.label_column for split, raw in raws.items()}
-    for split, raw in raws.items():
-        if columns[split] in raw.class_labels:
-            return raw.class_labels[columns[split]]
-    names = {
-        parsed
-        for split, raw in raws.items()
-        for value in raw.columns.get(columns[split], [])
-        for kind, parsed in [_label_kind(value, {})]
-        if kind == "name"
-    }
-    return tuple(sorted(names)) if names else None
+def _given_label_names(raws: dict[str, RawTable], cfg: DataConfig) -> tuple[str, ...] | None:
+    """cfg.label_names, else the ClassLabel / classes.txt names of the source; they must agree."""
+    recorded: dict[tuple[str, ...], str] = {}
+    for raw in raws.values():
+        names = raw.class_labels.get("label" if raw.classic else cfg.label_column)
+        if names is not None:
+            recorded.setdefault(names, raw.source)
+    given = None if cfg.label_names is None else tuple(cfg.label_names)
+    if given is not None:
+        recorded.setdefault(given, "data.label_names")
+    # label_0, label_1, ... (a run trained on bare integers) name nothing: real names of as many classes win
+    counts = {len(names) for names in recorded if not _made_up(names)}
+    recorded = {n: where for n, where in recorded.items() if not (_made_up(n) and len(n) in counts)}
+    if len(recorded) > 1:
+        shown = "; ".join(f"{where}: {_names(names)}" for names, where in recorded.items())
+        raise BudgetloraError(
+            f"the class names differ ({shown}): labels would mean different classes; use one set of names"
+        )
+    return next(iter(recorded), None)
+
+
+def _made_up(names: tuple[str, ...]) -> bool:
+    """Whether the names are the label_0, label_1, ... given to bare integer labels."""
+    return all(name == f"label_{i}" for i, name in enumerate(names))
+
+
+def _class(index: int, names: tuple[str, ...], classic: bool) -> str:
+    """A class as the file writes it: its integer (1-based in the classic format), and its name if real."""
+    number = str(index + 1 if classic else index)
+    return number if names[index] == f"label_{index}" else f"{number} ({names[index]})"
+
+
+def _classes(indices: Sequence[int] | np.ndarray, names: tuple[str, ...], classic: bool) -> str:
+    shown = ", ".join(_class(int(i), names, classic) for i in indices[: _SHOWN * 2])
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > _SHOWN * 2 else "")
+
+
+def _tally(table: TextTable) -> np.ndarray:
+    """(K,) rows of each class."""
+    assert table.labels is not None and table.label_names is not None
+    return np.bincount(table.labels, minlength=len(table.label_names))
+
+
+def _check_classes(table: TextTable, given: bool, classic: bool) -> None:
+    """The training rows of the source hold at least two classes and every class 0..K-1.
+
+    K is the number of label names when they are given (config, ClassLabel, classes.txt, or the
+    class names of the file), else the largest integer label + 1.
+    """
+    assert table.labels is not None and table.rows is not None and table.label_names is not None
+    names, k = table.label_names, len(table.label_names)
+    counts = _tally(table)
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        raise BudgetloraError(
+            f"{table.source}: all {len(table)} training rows have the label {_class(int(present[0]), names, classic)};"
+            " a classifier needs at least two classes"
+        )
+    missing = np.flatnonzero(counts == 0)
+    if not missing.size:
+        return
+    first = 1 if classic else 0
+    if given:
+        what = f"of the {k} label names ({_names(names)})"
+        fix = "give only the names of classes that have rows, or add rows of the missing ones"
+    else:
+        k_is = "the largest class index" if classic else "the largest label + 1"
+        what = f"of the integer labels {first}..{k - 1 + first} (K = {k_is})"
+        fix = (
+            f"renumber the labels {first}..{len(present) - 1 + first}, or name the classes (data.label_names)"
+        )
+    message = f"{table.source}: no training rows of class(es) {_classes(missing, names, classic)} {what}"
+    if not given:
+        odd = np.flatnonzero(table.labels > missing[0])
+        rows = [int(table.rows[i]) for i in odd]
+        values = [int(table.labels[i]) + first for i in odd]
+        message += f"; rows above the first missing class: {_rows(rows, values)}"
+    raise BudgetloraError(f"{message}; {fix}")
+
+
+def _check_known(table: TextTable, k: int, train: TextTable, classic: bool) -> None:
+    """Integer labels of a validation/test split must be classes of the training rows."""
+    assert table.labels is not None and table.rows is not None
+    bad = np.flatnonzero(table.labels >= k)
+    if bad.size:
+        first = 1 if classic else 0
+        raise BudgetloraError(
+            f"{table.source}: labels out of range in rows"
+            f" {_rows([int(table.rows[i]) for i in bad], [int(table.labels[i]) + first for i in bad])};"
+            f" the training rows of {train.source} have classes {first}..{k - 1 + first}"
+        )
 
 
 # --- splitting ----------------------------------------------------------------------
@@ -384,32 +536,55 @@ def _filter_words(table: TextTable, cfg: DataConfig) -> tuple[TextTable, Counter
     return table.select(keep), dropped
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Train/validation(/test) splits of `cfg.source`: the same cfg always gives the same splits.
-
-    Validation (and test, when `cfg.test_size` > 0) are held out of train, stratified, unless
-    the source has its own; word filters and `max_train_samples` apply to training rows only.
-    """
-    raws = read_source(cfg.source, allow_pickle=cfg.allow_pickle)
-    names = _label_names_of_source(raws, cfg)
-    dropped: Counter[str] = Counter()
+def _read_splits(raws: dict[str, RawTable], cfg: DataConfig) -> tuple[dict[str, TextTable], bool, int]:
+    """Checked tables of the source's splits, all with the training rows' label names; whether
+    those names were given (rather than made up for integer labels), and empty rows dropped."""
+    names = _given_label_names(raws, cfg)
+    given = names is not None
+    n_empty = 0
     tables: dict[str, TextTable] = {}
-    for split, raw in raws.items():
-        tables[split], n_empty = _to_table(
-            raw,
+    for split in sorted(raws, key=lambda s: s != "train"):  # train first: its classes are the run's
+        tables[split], n = _to_table(
+            raws[split],
             text_column=cfg.text_column,
             label_column=cfg.label_column,
             label_names=names,
             require_labels=True,
             drop_empty=cfg.drop_empty,
         )
-        dropped["empty_text"] += n_empty
+        n_empty += n
+        if names is None and tables[split].label_names is not None:  # class names in the train file
+            names, given = tables[split].label_names, True
+    train = tables["train"]
+    assert train.labels is not None
     if names is None:  # integer labels and nothing naming them
-        k = max(int(t.labels.max()) for t in tables.values() if t.labels is not None) + 1
-        names = tuple(f"label_{i}" for i in range(k))
-    tables = {split: replace(table, label_names=names) for split, table in tables.items()}
+        names = tuple(f"label_{i}" for i in range(int(train.labels.max()) + 1))
+        for split, table in tables.items():
+            if split != "train":
+                _check_known(table, len(names), train, raws["train"].classic)
+    return {split: replace(table, label_names=names) for split, table in tables.items()}, given, n_empty
 
+
+def load_splits(cfg: DataConfig, *, training: bool = True) -> Splits:
+    """Train/validation(/test) splits of `cfg.source`: the same cfg always gives the same splits.
+
+    Validation (and test, when `cfg.test_size` > 0) are held out of train, stratified, unless
+    the source has its own; word filters and `max_train_samples` apply to training rows only.
+    With `training` (not when only evaluating) the training rows must be able to train a
+    classifier: at least two classes, every class 0..K-1 among them, before and after the
+    hold-out, filters and caps; holding out needs at least 2 rows of every class.
+    """
+    raws = read_source(cfg.source, allow_pickle=cfg.allow_pickle)
+    tables, given, n_empty = _read_splits(raws, cfg)
     train, validation, test = tables["train"], tables.get("validation"), tables.get("test")
+    classic = raws["train"].classic
+    holding_out = validation is None or (test is None and cfg.test_size > 0)
+    if training:
+        _check_classes(train, given, classic)
+        if holding_out:
+            _check_hold_out(train, classic, cfg)
+
+    trail = [("row(s)", _tally(train))]  # each class's training rows after each step, for messages
     n_source = len(train)
     if test is None and cfg.test_size > 0:
         train, test = _hold_out(
@@ -423,9 +598,53 @@ def load_splits(cfg: DataConfig) -> Splits:
             cfg.validation_size,
             cfg.split_seed,
         )
-    train, filtered = _filter_words(train, cfg)
-    dropped.update(filtered)
-    train = _cap(train, cfg.max_train_samples, cfg.split_seed)
+    if holding_out:
+        trail.append(("held out for validation/test", _tally(train)))
+    train, dropped = _filter_words(train, cfg)
+    if dropped:
+        trail.append(("removed by the word filters", _tally(train)))
+    if cfg.max_train_samples is not None and len(train) > cfg.max_train_samples:
+        train = _cap(train, cfg.max_train_samples, cfg.split_seed)
+        trail.append((f"left out by data.max_train_samples={cfg.max_train_samples}", _tally(train)))
+    if training:
+        _check_every_class_trains(train, trail, classic)
     validation = _cap(validation, cfg.max_eval_samples, cfg.split_seed)
     test = None if test is None else _cap(test, cfg.max_eval_samples, cfg.split_seed)
-    return Splits(train, validation, test, names, {k: v for k, v in dropped.items() if v > 0})
+    dropped["empty_text"] = n_empty
+    assert train.label_names is not None
+    return Splits(train, validation, test, train.label_names, {k: v for k, v in dropped.items() if v > 0})
+
+
+def _check_hold_out(table: TextTable, classic: bool, cfg: DataConfig) -> None:
+    """Rows held out of the training rows leave each class a training row only if it has two."""
+    assert table.labels is not None and table.rows is not None and table.label_names is not None
+    single = np.flatnonzero(_tally(table) == 1)
+    if single.size:
+        rows = [int(table.rows[np.flatnonzero(table.labels == c)[0]]) for c in single]
+        options = f"data.validation_size={cfg.validation_size:g}" + (
+            f", data.test_size={cfg.test_size:g}" if cfg.test_size > 0 else ""
+        )
+        raise BudgetloraError(
+            f"{table.source}: class(es) {_classes(single, table.label_names, classic)} have one row each"
+            f" (rows {_rows(rows)}); holding rows out of the training rows ({options}) needs at least 2"
+            " rows of every class; add rows, or give the source its own validation (and test) file"
+        )
+
+
+def _check_every_class_trains(train: TextTable, trail: list[tuple[str, np.ndarray]], classic: bool) -> None:
+    """After the hold-out, filters and caps every class keeps a training row; `trail` says where each went."""
+    assert train.label_names is not None
+    names = train.label_names
+    lost = np.flatnonzero(trail[-1][1] == 0)
+    if not lost.size:
+        return
+
+    def story(c: int) -> str:
+        steps = [f"{trail[0][1][c]} {trail[0][0]}"]
+        steps += [f"{before[c] - after[c]} {why}" for (_, before), (why, after) in pairwise(trail)]
+        return f"class {_class(c, names, classic)}: " + ", ".join(steps)
+
+    raise BudgetloraError(
+        f"{train.source}: no training rows left of class(es) {_classes(lost, names, classic)}"
+        f" ({'; '.join(story(int(c)) for c in lost[:_SHOWN])}); every class needs at least one training row"
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
 from budgetlora.losses import distillation_loss
 from budgetlora.metrics import score
-from budgetlora.modeling import load_base_model, load_model_config, load_tokenizer
+from budgetlora.modeling import check_max_length, load_base_model, load_model_config, load_tokenizer
 from budgetlora.predict import load_run
 from budgetlora.rundir import atomic_path, write_json_atomic, write_text_atomic
 from budgetlora.runtime import Runtime, make_runtime
@@ -64,9 +65,9 @@ class DistillSettings:
     """Softmax temperature of both teacher and student in the soft term."""
 
     def __post_init__(self) -> None:
-        if not self.teacher:
+        if not isinstance(self.teacher, str) or not self.teacher:
             raise BudgetloraError(
-                "invalid value for distill.teacher: '' (a run folder, model folder or Hub id)"
+                f"invalid value for distill.teacher: {self.teacher!r} (a run folder, model folder or Hub id)"
             )
         if (
             isinstance(self.alpha, bool)
@@ -75,9 +76,9 @@ class DistillSettings:
         ):
             raise BudgetloraError(f"invalid value for distill.alpha: {self.alpha!r} (a weight in [0, 1])")
         bad_t = isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
-        if bad_t or self.temperature <= 0:
+        if bad_t or not 0 < self.temperature < math.inf:
             raise BudgetloraError(
-                f"invalid value for distill.temperature: {self.temperature!r} (must be > 0)"
+                f"invalid value for distill.temperature: {self.temperature!r} (a finite number > 0)"
             )
 
 
@@ -86,7 +87,10 @@ def load_distill_settings(path: str | Path) -> DistillSettings:
     path = Path(path)
     if not path.is_file():
         raise BudgetloraError(f"distillation config not found: {path}")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise BudgetloraError(f"cannot parse distillation config {path}: {err}") from None
     unknown = sorted(set(values) - {"teacher", "alpha", "temperature"}) if isinstance(values, dict) else []
     if not isinstance(values, dict) or unknown or "teacher" not in values:
         raise BudgetloraError(f"{path}: expected a mapping with teacher, alpha, temperature (got {values!r})")
@@ -258,6 +262,8 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
     teacher = resolve_teacher(teacher) if isinstance(teacher, str) else teacher
     matched = _check_labels(teacher, tuple(splits.label_names))
     length = teacher.max_length or max_length
+    if teacher.max_length is None:  # the student's length: it must fit the teacher's model too
+        check_max_length(ModelConfig(name_or_path=teacher.base or teacher.source), length)
     tokenizer = load_tokenizer(teacher.tokenizer_source)
     tables: dict[str, TextTable] = {"train": splits.train, "validation": splits.validation}
     if splits.test is not None:

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class RawTable:
     """Class names per column, from a ClassLabel feature or a classic release's classes.txt."""
     classic: bool = False
     """Classic AG News release: the columns are `text` and `label` (0-based), whatever is configured."""
+    repeated: dict[str, str] = field(default_factory=dict)
+    """Column names the file gives more than once, and where (for messages); later copies are renamed."""
 
 
 def read_raw(path: Path, *, allow_pickle: bool = False) -> RawTable:
@@ -223,7 +226,17 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> RawTable:
         return _classic_table(path, body)
     names = _unique_names(header)
     columns = {name: [row[j] for row in body] for j, name in enumerate(names)}
-    return RawTable(columns, len(body), str(path))
+    return RawTable(columns, len(body), str(path), repeated=_repeated_names(header))
+
+
+def _repeated_names(names: list[str]) -> dict[str, str]:
+    """{name: 'columns 2, 5'} for each name given more than once (1-based positions)."""
+    positions: dict[str, list[int]] = {}
+    for j, name in enumerate(names):
+        positions.setdefault(name, []).append(j + 1)
+    return {
+        name: "columns " + ", ".join(map(str, where)) for name, where in positions.items() if len(where) > 1
+    }
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -281,11 +294,25 @@ def classic_agnews_label_names(path: str | Path) -> tuple[str, ...] | None:
     return names
 
 
+class _Record(dict[str, Any]):
+    """A JSON object that remembers the keys it gave more than once (json keeps the last value)."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _record(pairs: list[tuple[str, Any]]) -> _Record:
+    record = _Record(pairs)
+    if len(record) < len(pairs):
+        counts = Counter(key for key, _ in pairs)
+        record.repeated = tuple(key for key, n in counts.items() if n > 1)
+    return record
+
+
 def _read_json(path: Path, text: str) -> RawTable:
     records: list[Any]
     if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            records = json.loads(text, object_pairs_hook=_record)
         except (ValueError, RecursionError) as err:
             raise BudgetloraError(f"{path} is not valid JSON: {err}") from None
         where = "item"
@@ -295,7 +322,7 @@ def _read_json(path: Path, text: str) -> RawTable:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=_record))
             except (ValueError, RecursionError) as err:
                 raise BudgetloraError(
                     f"{path}: line {number} is not valid JSON ({err}); expected JSON lines"
@@ -305,14 +332,17 @@ def _read_json(path: Path, text: str) -> RawTable:
     if not isinstance(records, list):  # a JSON array literal can still hold a scalar
         raise BudgetloraError(f"{path} must hold a JSON list of objects")
     names: dict[str, None] = {}
+    repeated: dict[str, str] = {}
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise BudgetloraError(
                 f"{path}: {where} {i + 1} is a {type(record).__name__}, not an object with named fields"
             )
         names.update(dict.fromkeys(record))
+        for name in getattr(record, "repeated", ()):
+            repeated.setdefault(name, f"{where} {i + 1}")
     columns = {name: [record.get(name) for record in records] for name in names}
-    return RawTable(columns, len(records), str(path))
+    return RawTable(columns, len(records), str(path), repeated=repeated)
 
 
 def _read_parquet(path: Path) -> RawTable:
@@ -320,7 +350,7 @@ def _read_parquet(path: Path) -> RawTable:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read()  # unlike pq.read_table, keeps repeated column names
     except (pa.ArrowException, OSError, ValueError) as err:
         raise BudgetloraError(f"{path} is not a readable Parquet file: {err}") from None
     return RawTable(
@@ -328,6 +358,7 @@ def _read_parquet(path: Path) -> RawTable:
         table.num_rows,
         str(path),
         class_labels=_class_labels_from_schema(table.schema),
+        repeated=_repeated_names(table.column_names),
     )
 
 
@@ -403,11 +434,11 @@ def _read_pickle(path: Path, allow_pickle: bool) -> RawTable:
     if isinstance(loaded, datasets.Dataset):
         return raw_from_dataset(loaded, str(path))
     if isinstance(loaded, pd.DataFrame):
-        names = _unique_names([str(c) for c in loaded.columns])
+        given = [str(c) for c in loaded.columns]
         columns = {}
-        for j, name in enumerate(names):
+        for j, name in enumerate(_unique_names(given)):
             column = loaded.iloc[:, j]
             columns[name] = column.astype(object).where(column.notna(), None).tolist()  # NA, NaN -> None
-        return RawTable(columns, len(loaded), str(path))
+        return RawTable(columns, len(loaded), str(path), repeated=_repeated_names(given))
     kind = f"{type(loaded).__module__}.{type(loaded).__qualname__}"
     raise BudgetloraError(f"{path} holds a {kind}; expected a datasets.Dataset or a pandas DataFrame")

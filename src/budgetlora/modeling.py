@@ -34,6 +34,8 @@ __all__ = [
     "build_model",
     "load_base_model",
     "load_model_config",
+    "max_sequence_length",
+    "check_max_length",
     "load_tokenizer",
     "layer_index",
     "resolve_targets",
@@ -102,11 +104,72 @@ def load_model_config(name_or_path: str, **overrides: Any) -> PretrainedConfig:
     if _looks_like_path(name_or_path) and not Path(name_or_path).exists():
         raise BudgetloraError(f"model folder not found: {name_or_path}")
     try:
-        return AutoConfig.from_pretrained(name_or_path, **overrides)
+        config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         if Path(name_or_path).is_dir():
             raise BudgetloraError(f"cannot read a model config from {name_or_path}: {err}") from err
         raise BudgetloraError(_hub_hint(name_or_path)) from err
+    if not overrides:
+        return config
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **overrides)
+    except Exception as err:  # each config class checks its fields in its own way
+        raise BudgetloraError(
+            f"the config of {name_or_path!r} refuses a value of model.config_overrides: {_first_line(err)}"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """A library's error for a one-line message ('Validation error for field x:' and its reason)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    shown = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return shown[:300] or type(err).__name__
+
+
+# Architectures whose position ids count from pad_token_id + 1 (RoBERTa's
+# create_position_ids_from_input_ids): those first positions never hold a token.
+_PADDING_OFFSET_TYPES = frozenset(
+    {"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+     "xmod", "mpnet", "longformer", "ibert", "luke", "mluke"}
+)  # fmt: skip
+
+
+def max_sequence_length(config: PretrainedConfig) -> int | None:
+    """The most tokens a sequence may hold for the model's position embeddings; None: no such limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    if config.model_type.startswith("deberta") and not getattr(config, "position_biased_input", True):
+        return None  # relative positions only
+    if config.model_type in _PADDING_OFFSET_TYPES:
+        return positions - (getattr(config, "pad_token_id", None) or 0) - 1
+    return positions
+
+
+def check_max_length(cfg: ModelConfig, max_length: int, option: str = "data.max_length") -> None:
+    """Refuse a max length beyond the model's position embeddings (only config.json is read).
+
+    A model whose config cannot be read (a Hub id offline) is not checked here: loading it
+    fails later with its own message.
+    """
+    try:
+        config = load_model_config(cfg.name_or_path, **cfg.config_overrides)
+    except BudgetloraError:
+        return
+    limit = max_sequence_length(config)
+    if limit is None or max_length <= limit:
+        return
+    positions = config.max_position_embeddings
+    why = (
+        f"max_position_embeddings {positions} less pad_token_id + 1 = {positions - limit}, the positions"
+        f" {config.model_type} reserves for padding"
+        if limit != positions
+        else f"max_position_embeddings {positions}"
+    )
+    raise BudgetloraError(
+        f"{option}={max_length} is more than {cfg.name_or_path!r} can read: at most {limit} tokens"
+        f" ({why}); use --max-length {limit} or less"
+    )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -278,8 +341,16 @@ def load_base_model(cfg: ModelConfig, label_names: Sequence[str], *, weights: bo
     if weights:
         model = _load_weights(cfg.name_or_path, config)
     else:
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config)
+        try:
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(config)
+        # sizes that do not fit together (often from model.config_overrides); torch's layers
+        # check some of them with assert
+        except (ValueError, TypeError, AssertionError, RuntimeError) as err:
+            overrides = f" with model.config_overrides {cfg.config_overrides}" if cfg.config_overrides else ""
+            raise BudgetloraError(
+                f"cannot build {cfg.name_or_path!r}{overrides}: {_first_line(err)}"
+            ) from err
     _set_head(model, cfg.head, len(labels))
     return model
 

@@ -23,8 +23,8 @@ from budgetlora.config import RunConfig, load_config
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
 from budgetlora.metrics import score, softmax
-from budgetlora.modeling import load_base_model, load_tokenizer
-from budgetlora.rundir import atomic_path, write_json_atomic
+from budgetlora.modeling import check_max_length, load_base_model, load_tokenizer
+from budgetlora.rundir import atomic_path, check_output_path, write_json_atomic
 from budgetlora.runtime import Runtime, make_runtime
 
 __all__ = ["LoadedRun", "load_run", "evaluate", "predict", "classify"]
@@ -77,6 +77,25 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise BudgetloraError(f"invalid value for --batch-size: {batch_size!r} (a positive integer)")
+
+
+def _run_config(run_dir: Path, model: str | None) -> RunConfig:
+    """A run folder's config (base model replaced by ``model``), checked before any weights load."""
+    _check_run_dir(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if model is not None:
+        cfg = replace(cfg, model=replace(cfg.model, name_or_path=model))
+    if not cfg.data.label_names:
+        raise BudgetloraError(f"{run_dir / 'config.yaml'} records no data.label_names")
+    check_max_length(cfg.model, cfg.data.max_length)
+    return cfg
+
+
 def load_run(
     run_dir: str | Path, *, model: str | None = None, mixed_precision: str | None = None
 ) -> LoadedRun:
@@ -86,13 +105,9 @@ def load_run(
     ``mixed_precision`` defaults to the run's own training setting.
     """
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    if model is not None:
-        cfg = replace(cfg, model=replace(cfg.model, name_or_path=model))
+    cfg = _run_config(run_dir, model)
     label_names = cfg.data.label_names
-    if not label_names:
-        raise BudgetloraError(f"{run_dir / 'config.yaml'} records no data.label_names")
+    assert label_names is not None
     runtime = make_runtime(mixed_precision or cfg.train.mixed_precision)
     base = load_base_model(cfg.model, label_names, weights=True)
     try:
@@ -124,25 +139,24 @@ def evaluate(
     from budgetlora.data import load_splits
     from budgetlora.report import write_report
 
-    run = load_run(run_dir, model=model)
-    data_cfg = run.cfg.data if data is None else replace(run.cfg.data, source=data)
-    splits = load_splits(data_cfg)
-    table = {"train": splits.train, "validation": splits.validation, "test": splits.test}.get(split)
     if split not in ("train", "validation", "test"):
         raise BudgetloraError(f"--split {split!r}: allowed: train, validation, test")
+    _check_batch_size(batch_size)
+    cfg = _run_config(Path(run_dir), model)
+    data_cfg = cfg.data if data is None else replace(cfg.data, source=data)
+    # The run's label names: rows of classes the run does not know are refused, naming them.
+    splits = load_splits(data_cfg, training=False)
+    table = {"train": splits.train, "validation": splits.validation, "test": splits.test}.get(split)
     if table is None:
         raise BudgetloraError(
             f"{data_cfg.source} has no test split; use --split validation, or pass --data with a labelled test file"
         )
-    if tuple(splits.label_names) != run.label_names:
-        raise BudgetloraError(
-            f"the labels of {data_cfg.source} ({', '.join(splits.label_names)}) differ from the run's "
-            f"({', '.join(run.label_names)})"
-        )
+    out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
+    check_output_path(out_dir, "--output", folder=True)
+    run = load_run(run_dir, model=model)
     logits = run.logits(table.texts, batch_size=batch_size, progress=True)
     assert table.labels is not None
     metrics = score(logits, table.labels, run.label_names)
-    out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
     if run.runtime.is_main_process:
         write_json_atomic(out_dir / "metrics.json", {"source": data_cfg.source, "split": split, **metrics})
         write_report(
@@ -169,11 +183,16 @@ def predict(
     ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path."""
     from budgetlora.data import read_table
 
-    _check_run_dir(Path(run_dir))  # before reading the input: the cheaper mistake first
-    table = read_table(input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle)
+    _check_batch_size(batch_size)
+    output = Path(output)
+    for path in (output, output.with_suffix(".probs.csv")):
+        check_output_path(path, "--output", folder=False)
+    _run_config(Path(run_dir), model)  # before reading the input: the cheaper mistake first
+    table = read_table(
+        input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle, unique_ids=True
+    )
     run = load_run(run_dir, model=model)
     logits = run.logits(table.texts, batch_size=batch_size, progress=True)
-    output = Path(output)
     if run.runtime.is_main_process:
         ids = table.ids if table.ids is not None else [str(i) for i in range(len(table))]
         preds = logits.argmax(axis=1)
@@ -197,12 +216,20 @@ def _write_csv(path: Path, header: list[str], rows: Any) -> None:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
-def classify(run_dir: str | Path, texts: Sequence[str], *, model: str | None = None) -> list[dict[str, Any]]:
+def classify(
+    run_dir: str | Path, texts: Sequence[str], *, model: str | None = None, batch_size: int | None = None
+) -> list[dict[str, Any]]:
     """Label and class probabilities for each text."""
     if not texts:
         raise BudgetloraError("classify needs at least one text")
+    empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise BudgetloraError(
+            f"TEXT {', '.join(map(str, empty))} of {len(texts)} is empty or whitespace only: nothing to classify"
+        )
+    _check_batch_size(batch_size)
     run = load_run(run_dir, model=model)
-    probs = softmax(run.logits(texts, use_cache=False))
+    probs = softmax(run.logits(texts, batch_size=batch_size, use_cache=False))
     return [
         {
             "text": text,

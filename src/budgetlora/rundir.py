@@ -11,12 +11,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from budgetlora.errors import BudgetloraError
+
 __all__ = [
+    "check_output_path",
     "write_text_atomic",
     "write_json_atomic",
     "atomic_path",
     "replace_dir_atomic",
 ]
+
+
+def check_output_path(path: Path, option: str, *, folder: bool) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder goes or
+    the reverse, a file among its parents, or a parent folder without write permission."""
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise BudgetloraError(f"{option} {path} exists and is not a {kind}; give a {kind} path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BudgetloraError(f"{option} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BudgetloraError(f"{option} {path}: no permission to write in {parent}")
 
 
 @contextmanager

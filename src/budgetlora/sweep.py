@@ -10,9 +10,11 @@ URL), so an interrupted sweep continues where it stopped and several processes c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -23,10 +25,11 @@ import optuna
 import yaml
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from budgetlora.config import RunConfig, config_from_dict, config_to_dict, save_config, with_overrides
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.rundir import atomic_path, write_text_atomic
+from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
 from budgetlora.train import prepare_run, train
 
 __all__ = ["SearchParam", "SweepResult", "load_space", "parse_space", "sweep"]
@@ -141,6 +144,10 @@ def _range(key: str, where: str, spec: dict[str, Any]) -> SearchParam:
         raise BudgetloraError(f"{where}: {spec!r}; {usage}")
     if spec["type"] == "int" and not all(float(v).is_integer() for v in (low, high, step or 1)):
         raise BudgetloraError(f"{where}: type int needs integer low, high and step")
+    if not all(math.isfinite(v) for v in (low, high, step or 1)) or (step is not None and step <= 0):
+        raise BudgetloraError(f"{where}: {spec!r}; low, high and step must be finite, step > 0")
+    if spec.get("log") and (low <= 0 or step is not None):
+        raise BudgetloraError(f"{where}: {spec!r}; a log range needs low > 0 and no step")
     return SearchParam(key, spec["type"], low=low, high=high, log=bool(spec.get("log", False)), step=step)
 
 
@@ -151,8 +158,40 @@ def load_space(path: str | Path) -> dict[str, Any]:
         raise BudgetloraError(f"search space file not found: {path}")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise BudgetloraError(f"cannot parse search space {path}: {err}") from err
+
+
+def _check_before_writing(
+    base_cfg: RunConfig, params: Sequence[SearchParam], teacher: str | None, alpha: float, temperature: float
+) -> None:
+    """What can be checked before the sweep folder is made: the distillation settings, every
+    bound and choice of the space as a config value, and the base config's data and max length
+    (unless the space searches the data or the model)."""
+    from budgetlora.data import load_splits
+    from budgetlora.distill import DistillSettings
+    from budgetlora.modeling import check_max_length
+
+    if teacher is not None:
+        DistillSettings(teacher, alpha, temperature)
+    for p in params:
+        values: Sequence[Any] = p.choices
+        if p.kind in ("int", "float"):
+            kind = int if p.kind == "int" else float
+            values = [kind(p.low or 0), kind(p.high or 0)]
+        for value in values:
+            try:
+                if p.key in _DISTILL_KEYS:
+                    settings = {"alpha": alpha, "temperature": temperature, p.key.split(".")[1]: value}
+                    DistillSettings(teacher or "-", **settings)
+                else:
+                    with_overrides(base_cfg, {p.key: value})
+            except BudgetloraError as err:
+                raise BudgetloraError(f"search space {p.key}: the value {value!r}: {err}") from None
+    searched = {p.key for p in params}
+    if not any(key.startswith("data.") for key in searched) and "model.name_or_path" not in searched:
+        check_max_length(base_cfg.model, base_cfg.data.max_length)
+        load_splits(base_cfg.data)
 
 
 def _grid(params: Sequence[SearchParam]) -> dict[str, list[Any]]:
@@ -247,19 +286,34 @@ def sweep(
     ``train.best_metric``; writes trials.csv, trials.md, best.yaml and plots into ``output``."""
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise BudgetloraError(f"invalid value for --trials: {n_trials!r} (a positive integer)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise BudgetloraError(f"invalid value for --seed: {seed!r} (an integer in 0..2**32-1)")
     params = parse_space(space, teacher=teacher is not None)
+    if sampler not in ("tpe", "grid"):
+        raise BudgetloraError(f"--sampler {sampler!r}: allowed: tpe, grid")
+    if sampler == "grid":
+        _grid(params)
+    _check_before_writing(base_cfg, params, teacher, alpha, temperature)
     out = Path(output)
+    check_output_path(out, "--output", folder=True)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     metric = base_cfg.train.best_metric
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name or out.resolve().name,
-        direction="maximize",
-        sampler=_make_sampler(sampler, params, seed),
-        pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name or out.resolve().name,
+            direction="maximize",
+            sampler=_make_sampler(sampler, params, seed),
+            pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
+            load_if_exists=True,
+        )
+    except (ImportError, ValueError, SQLAlchemyError) as err:  # a URL optuna (on SQLAlchemy) cannot open
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty
+        raise BudgetloraError(f"--storage {storage!r}: cannot open the study: {err}") from None
     base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
     _check_same_study(
         study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}

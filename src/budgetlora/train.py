@@ -48,9 +48,9 @@ from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
 from budgetlora.metrics import score
-from budgetlora.modeling import build_model, load_tokenizer
+from budgetlora.modeling import build_model, check_max_length, load_tokenizer
 from budgetlora.report import write_report
-from budgetlora.rundir import write_json_atomic
+from budgetlora.rundir import check_output_path, write_json_atomic
 from budgetlora.runtime import (
     Runtime,
     StopAgreement,
@@ -104,7 +104,8 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
 def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
     """Read the data, resolve label names and ``lora.r: auto``, and check the budget.
 
-    Nothing is tokenized and no weights are read: an over-budget config fails in seconds.
+    Nothing is tokenized and no weights are read: an over-budget config, or a max length
+    beyond the model's position embeddings, fails in seconds.
     """
     splits = load_splits(cfg.data)
     labels = tuple(splits.label_names)
@@ -113,6 +114,7 @@ def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
         rank = resolve_rank(cfg.model, labels, cfg.budget)
         cfg = replace(cfg, model=replace(cfg.model, lora=replace(cfg.model.lora, r=rank)))
     budget = measure(cfg.model, labels, cfg.budget)
+    check_max_length(cfg.model, cfg.data.max_length)  # the config measure just read
     check_budget(budget, cfg.model, labels)
     return cfg, splits, budget
 
@@ -130,8 +132,7 @@ def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
             f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite "
             "(its files are replaced only when the new run finishes)"
         )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise BudgetloraError(f"--output {run_dir} exists and is not a folder")
+    check_output_path(run_dir, "--output", folder=True)
 
 
 def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.Optimizer:
