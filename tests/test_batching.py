@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from budgetlora.batching import Collator, cache_dir, encode, length_grouped_batches, sorted_batches
+from budgetlora.batching import Collator, cache_dir, cache_key, encode, length_grouped_batches, sorted_batches
 from conftest import AG_NEWS_SAMPLE, ROBERTA_TOKENIZER, requires_shared
 
 
@@ -42,6 +42,18 @@ def test_cache_returns_the_same_arrays(tiny_model_dir: Path) -> None:
     assert len(list((cache_dir() / "tokens").glob("*.npz"))) == len(files)  # read, not written again
     other = encode(texts, None, tokenizer, 8)  # another max length is another entry
     assert other.lengths.max() <= 8
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["team wins the match", "market shares fall"]
+    first = encode(texts, None, tokenizer, 32)
+    entry = cache_dir() / "tokens" / f"{cache_key(texts, tokenizer, 32)}.npz"
+    entry.write_bytes(b"not a numpy file")  # e.g. a disk that filled up mid-write elsewhere
+    again = encode(texts, None, tokenizer, 32)
+    assert np.array_equal(first.flat, again.flat) and np.array_equal(first.offsets, again.offsets)
+    with np.load(entry) as rebuilt:
+        assert np.array_equal(rebuilt["flat"], first.flat)
 
 
 def test_length_grouped_batches_cover_each_sample_once_and_cut_padding() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from budgetlora.checkpoint import latest_checkpoint
+from budgetlora.errors import BudgetloraError
 from budgetlora.predict import evaluate
 from budgetlora.rundir import atomic_path, write_json_atomic
 from budgetlora.train import train
@@ -139,3 +140,33 @@ def test_two_processes_train_evaluate_and_predict(
     assert predicted.returncode == 0, predicted.stderr[-4000:]
     rows = list(csv.reader((tmp_path / "sub.csv").open()))
     assert [r[0] for r in rows[1:]] == [str(i) for i in range(37)]  # all rows, once, in input order
+
+
+class _Stopped(Exception):
+    """Raised by an evaluation callback: a run that ends after its checkpoints, unfinished."""
+
+
+def test_resume_without_a_checkpoint_starts_afresh_and_a_changed_config_is_refused(  # type: ignore[no-untyped-def]
+    tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    result = train(tiny_config(fresh, epochs=1, eval_every=None), resume=True)
+    assert f"no checkpoint in {fresh}: starting from the beginning" in capsys.readouterr().out
+    assert result.metrics["steps"] == 18 and (fresh / "metrics.json").is_file()
+
+    out = tmp_path / "stopped"
+    cfg = tiny_config(out, epochs=1, checkpoint_every=5, eval_every=12)
+
+    def stop(step: int, metrics: dict) -> bool:
+        raise _Stopped
+
+    with pytest.raises(_Stopped):
+        train(cfg, on_eval=stop)
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and checkpoint.name == "step-00000010"
+    saved = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    with pytest.raises(BudgetloraError, match="the config differs from the interrupted run's"):
+        train(replace(cfg, train=replace(cfg.train, lr=5e-3)), resume=True)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == saved
+    assert not (out / "metrics.json").exists()

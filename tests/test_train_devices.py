@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
+from budgetlora.budget import measure
+from budgetlora.checkpoint import load_trainable_state
 from budgetlora.cli import main
 from budgetlora.modeling import build_model
 from budgetlora.predict import load_run
@@ -77,3 +79,28 @@ def test_compiled_training_counts_its_compilations(tiny_config, tmp_path: Path) 
     assert 1 <= timing["compilations"] <= 4
     assert result.metrics["test"]["n"] == 96 and result.metrics["test"]["accuracy"] > 0.5
     assert not any(name.startswith("_orig_mod") for name, _ in result.model.named_parameters())
+
+
+def test_an_auto_rank_fills_the_budget_and_tensorboard_logs_the_run(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path / "run", epochs=1, tensorboard=True)
+    labels = ("World", "Sports", "Business", "Sci/Tech")
+    at_rank = {
+        r: measure(replace(cfg.model, lora=replace(cfg.model.lora, r=r)), labels, 10**9).trainable
+        for r in (3, 4)
+    }
+    cfg = replace(
+        cfg, budget=at_rank[4] - 1, model=replace(cfg.model, lora=replace(cfg.model.lora, r="auto"))
+    )
+    result = train(cfg)
+    assert result.cfg.model.lora.r == 3 and result.budget.trainable == at_rank[3]  # the largest that fits
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/lr", "validation/accuracy", "validation/macro_f1"} <= set(logged)
+
+
+def test_a_checkpoint_with_parameters_the_model_lacks_is_refused(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = build_model(tiny_config(tmp_path).model, ("a", "b", "c", "d"))
+    with pytest.raises(KeyError, match="not in the model: module.base_model"):
+        load_trainable_state(model, {"module.base_model.x": torch.zeros(1)})
