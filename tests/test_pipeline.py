@@ -64,6 +64,15 @@ def test_the_tiny_task_is_learned_and_recorded(trained) -> None:  # type: ignore
     assert [e["step"] for e in evals] == [18, 20, 36, 40, 54, 60, 72]
     best = max(evals, key=lambda e: e["accuracy"])
     assert metrics["best_step"] == best["step"]
+    # Where the run's time went, phase by phase, in the order they ran.
+    phases = metrics["timing"]["phases"]
+    assert list(phases) == [
+        "read data and check the budget", "load weights, tokenize, set up", "train (with evaluations)",
+        "final evaluation", "write the adapter, report and plots",
+    ]  # fmt: skip
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["train (with evaluations)"] >= metrics["timing"]["train_seconds"] > 0
+    assert "| Time: train (with evaluations) |" in (trained.run_dir / "report.md").read_text()
     assert metrics["validation"]["accuracy"] == pytest.approx(best["accuracy"])
     report = (trained.run_dir / "report.md").read_text()
     assert (

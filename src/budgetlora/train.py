@@ -741,7 +741,7 @@ def _write_run(
     budget: Budget,
     metrics: dict[str, Any],
     history: _History,
-    clock: _PhaseClock | None = None,
+    clock: _PhaseClock,
 ) -> None:
     """Write every output file; each lands by an atomic rename, metrics.json last."""
     cfg, model, tokenizer, train_enc = session.cfg, session.bare, session.tokenizer, session.train_enc
@@ -773,6 +773,6 @@ def _write_run(
         max_length=cfg.data.max_length,
         timing=metrics["timing"],
     )
-    if clock is not None:
-        clock.lap("write the adapter, report and plots")
+    clock.lap("write the adapter, report and plots")
+    metrics["timing"]["phases"] = clock.seconds  # report.md was written before this last phase ended
     write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
