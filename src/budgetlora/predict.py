@@ -97,15 +97,20 @@ def _run_config(run_dir: Path, model: str | None) -> RunConfig:
 
 
 def load_run(
-    run_dir: str | Path, *, model: str | None = None, mixed_precision: str | None = None
+    run_dir: str | Path,
+    *,
+    model: str | None = None,
+    mixed_precision: str | None = None,
+    cfg: RunConfig | None = None,
 ) -> LoadedRun:
     """Rebuild the base model, load the adapter and head, and merge them for inference.
 
     ``model`` replaces the base model path recorded in the run (e.g. a local copy);
-    ``mixed_precision`` defaults to the run's own training setting.
+    ``mixed_precision`` defaults to the run's own training setting. ``cfg``: the run's
+    config as :func:`_run_config` already read and checked it (not read twice).
     """
     run_dir = Path(run_dir)
-    cfg = _run_config(run_dir, model)
+    cfg = cfg if cfg is not None else _run_config(run_dir, model)
     label_names = cfg.data.label_names
     assert label_names is not None
     runtime = make_runtime(mixed_precision or cfg.train.mixed_precision)
@@ -153,7 +158,7 @@ def evaluate(
         )
     out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
     check_output_path(out_dir, "--output", folder=True)
-    run = load_run(run_dir, model=model)
+    run = load_run(run_dir, cfg=cfg)
     logits = run.logits(table.texts, batch_size=batch_size, progress=True)
     assert table.labels is not None
     metrics = score(logits, table.labels, run.label_names)
@@ -187,11 +192,11 @@ def predict(
     output = Path(output)
     for path in (output, output.with_suffix(".probs.csv")):
         check_output_path(path, "--output", folder=False)
-    _run_config(Path(run_dir), model)  # before reading the input: the cheaper mistake first
+    cfg = _run_config(Path(run_dir), model)  # before reading the input: the cheaper mistake first
     table = read_table(
         input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle, unique_ids=True
     )
-    run = load_run(run_dir, model=model)
+    run = load_run(run_dir, cfg=cfg)
     logits = run.logits(table.texts, batch_size=batch_size, progress=True)
     if run.runtime.is_main_process:
         ids = table.ids if table.ids is not None else [str(i) for i in range(len(table))]
