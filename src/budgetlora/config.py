@@ -205,6 +205,8 @@ class TrainSettings:
     """Stop after this many optimizer steps."""
     lr: float = 2e-3
     """Peak learning rate (2e-3 suits LoRA + a fresh head; measured on MiniLM / AG News)."""
+    head_lr: float | None = None
+    """Peak learning rate of the classifier head (default: train.lr); the schedule scales both alike."""
     batch_size: int = 32
     """Training samples per optimizer step per process (before gradient accumulation)."""
     eval_batch_size: int | None = None
@@ -260,6 +262,7 @@ class TrainSettings:
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.max_steps", self.max_steps)
         _check_positive("train.lr", self.lr)
+        _check_positive("train.head_lr", self.head_lr)
         if self.eval_batch_size is not None:
             _check_positive("train.eval_batch_size", self.eval_batch_size)
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):

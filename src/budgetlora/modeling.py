@@ -381,18 +381,12 @@ def _load_weights(name_or_path: str, config: PretrainedConfig) -> PreTrainedMode
     # encoder; its head is replaced (and trained) like any other. float32 whatever the
     # checkpoint's stored dtype (transformers 5 keeps that by default): the head and the
     # adapter train with float32 master weights, fp16's grad scaler can unscale them, and
-    # merging LoRA for inference does not round the update into half precision.
+    # merging LoRA for inference does not round the update into half precision. The attention
+    # implementation is left to transformers: SDPA where the architecture has it, else eager
+    # (MPNet, for one, has no SDPA and refuses a request for it).
     kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True, "dtype": torch.float32}
     try:
-        try:
-            return AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, attn_implementation="sdpa", **kwargs
-            )
-        except ValueError as err:
-            if "sdpa" not in str(err).lower():
-                raise
-            # Architectures without SDPA support fall back to their eager attention.
-            return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
     except (ValueError, RuntimeError) as err:
         raise BudgetloraError(
             f"cannot load model {name_or_path!r}: {str(err).splitlines()[0][:300]}"

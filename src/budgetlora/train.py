@@ -136,20 +136,30 @@ def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
 
 
 def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.Optimizer:
-    """Built on the parameters after they were placed on their device (fused AdamW needs that)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    """Built on the parameters after they were placed on their device (fused AdamW needs that).
+
+    Four groups: (LoRA and other, head) x (decayed, not decayed: biases and norms); the head's
+    groups take ``head_lr`` when it is set.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": settings.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            is_head = "modules_to_save" in name
+            decays = not (name.endswith("bias") or "norm" in name.lower())
+            groups.setdefault((is_head, decays), []).append(param)
+    head_lr = settings.head_lr if settings.head_lr is not None else settings.lr
+    param_groups = [
+        {
+            "params": params,
+            "weight_decay": settings.weight_decay if decays else 0.0,
+            "lr": head_lr if is_head else settings.lr,
+        }
+        for (is_head, decays), params in sorted(groups.items())
     ]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+        return torch.optim.SGD(param_groups, lr=settings.lr, momentum=settings.momentum)
     cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=settings.lr, fused=fused)
+    return cls(param_groups, lr=settings.lr, fused=fused)
 
 
 class _History:
