@@ -8,17 +8,21 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
+from budgetlora.batching import encode
 from budgetlora.budget import measure
 from budgetlora.checkpoint import load_trainable_state
 from budgetlora.cli import main
+from budgetlora.inference import predict_logits
+from budgetlora.metrics import softmax
 from budgetlora.modeling import build_model
 from budgetlora.predict import load_run
-from budgetlora.train import train
+from budgetlora.train import _make_optimizer, train
 
 
 def test_two_dataloader_workers_train_exactly_as_the_plain_loop(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -104,3 +108,72 @@ def test_a_checkpoint_with_parameters_the_model_lacks_is_refused(tiny_config, tm
     model = build_model(tiny_config(tmp_path).model, ("a", "b", "c", "d"))
     with pytest.raises(KeyError, match="not in the model: module.base_model"):
         load_trainable_state(model, {"module.base_model.x": torch.zeros(1)})
+
+
+def test_the_head_learning_rate_applies_to_the_head_alone(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """train.head_lr: the head's optimizer groups take it, LoRA keeps train.lr; a head at a
+    vanishing rate ends where it started while LoRA moves."""
+    cfg = tiny_config(tmp_path / "run", epochs=1, head_lr=1e-12, lr=1e-2)
+    model = build_model(cfg.model, ("a", "b", "c", "d"))
+    optimizer = _make_optimizer(model, cfg.train, fused=False)
+    lrs: dict[str, float] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            lrs[names[id(param)]] = group["lr"]
+    assert {lr for n, lr in lrs.items() if "modules_to_save" in n} == {1e-12}
+    assert {lr for n, lr in lrs.items() if "lora_" in n} == {1e-2}
+    assert len(lrs) == sum(p.requires_grad for p in model.parameters())  # every trainable parameter once
+
+    result = train(cfg)
+    trained = dict(result.model.named_parameters())
+    heads = [n for n in trained if "modules_to_save.default" in n]
+    assert heads
+    for name in heads:
+        original = trained[name.replace("modules_to_save.default", "original_module")]
+        assert torch.allclose(trained[name], original, atol=1e-8), name
+    assert any(trained[n].abs().max() > 1e-4 for n in trained if "lora_B" in n)
+
+
+@pytest.fixture(scope="module")
+def mpnet_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MPNet (random weights) with the tiny tokenizer: an architecture without SDPA attention."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-mpnet")
+    for item in tiny_model_dir.iterdir():
+        if item.name.startswith("tokenizer") or item.name.startswith("special_tokens"):
+            shutil.copy(item, folder / item.name)
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    config = MPNetConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=131,
+        pad_token_id=1,
+        num_labels=4,
+    )
+    torch.manual_seed(0)
+    MPNetForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_model_without_sdpa_attention_trains_and_reloads(
+    tiny_config, mpnet_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """MPNet (all-mpnet-base-v2's architecture) refuses a request for SDPA: budgetlora leaves the
+    attention to transformers, trains it with LoRA on the role names and reloads it exactly."""
+    cfg = tiny_config(tmp_path / "run", epochs=1)
+    cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(mpnet_dir)))
+    result = train(cfg)
+    assert result.model.config._attn_implementation == "eager"
+    assert set(result.budget.groups) == {"lora.query", "lora.value", "head"}
+    run = load_run(result.run_dir, mixed_precision="no")
+    encoded = encode(
+        ["stocks fell sharply today", "the team won the final match", "a new chip"], None, run.tokenizer, 32
+    )
+    reloaded = predict_logits(run.model, encoded, run.runtime)
+    in_memory = predict_logits(result.model, encoded, run.runtime)
+    np.testing.assert_allclose(softmax(reloaded), softmax(in_memory), atol=1e-5)
