@@ -234,8 +234,8 @@ def shown(command: list[str], folder: Path, split: Path, root: Path) -> str:
     return text.replace(str(folder), "MODEL").replace(str(split), "DATA").replace(str(root / "runs"), "RUNS")
 
 
-def result_path(model: str, arm: str, seed: int) -> Path:
-    return RESULTS / f"quality_{model_label(model)}" / f"{arm.replace(':', '-')}-seed{seed}.json"
+def result_path(results: Path, model: str, arm: str, seed: int) -> Path:
+    return results / f"quality_{model_label(model)}" / f"{arm.replace(':', '-')}-seed{seed}.json"
 
 
 def run_arm(arm: Arm, model: str, epochs: float, seed: int, root: Path) -> dict[str, Any]:
@@ -263,15 +263,20 @@ def run_arm(arm: Arm, model: str, epochs: float, seed: int, root: Path) -> dict[
     out["command"] = shown(command, folder, split, root)
     print("+", out["command"], flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    out["process_seconds"] = round(time.perf_counter() - start, 1)
     (root / "logs").mkdir(exist_ok=True)
-    (root / "logs" / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+    log = root / "logs" / f"{run_dir.name}.log"
+    start = time.perf_counter()
+    loads = []  # the 1-minute load average while the arm ran: about 2 on an otherwise idle 2-core machine
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        while proc.poll() is None:
+            loads.append(os.getloadavg()[0])
+            time.sleep(5)
+    out["process_seconds"] = round(time.perf_counter() - start, 1)
+    out["load_average"] = round(float(np.mean(loads)), 2) if loads else None
     if proc.returncode != 0:
-        lines = [
-            line for line in proc.stderr.splitlines() if "error" in line.lower()
-        ] or proc.stderr.splitlines()[-1:]
+        output = log.read_text().splitlines()
+        lines = [line for line in output if "error" in line.lower()] or output[-1:]
         out.update(status="refused" if proc.returncode == 2 else "failed", message=" ".join(lines)[:600])
         return out
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -305,8 +310,8 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / n)
 
 
-def table(model: str) -> tuple[str, list[dict[str, Any]]]:
-    folder = RESULTS / f"quality_{model_label(model)}"
+def table(results_dir: Path, model: str) -> tuple[str, list[dict[str, Any]]]:
+    folder = results_dir / f"quality_{model_label(model)}"
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for result in results:
@@ -335,6 +340,7 @@ def table(model: str) -> tuple[str, list[dict[str, Any]]]:
                 "validation_accuracy": float(np.mean([r["validation_accuracy"] for r in ok])),
                 "train_seconds": float(np.mean([r["train_seconds"] for r in ok])),
                 "samples_per_second": float(np.mean([r["train_samples_per_second"] for r in ok])),
+                "load_average": max((r.get("load_average") or 0.0 for r in ok), default=0.0) or None,
                 "command": ok[0]["command"],
                 "about": ok[0]["about"],
                 "runs": runs,
@@ -348,21 +354,25 @@ def table(model: str) -> tuple[str, list[dict[str, Any]]]:
         f"Split of `sample.csv` (stratified, seed 42): {SPLIT['train'] * 4:,} train / {SPLIT['validation'] * 4} validation"
         f" / {SPLIT['test'] * 4:,} test rows; epochs: {', '.join(f'{e:g}' for e in epochs)};"
         f" the best of {EVALS_PER_RUN}+ validations kept, scored once on test. SE: the binomial standard error of the"
-        " test accuracy; spread: max - min over seeds; rank a / b: rank a, b on the top half of the layers.",
+        " test accuracy; spread: max - min over seeds; rank a / b: rank a, b on the top half of the layers;"
+        " load: the mean 1-minute load average during the run (about 2 when nothing else ran on the 2 cores;"
+        " more: other work shared the CPU and slowed the run; -: not recorded).",
         "",
-        "| arm | trainable | rank | test acc. | SE | seeds (spread) | test macro-F1 | val. acc. | train s | samples/s |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|",
+        "| arm | trainable | rank | test acc. | SE | seeds (spread) | test macro-F1 | val. acc. | train s | samples/s | load |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['arm']} | {row['status']}: {row['message'][:160]} | | | | | | | | |")
+            lines.append(f"| {row['arm']} | {row['status']}: {row['message'][:160]} | | | | | | | | | |")
             continue
         spread = f" ({row['seed_spread'] * 100:.2f})" if row["seed_spread"] is not None else ""
         rank = " / ".join([str(row["rank"]), *(str(r) for r in row["rank_pattern"].values())])
+        load = "-" if row["load_average"] is None else f"{row['load_average']:.1f}"
         lines.append(
             f"| {row['arm']} | {row['trainable']:,} | {rank} | {row['test_accuracy'] * 100:.2f}% |"
             f" {row['se'] * 100:.2f} | {len(row['seeds'])}{spread} | {row['test_macro_f1'] * 100:.2f}% |"
             f" {row['validation_accuracy'] * 100:.2f}% | {row['train_seconds']:.0f} | {row['samples_per_second']:.1f} |"
+            f" {load} |"
         )
     lines += ["", "## The arms and their commands", ""]
     for row in rows:
@@ -374,11 +384,11 @@ def table(model: str) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines) + "\n", rows
 
 
-def write_table(model: str) -> str:
-    text, rows = table(model)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"quality_{model_label(model)}.md").write_text(text)
-    (RESULTS / f"quality_{model_label(model)}.json").write_text(json.dumps(rows, indent=1) + "\n")
+def write_table(results: Path, model: str) -> str:
+    text, rows = table(results, model)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"quality_{model_label(model)}.md").write_text(text)
+    (results / f"quality_{model_label(model)}.json").write_text(json.dumps(rows, indent=1) + "\n")
     return text
 
 
@@ -393,6 +403,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, action="append", help="training seeds (repeatable; default 42)")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs of every arm (default %(default)s)")
     parser.add_argument("--workdir", type=Path, help="split, runs and logs (default: a folder in the cache)")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where results go (default: %(default)s)"
+    )
     parser.add_argument("--again", action="store_true", help="rerun arms that already have a result")
     parser.add_argument(
         "--table", action="store_true", help="only print and write the table of the results so far"
@@ -412,9 +425,9 @@ def main() -> None:
             sys.exit(f"unknown arm(s) {', '.join(unknown)}; --list shows them")
         for seed in args.seed or [42]:
             for arm in [ARMS_BY_NAME[name] for name in args.arm] if args.arm else ARMS:
-                path = result_path(args.model, arm.name, seed)
+                path = result_path(args.results, args.model, arm.name, seed)
                 if path.is_file() and not args.again:
-                    print(f"{arm.name} seed {seed}: already in {path.relative_to(REPO)}", flush=True)
+                    print(f"{arm.name} seed {seed}: already in {path}", flush=True)
                     continue
                 result = run_arm(arm, args.model, args.epochs, seed, root)
                 result["hardware"] = hardware()
@@ -429,8 +442,8 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-                write_table(args.model)
-    print(write_table(args.model))
+                write_table(args.results, args.model)
+    print(write_table(args.results, args.model))
 
 
 if __name__ == "__main__":

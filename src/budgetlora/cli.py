@@ -49,6 +49,7 @@ TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
     "--epochs": ("train.epochs", float),
     "--max-steps": ("train.max_steps", int),
     "--lr": ("train.lr", float),
+    "--head-lr": ("train.head_lr", float),
     "--batch-size": ("train.batch_size", int),
     "--eval-batch-size": ("train.eval_batch_size", int),
     "--grad-accum": ("train.grad_accum", int),
