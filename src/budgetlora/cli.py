@@ -243,6 +243,38 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from budgetlora.export import FORMATS, export
+
+    formats = FORMATS if args.format == "all" else tuple(f.strip() for f in args.format.split(","))
+    result = export(args.run_dir, args.output, formats=formats, model=args.model, overwrite=args.overwrite)
+    checks = ", ".join(
+        f"{k.removesuffix('_max_logit_diff')} {v:.1e}" for k, v in result.info["checks"].items()
+    )
+    print(
+        f"wrote {result.output} ({', '.join(result.info['formats'])}; largest logit difference to the run: {checks})"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from budgetlora.serve import serve
+    except ImportError as err:
+        raise BudgetloraError(
+            f"budgetlora serve needs the serve extra ({err.name} is missing): pip install 'budgetlora[serve]'"
+        ) from err
+    serve(
+        args.path,
+        host=args.host,
+        port=args.port,
+        max_texts=args.max_texts,
+        max_batch_texts=args.max_batch_texts,
+        batch_size=args.batch_size,
+    )
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from budgetlora.plan import format_plan, plan
 
@@ -394,6 +426,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser(
+        "export",
+        help="write a run as a plain transformers model and an ONNX graph",
+        description="Merge the run's LoRA adapter into the encoder (float32) and write OUTPUT: a folder that "
+        "transformers.pipeline('text-classification', model=OUTPUT) loads, model.onnx for onnxruntime, the "
+        "tokenizer and export.json. Each form is checked against the run's logits before the folder appears.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (from budgetlora train)")
+    p.add_argument("--output", required=True, metavar="DIR", help="export folder to write")
+    p.add_argument(
+        "--format",
+        default="all",
+        help="all (default), transformers, onnx, or a comma-separated list",
+    )
+    p.add_argument("--model", help="base model folder or Hub id, if not the one recorded in the run")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing export (once the new one is complete)"
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP classifier (POST /classify) over an export or a run folder",
+        description="Serve PATH over HTTP: an export folder runs on onnxruntime, a run folder on torch. "
+        'POST /classify {"texts": [...]} returns labels and probabilities; GET /health, GET /info. '
+        "Concurrent requests share batches. Needs the serve extra (fastapi, uvicorn).",
+    )
+    p.add_argument("path", metavar="PATH", help="an export folder (budgetlora export) or a run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-texts", type=int, default=256, help="most texts one request may send (default 256)")
+    p.add_argument(
+        "--max-batch-texts",
+        type=int,
+        default=64,
+        help="most texts of waiting requests scored together (default 64)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="samples per forward pass (default 16 on a CPU)"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "plan",

@@ -1,0 +1,228 @@
+"""`budgetlora serve`: an HTTP classifier (FastAPI on uvicorn) over a run or an ONNX export.
+
+One worker thread owns the model. Requests queue up while it scores a batch; the next
+batch takes every text that is waiting (up to ``max_batch_texts``), so concurrent clients
+share forward passes without any added wait, and no two forwards compete for the cores.
+
+    GET  /health    {"status": "ok"}
+    GET  /info      backend, labels, max_length, max_texts
+    POST /classify  {"texts": ["...", ...]} -> {"predictions": [{"label", "label_id", "probabilities"}]}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import queue
+import socket
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from budgetlora.backends import Classifier, load_classifier
+from budgetlora.errors import BudgetloraError
+from budgetlora.metrics import softmax
+
+__all__ = ["Batcher", "RequestError", "create_app", "parse_texts", "serve", "check_port"]
+
+_Job = tuple[list[str], "Future[np.ndarray]"]
+
+
+class Batcher:
+    """Scores the texts of many requests in shared batches, on one thread."""
+
+    def __init__(self, classifier: Classifier, *, max_batch_texts: int = 64) -> None:
+        self.classifier = classifier
+        self.max_batch_texts = max_batch_texts
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="budgetlora-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: list[str]) -> Future[np.ndarray]:
+        """A future of the (len(texts), num_labels) class probabilities."""
+        future: Future[np.ndarray] = Future()
+        self._queue.put((texts, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            count = len(job[0])
+            stop = False
+            while count < self.max_batch_texts:
+                try:
+                    waiting = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    stop = True
+                    break
+                jobs.append(waiting)
+                count += len(waiting[0])
+            self._score(jobs)
+            if stop:
+                return
+
+    def _score(self, jobs: list[_Job]) -> None:
+        texts = [text for job_texts, _ in jobs for text in job_texts]
+        try:
+            probs = softmax(self.classifier.logits(texts))  # (len(texts), labels)
+        except Exception as err:  # handed to each waiting request: a 500, not a dead worker
+            for _, future in jobs:
+                future.set_exception(err)
+            return
+        start = 0
+        for job_texts, future in jobs:
+            future.set_result(probs[start : start + len(job_texts)])
+            start += len(job_texts)
+
+
+class RequestError(ValueError):
+    """A /classify request that cannot be served: 400 if it is not JSON, else 422."""
+
+    def __init__(self, message: str, status_code: int = 422) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def parse_texts(body: bytes, max_texts: int) -> list[str]:
+    """The texts of a /classify request body; :class:`RequestError` with a message naming the field."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestError(f"the request body is not JSON: {err}", 400) from None
+    if not isinstance(payload, dict) or "texts" not in payload:
+        raise RequestError('the request body must be a JSON object with "texts": a list of strings')
+    unknown = sorted(set(payload) - {"texts"})
+    if unknown:
+        raise RequestError(f'unknown field(s) {", ".join(map(repr, unknown))}: only "texts" is read')
+    texts = payload["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise RequestError('"texts" must be a non-empty list of strings')
+    if len(texts) > max_texts:
+        raise RequestError(f'"texts" holds {len(texts)} texts; at most {max_texts} a request')
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(f'"texts"[{i}] is {type(text).__name__}, not a string')
+        if not text.strip():
+            raise RequestError(f'"texts"[{i}] is empty or whitespace only: nothing to classify')
+    return texts
+
+
+def _predictions(texts: Sequence[str], probs: np.ndarray, label_names: Sequence[str]) -> list[dict[str, Any]]:
+    # The same objects as `budgetlora classify --json`, without the echoed text.
+    return [
+        {
+            "label": label_names[int(p.argmax())],
+            "label_id": int(p.argmax()),
+            "probabilities": {name: float(x) for name, x in zip(label_names, p, strict=True)},
+        }
+        for _, p in zip(texts, probs, strict=True)
+    ]
+
+
+def create_app(classifier: Classifier, *, max_texts: int = 256, max_batch_texts: int = 64) -> FastAPI:
+    """The FastAPI app; its batcher thread starts now and stops when the app shuts down."""
+    batcher = Batcher(classifier, max_batch_texts=max_batch_texts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = FastAPI(
+        title="budgetlora",
+        description=f"{classifier.backend} classifier: {', '.join(classifier.label_names)}",
+        lifespan=lifespan,
+    )
+    info = {
+        "backend": classifier.backend,
+        "labels": list(classifier.label_names),
+        "max_length": classifier.max_length,
+        "max_texts": max_texts,
+    }
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    def describe() -> dict[str, Any]:
+        return info
+
+    @app.post("/classify")
+    async def classify(request: Request) -> JSONResponse:
+        try:
+            texts = parse_texts(await request.body(), max_texts)
+        except RequestError as err:
+            return JSONResponse({"detail": str(err)}, status_code=err.status_code)
+        try:
+            probs = await asyncio.wrap_future(batcher.submit(texts))
+        except Exception as err:
+            return JSONResponse({"detail": f"inference failed: {type(err).__name__}: {err}"}, status_code=500)
+        return JSONResponse({"predictions": _predictions(texts, probs, classifier.label_names)})
+
+    return app
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before any model loads, a port out of range or one that cannot be bound."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise BudgetloraError(f"--port {port!r}: allowed: 1..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise BudgetloraError(f"--host {host!r}: cannot be resolved ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            why = (
+                "is already in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
+            )
+            raise BudgetloraError(f"--port {port} on --host {host} {why}") from None
+
+
+def serve(
+    path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_texts: int = 256,
+    max_batch_texts: int = 64,
+    batch_size: int | None = None,
+) -> None:
+    """Serve ``path`` (an export folder on onnxruntime, or a run folder on torch) until stopped."""
+    import uvicorn
+
+    for option, value in (("--max-texts", max_texts), ("--max-batch-texts", max_batch_texts)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BudgetloraError(f"invalid value for {option}: {value!r} (a positive integer)")
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise BudgetloraError(f"invalid value for --batch-size: {batch_size!r} (a positive integer)")
+    check_port(host, port)
+    classifier = load_classifier(path, batch_size=batch_size)
+    app = create_app(classifier, max_texts=max_texts, max_batch_texts=max_batch_texts)
+    print(
+        f"budgetlora serve: {path} on {classifier.backend} ({', '.join(classifier.label_names)}) "
+        f"at http://{host}:{port}",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
