@@ -171,7 +171,7 @@ def _export_onnx(
     axes = {0: batch, 1: sequence}
     try:
         torch.onnx.export(
-            _LogitsOnly(model),
+            _LogitsOnly(model).eval(),
             inputs,
             str(path),
             dynamo=True,

@@ -144,6 +144,7 @@ def create_app(classifier: Classifier, *, max_texts: int = 256, max_batch_texts:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         batcher.close()
+        print("budgetlora serve: stopped", flush=True)
 
     app = FastAPI(
         title="budgetlora",
