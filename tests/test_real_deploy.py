@@ -45,7 +45,7 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         output=str(tmp_path_factory.mktemp("runs") / "minilm"),
     )
     run = train(cfg)
-    out = export(run.run_dir, tmp_path_factory.mktemp("exports") / "minilm")
+    out = export(run.run_dir, tmp_path_factory.mktemp("exports") / "minilm", formats=["merged", "onnx"])
     test = load_splits(run.cfg.data, training=False).test
     assert test is not None and len(test) == 48
     return {"run": run.run_dir, "export": out.output, "texts": list(test.texts), "labels": test.labels}
@@ -63,7 +63,7 @@ def test_pipeline_and_onnxruntime_agree_with_budgetlora_on_real_rows(minilm: dic
     assert [g[0]["label"] for g in got] == [r["label"] for r in ours]
     assert {s["label"] for s in got[0]} == set(LABELS)
     for scores, row in zip(got, ours, strict=True):
-        assert {s["label"]: pytest.approx(s["score"], abs=1e-4) for s in scores} == row["probabilities"]
+        assert {s["label"]: pytest.approx(s["score"], abs=1e-5) for s in scores} == row["probabilities"]
 
     session = ort.InferenceSession(str(minilm["export"] / "model.onnx"), providers=["CPUExecutionProvider"])
     batch = AutoTokenizer.from_pretrained(minilm["export"])(
@@ -75,6 +75,14 @@ def test_pipeline_and_onnxruntime_agree_with_budgetlora_on_real_rows(minilm: dic
     )
     reference = load_run(minilm["run"], mixed_precision="no").logits(texts, use_cache=False)
     np.testing.assert_allclose(logits, reference, atol=1e-4)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.max() - lengths.min() >= 20  # real rows of several lengths, padded together
+    for i in (int(lengths.argmin()), int(lengths.argmax())):  # and alone, unpadded
+        (row,) = session.run(
+            ["logits"],
+            {k: batch[k][i : i + 1, : lengths[i]].astype(np.int64) for k in ("input_ids", "attention_mask")},
+        )
+        np.testing.assert_allclose(row[0], reference[i], atol=1e-4)
 
 
 def test_server_answers_real_rows_under_concurrent_load(minilm: dict[str, Any]) -> None:
@@ -112,3 +120,6 @@ def test_export_json_of_a_real_run(minilm: dict[str, Any]) -> None:
     info = json.loads((Path(minilm["export"]) / "export.json").read_text())
     assert info["label_names"] == LABELS and info["max_length"] == 64 and info["head"] == "default"
     assert max(info["checks"].values()) < 1e-4
+    card = (Path(minilm["export"]) / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "| 3 | Sci/Tech |" in card
+    assert "| test | 48 |" in card and "| trainable | 75,268 |" in card

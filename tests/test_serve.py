@@ -101,7 +101,7 @@ def expected(run_and_export: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def onnx_server(run_and_export: tuple[Path, Path]) -> Iterator[str]:
-    with server(run_and_export[1], "--max-texts", "8") as base:
+    with server(run_and_export[1], "--max-texts", "8", "--max-body-bytes", "4096") as base:
         yield base
 
 
@@ -110,20 +110,31 @@ def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
 
 
-def test_health_info_and_answers_that_agree_with_budgetlora(onnx_server: str, expected) -> None:  # type: ignore[no-untyped-def]
+def test_health_info_and_answers_that_agree_with_budgetlora(  # type: ignore[no-untyped-def]
+    onnx_server: str, expected, run_and_export: tuple[Path, Path], tiny_model_dir: Path
+) -> None:
     assert request(f"{onnx_server}/health") == (200, {"status": "ok"})
     status, info = request(f"{onnx_server}/info")
     assert status == 200
+    passes = info.pop("forward_passes")
     assert info == {
-        "backend": "onnx",
+        "model": str(tiny_model_dir),
+        "budget": json.loads((run_and_export[0] / "budget.json").read_text()),
+        "metrics": json.loads((run_and_export[1] / "export.json").read_text())["metrics"],
         "labels": ["label_0", "label_1", "label_2", "label_3"],
+        "backend": "onnx",
         "max_length": 32,
         "max_texts": 8,
+        "batch_size": 32,
+        "max_wait_ms": 5.0,
+        "max_body_bytes": 4096,
     }
+    assert info["metrics"]["test"]["n"] == 96
     status, body = post(onnx_server, {"texts": POOL[:8]})
     assert status == 200 and len(body["predictions"]) == 8
     for text, got in zip(POOL[:8], body["predictions"], strict=True):
         assert_same(got, expected[text])
+    assert request(f"{onnx_server}/info")[1]["forward_passes"] == passes + 1  # 8 texts, one pass
 
 
 def test_bad_requests_get_a_status_and_a_message(onnx_server: str) -> None:
@@ -140,6 +151,11 @@ def test_bad_requests_get_a_status_and_a_message(onnx_server: str) -> None:
         (json.dumps({"texts": ["a"] * 9}).encode(), 422, '"texts" holds 9 texts; at most 8 a request'),
         (b'{"texts": ["a"], "top_k": 2}', 422, "unknown field(s) 'top_k'"),
         ("\xff".encode("latin-1"), 400, "the request body is not JSON"),
+        (
+            json.dumps({"texts": ["x" * 5000]}).encode(),
+            413,
+            "the request body (5015 bytes) is over 4096 bytes",
+        ),
     ]
     for body, status, message in cases:
         got_status, got = request(url, body)
@@ -184,6 +200,7 @@ def test_a_run_folder_is_served_on_torch(run_and_export: tuple[Path, Path], expe
     with server(run_and_export[0]) as base:
         status, info = request(f"{base}/info")
         assert status == 200 and info["backend"] == "torch" and info["max_texts"] == 256
+        assert info["metrics"]["test"]["n"] == 96 and info["budget"]["fits"] is True
         status, body = post(base, {"texts": POOL[:4]})
         assert status == 200
         for text, got in zip(POOL[:4], body["predictions"], strict=True):
@@ -216,6 +233,8 @@ def test_bad_options_exit_2_before_the_model_loads(run_and_export: tuple[Path, P
                 "--host 'no-such-host.invalid': cannot be resolved",
             ),
             ((str(out), "--max-texts", "0"), "invalid value for --max-texts: 0"),
+            ((str(out), "--max-wait-ms", "-1"), "invalid value for --max-wait-ms: -1.0 (0 to 10000)"),
+            ((str(out), "--max-body-bytes", "0"), "invalid value for --max-body-bytes: 0"),
             ((str(run_dir), "--batch-size", "0"), "invalid value for --batch-size: 0"),
         ]
         for args, message in cases:
@@ -261,7 +280,7 @@ def test_batcher_shares_forward_passes_and_routes_every_answer() -> None:
 
     gate = threading.Event()
     model = _ByLength(gate)
-    batcher = Batcher(model, max_batch_texts=6)  # type: ignore[arg-type]
+    batcher = Batcher(model, batch_size=6, max_wait_ms=0)  # type: ignore[arg-type]
     try:
         first = batcher.submit(["a"])
         assert model.entered.wait(timeout=60)  # the worker scores it alone and waits at the gate
@@ -275,5 +294,21 @@ def test_batcher_shares_forward_passes_and_routes_every_answer() -> None:
         with pytest.raises(RuntimeError, match="boom"):
             failed.result(timeout=60)
         assert batcher.submit(["ok"]).result(timeout=60).shape == (1, 2)  # the worker lives on
+    finally:
+        batcher.close()
+
+
+def test_a_batch_waits_for_requests_that_arrive_together() -> None:
+    from budgetlora.serve import Batcher
+
+    model = _ByLength()
+    batcher = Batcher(model, batch_size=3, max_wait_ms=5000)  # type: ignore[arg-type]
+    try:
+        start = time.monotonic()
+        futures = [batcher.submit(["a"]), batcher.submit(["bb", "ccc"]), batcher.submit(["dd"])]
+        assert [f.result(timeout=60).argmax(1).tolist() for f in futures] == [[1], [0, 1], [0]]
+        # the first two fill the batch (3 texts): no waiting out the 5 s; the third waits alone
+        assert model.calls == [3, 1]
+        assert time.monotonic() - start >= 5 and batcher.batches == 2
     finally:
         batcher.close()

@@ -5,9 +5,10 @@ by length, padded per batch), so they score the same rows with the same inputs."
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,6 +24,7 @@ class Classifier(Protocol):
     backend: str
     label_names: tuple[str, ...]
     max_length: int
+    details: dict[str, Any]  # the base model, the budget and the run's validation/test metrics
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """(n, num_labels) float32 logits, in the order of ``texts``."""
@@ -37,12 +39,20 @@ class TorchClassifier:
     def __init__(
         self, run_dir: str | Path, *, batch_size: int | None = None, mixed_precision: str | None = None
     ) -> None:
+        from budgetlora.export import _headline_metrics
         from budgetlora.predict import load_run
 
-        self.run = load_run(run_dir, mixed_precision=mixed_precision)
+        folder = Path(run_dir)
+        self.run = load_run(folder, mixed_precision=mixed_precision)
         self.label_names = self.run.label_names
         self.max_length = self.run.cfg.data.max_length
         self.batch_size = batch_size
+        budget = folder / "budget.json"
+        self.details = {
+            "model": self.run.cfg.model.name_or_path,
+            "budget": json.loads(budget.read_text(encoding="utf-8")) if budget.is_file() else None,
+            "metrics": _headline_metrics(folder) if (folder / "metrics.json").is_file() else {},
+        }
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         return self.run.logits(texts, batch_size=self.batch_size, use_cache=False)
@@ -65,6 +75,7 @@ class OnnxClassifier:
         info = check_export_dir(folder)
         self.label_names = tuple(info["label_names"])
         self.max_length = int(info["max_length"])
+        self.details = {k: info.get(k) for k in ("budget", "metrics")} | {"model": info.get("base_model")}
         self.batch_size = batch_size or 16  # the CPU default of budgetlora's own inference
         self.tokenizer = load_tokenizer(str(folder))
         options = ort.SessionOptions()

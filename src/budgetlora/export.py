@@ -22,15 +22,16 @@ import torch
 from torch import nn
 
 import budgetlora
+from budgetlora.config import RunConfig
 from budgetlora.errors import BudgetloraError, ExportCheckError
-from budgetlora.rundir import check_output_path, replace_dir_atomic, write_json_atomic
+from budgetlora.rundir import check_output_path, replace_dir_atomic, write_json_atomic, write_text_atomic
 
-__all__ = ["FORMATS", "ExportResult", "export", "check_export_dir", "read_export_info"]
+__all__ = ["FORMATS", "ExportResult", "export", "check_export_dir", "read_export_info", "model_card"]
 
-FORMATS = ("transformers", "onnx")
+FORMATS = ("merged", "onnx")
 ONNX_FILE = "model.onnx"
 INFO_FILE = "export.json"
-# Heads that a stock transformers class reproduces exactly; budgetlora's own linear head
+# Heads that a stock transformers class reproduces exactly (needed by the merged form); budgetlora's own linear head
 # (a linear layer on the first token, no dense + tanh) has no transformers class.
 _TRANSFORMERS_HEADS = ("default", "pooler")
 # Texts of different lengths: the check batch is padded, so the mask is exercised too.
@@ -73,10 +74,10 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
-    check_output_path(output, "--output", folder=True)
+    check_output_path(output, "OUT", folder=True)
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise BudgetloraError(
-            f"--output {output} exists and is not empty; pass --overwrite to replace it "
+            f"OUT {output} exists and is not empty; pass --overwrite to replace it "
             "(the old folder stays until the new export is complete)"
         )
 
@@ -85,16 +86,19 @@ def export(
     run_dir: str | Path,
     output: str | Path,
     *,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = ("merged",),
     model: str | None = None,
     opset: int = 18,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Merge the run's adapter and write ``formats`` into ``output``, checked, in one rename.
+    """Merge the run's adapter and write ``formats`` (``merged``: a transformers
+    ``save_pretrained`` folder; ``onnx``: ``model.onnx``) into ``output`` with the tokenizer,
+    a model card (``README.md``) and ``export.json``, checked, in one rename.
 
     ``model`` replaces the base model path recorded in the run. Every input is checked
     before any weights load; a failure leaves ``output`` as it was (absent or the old export).
     """
+    from budgetlora.modeling import load_model_config
     from budgetlora.predict import _run_config, load_run
 
     run_dir, output = Path(run_dir), Path(output)
@@ -104,12 +108,21 @@ def export(
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if "onnx" in chosen and missing:
         raise BudgetloraError(
-            f"--format onnx needs {', '.join(missing)}: pip install 'budgetlora[onnx]' (or pass --format transformers)"
+            f"--format onnx needs {', '.join(missing)}: pip install 'budgetlora[onnx]' (or pass --format merged)"
         )
     cfg = _run_config(run_dir, model)
-    if "transformers" in chosen and cfg.model.head not in _TRANSFORMERS_HEADS:
+    if not (run_dir / "metrics.json").is_file():
         raise BudgetloraError(
-            f"--format transformers: the run {run_dir} uses model.head={cfg.model.head!r}, which no "
+            f"the run {run_dir} is not finished (metrics.json is missing): finish it with "
+            f"`budgetlora train --resume --output {run_dir}` before exporting it"
+        )
+    try:
+        load_model_config(cfg.model.name_or_path)
+    except BudgetloraError as err:
+        raise BudgetloraError(f"the base model of {run_dir} cannot be read: {err}") from err
+    if "merged" in chosen and cfg.model.head not in _TRANSFORMERS_HEADS:
+        raise BudgetloraError(
+            f"--format merged: the run {run_dir} uses model.head={cfg.model.head!r}, which no "
             "transformers class reproduces (a linear layer on the first token); export it with "
             "--format onnx, or train with --head default"
         )
@@ -134,14 +147,18 @@ def export(
         "label_names": list(run.label_names),
         "max_length": cfg.data.max_length,
         "formats": list(chosen),
+        "budget": json.loads((run_dir / "budget.json").read_text(encoding="utf-8"))
+        if (run_dir / "budget.json").is_file()
+        else None,
+        "metrics": _headline_metrics(run_dir),
         "checks": {},
     }
 
     def fill(tmp: Path) -> None:
         tokenizer.save_pretrained(tmp)
-        if "transformers" in chosen:
+        if "merged" in chosen:
             merged.save_pretrained(tmp)
-            info["checks"]["transformers_max_logit_diff"] = _check_transformers(tmp, inputs, reference)
+            info["checks"]["merged_max_logit_diff"] = _check_transformers(tmp, inputs, reference)
         if "onnx" in chosen:
             _export_onnx(merged, inputs, tmp / ONNX_FILE, opset, cfg.data.max_length)
             info["onnx"] = {
@@ -154,6 +171,7 @@ def export(
                 "outputs": {"logits": f"float32 (batch, {len(run.label_names)})"},
             }
             info["checks"]["onnx_max_logit_diff"] = _check_onnx(tmp / ONNX_FILE, inputs, reference)
+        write_text_atomic(tmp / "README.md", model_card(cfg, info))
         write_json_atomic(tmp / INFO_FILE, info)
 
     replace_dir_atomic(output, fill)
@@ -241,3 +259,109 @@ def read_export_info(path: Path, option: str = "PATH") -> dict[str, Any]:
     if not isinstance(info.get("max_length"), int):
         raise BudgetloraError(f"{file} records no max_length")
     return info
+
+
+def _headline_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Accuracy, macro-F1 and row count of each scored split of a finished run."""
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return {
+        split: {key: metrics[split][key] for key in ("accuracy", "macro_f1", "n")}
+        for split in ("validation", "test")
+        if isinstance(metrics.get(split), dict)
+    }
+
+
+def _is_hub_id(name: str) -> bool:
+    return not Path(name).exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1
+
+
+def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
+    """The export's README.md in the Hub's model-card format (YAML metadata + markdown)."""
+    base, data = cfg.model.name_or_path, cfg.data.source
+    meta = ["library_name: transformers", "pipeline_tag: text-classification"]
+    meta += [f"base_model: {base}"] if _is_hub_id(base) else []
+    meta += [f"datasets:\n- {data}"] if _is_hub_id(data) else []
+    meta += ["tags:\n- budgetlora\n- lora\n- text-classification", "metrics:\n- accuracy\n- f1"]
+    lora, train = cfg.model.lora, cfg.train
+    budget = info.get("budget") or {}
+    groups = budget.get("groups", {})
+    lines = [
+        "---",
+        *meta,
+        "---",
+        "",
+        f"# {Path(info['run']).name}",
+        "",
+        f"A {len(info['label_names'])}-class text classifier: `{base}` fine-tuned with LoRA by "
+        f"budgetlora under a budget of {budget.get('budget', cfg.budget):,} trainable "
+        f"parameters ({budget.get('trainable', 0):,} trained), the adapter merged into the weights: "
+        "no peft or budgetlora is needed to use it.",
+        "",
+        "## Labels",
+        "",
+        "| id | label |",
+        "| ---: | --- |",
+        *[f"| {i} | {name} |" for i, name in enumerate(info["label_names"])],
+        "",
+        "## Data",
+        "",
+        f"Trained on `{data}` (text column `{cfg.data.text_column}`, label column `{cfg.data.label_column}`), "
+        f"texts truncated at {cfg.data.max_length} tokens; validation and test rows held out with split seed "
+        f"{cfg.data.split_seed}.",
+        "",
+        "## Trainable parameters",
+        "",
+        "| group | parameters |",
+        "| --- | ---: |",
+        *[f"| {group} | {count:,} |" for group, count in groups.items()],
+        f"| trainable | {budget.get('trainable', 0):,} |",
+        f"| budget | {budget.get('budget', cfg.budget):,} |",
+        "",
+        "## Results",
+        "",
+        "| split | rows | accuracy | macro-F1 |",
+        "| --- | ---: | ---: | ---: |",
+        *[
+            f"| {split} | {m['n']:,} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |"
+            for split, m in info["metrics"].items()
+        ],
+        "",
+        "## Training",
+        "",
+        f"- LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g} on {', '.join(lora.target_modules)}"
+        + (f" of layers {', '.join(map(str, lora.layers))}" if lora.layers else "")
+        + f"; bias {lora.bias}; head `{cfg.model.head}`",
+        f"- optimizer {train.optimizer}, lr {train.lr:g}, batch size {train.batch_size}, "
+        + (f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs")
+        + f", scheduler {train.scheduler}, seed {train.seed}, mixed precision {train.mixed_precision}",
+        "- the kept checkpoint: the best validation " + train.best_metric,
+        "",
+        "## How to load",
+        "",
+    ]
+    if "merged" in info["formats"]:
+        lines += [
+            "```python",
+            "from transformers import pipeline",
+            "",
+            'classifier = pipeline("text-classification", model="PATH_OR_HUB_ID", top_k=None)',
+            'classifier(["Stocks rally as oil falls"], truncation=True)',
+            "```",
+            "",
+        ]
+    if "onnx" in info["formats"]:
+        lines += [
+            "```python",
+            "import numpy as np, onnxruntime as ort",
+            "from transformers import AutoTokenizer",
+            "",
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+            'session = ort.InferenceSession("PATH/model.onnx", providers=["CPUExecutionProvider"])',
+            'batch = tokenizer(["Stocks rally as oil falls"], padding=True, truncation=True, return_tensors="np")',
+            'inputs = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}',
+            '(logits,) = session.run(["logits"], inputs)  # (batch, labels)',
+            "```",
+            "",
+        ]
+    lines += ["Or serve it over HTTP: `budgetlora serve PATH` (`pip install 'budgetlora[serve]'`).", ""]
+    return "\n".join(lines)

@@ -1,11 +1,12 @@
 """`budgetlora serve`: an HTTP classifier (FastAPI on uvicorn) over a run or an ONNX export.
 
-One worker thread owns the model. Requests queue up while it scores a batch; the next
-batch takes every text that is waiting (up to ``max_batch_texts``), so concurrent clients
-share forward passes without any added wait, and no two forwards compete for the cores.
+One worker thread owns the model. A batch takes the first waiting request and whatever
+arrives within ``max_wait_ms`` (and whatever queued up while the last batch ran), up to
+``batch_size`` texts, and scores them in one length-sorted forward pass; no two forward
+passes compete for the cores.
 
     GET  /health    {"status": "ok"}
-    GET  /info      backend, labels, max_length, max_texts
+    GET  /info      model, labels, budget, metrics, backend and the serving limits
     POST /classify  {"texts": ["...", ...]} -> {"predictions": [{"label", "label_id", "probabilities"}]}
 """
 
@@ -18,6 +19,7 @@ import json
 import queue
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -39,9 +41,11 @@ _Job = tuple[list[str], "Future[np.ndarray]"]
 class Batcher:
     """Scores the texts of many requests in shared batches, on one thread."""
 
-    def __init__(self, classifier: Classifier, *, max_batch_texts: int = 64) -> None:
+    def __init__(self, classifier: Classifier, *, batch_size: int = 32, max_wait_ms: float = 5.0) -> None:
         self.classifier = classifier
-        self.max_batch_texts = max_batch_texts
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.batches = 0  # forward passes run, for /info
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="budgetlora-batcher", daemon=True)
         self._thread.start()
@@ -64,9 +68,11 @@ class Batcher:
             jobs = [job]
             count = len(job[0])
             stop = False
-            while count < self.max_batch_texts:
+            deadline = time.monotonic() + self.max_wait_s
+            while count < self.batch_size:
+                left = deadline - time.monotonic()
                 try:
-                    waiting = self._queue.get_nowait()
+                    waiting = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if waiting is None:
@@ -80,6 +86,7 @@ class Batcher:
 
     def _score(self, jobs: list[_Job]) -> None:
         texts = [text for job_texts, _ in jobs for text in job_texts]
+        self.batches += 1
         try:
             probs = softmax(self.classifier.logits(texts))  # (len(texts), labels)
         except Exception as err:  # handed to each waiting request: a 500, not a dead worker
@@ -136,9 +143,16 @@ def _predictions(texts: Sequence[str], probs: np.ndarray, label_names: Sequence[
     ]
 
 
-def create_app(classifier: Classifier, *, max_texts: int = 256, max_batch_texts: int = 64) -> FastAPI:
+def create_app(
+    classifier: Classifier,
+    *,
+    max_texts: int = 256,
+    batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    max_body_bytes: int = 1_000_000,
+) -> FastAPI:
     """The FastAPI app; its batcher thread starts now and stops when the app shuts down."""
-    batcher = Batcher(classifier, max_batch_texts=max_batch_texts)
+    batcher = Batcher(classifier, batch_size=batch_size, max_wait_ms=max_wait_ms)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -152,10 +166,14 @@ def create_app(classifier: Classifier, *, max_texts: int = 256, max_batch_texts:
         lifespan=lifespan,
     )
     info = {
-        "backend": classifier.backend,
+        **classifier.details,
         "labels": list(classifier.label_names),
+        "backend": classifier.backend,
         "max_length": classifier.max_length,
         "max_texts": max_texts,
+        "batch_size": batch_size,
+        "max_wait_ms": max_wait_ms,
+        "max_body_bytes": max_body_bytes,
     }
 
     @app.get("/health")
@@ -164,12 +182,20 @@ def create_app(classifier: Classifier, *, max_texts: int = 256, max_batch_texts:
 
     @app.get("/info")
     def describe() -> dict[str, Any]:
-        return info
+        return {**info, "forward_passes": batcher.batches}
 
     @app.post("/classify")
     async def classify(request: Request) -> JSONResponse:
         try:
-            texts = parse_texts(await request.body(), max_texts)
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_body_bytes:
+                raise RequestError(f"the request body ({declared} bytes) is over {max_body_bytes} bytes", 413)
+            body = await request.body()
+            if len(body) > max_body_bytes:
+                raise RequestError(
+                    f"the request body ({len(body)} bytes) is over {max_body_bytes} bytes", 413
+                )
+            texts = parse_texts(body, max_texts)
         except RequestError as err:
             return JSONResponse({"detail": str(err)}, status_code=err.status_code)
         try:
@@ -207,20 +233,31 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_texts: int = 256,
-    max_batch_texts: int = 64,
-    batch_size: int | None = None,
+    batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    max_body_bytes: int = 1_000_000,
 ) -> None:
     """Serve ``path`` (an export folder on onnxruntime, or a run folder on torch) until stopped."""
     import uvicorn
 
-    for option, value in (("--max-texts", max_texts), ("--max-batch-texts", max_batch_texts)):
+    for option, value in (
+        ("--max-texts", max_texts),
+        ("--batch-size", batch_size),
+        ("--max-body-bytes", max_body_bytes),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BudgetloraError(f"invalid value for {option}: {value!r} (a positive integer)")
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise BudgetloraError(f"invalid value for --batch-size: {batch_size!r} (a positive integer)")
+    if not (isinstance(max_wait_ms, int | float) and 0 <= max_wait_ms <= 10_000):
+        raise BudgetloraError(f"invalid value for --max-wait-ms: {max_wait_ms!r} (0 to 10000)")
     check_port(host, port)
     classifier = load_classifier(path, batch_size=batch_size)
-    app = create_app(classifier, max_texts=max_texts, max_batch_texts=max_batch_texts)
+    app = create_app(
+        classifier,
+        max_texts=max_texts,
+        batch_size=batch_size,
+        max_wait_ms=max_wait_ms,
+        max_body_bytes=max_body_bytes,
+    )
     print(
         f"budgetlora serve: {path} on {classifier.backend} ({', '.join(classifier.label_names)}) "
         f"at http://{host}:{port}",
