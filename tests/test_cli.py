@@ -16,7 +16,7 @@ import pytest
 
 import budgetlora
 
-COMMANDS = ["train", "evaluate", "predict", "classify", "plan", "distill", "sweep"]
+COMMANDS = ["train", "evaluate", "predict", "classify", "plan", "distill", "sweep", "export", "serve"]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -244,6 +244,39 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from budgetlora.export import FORMATS, export
+
+    formats = FORMATS if args.format == "all" else tuple(f.strip() for f in args.format.split(","))
+    result = export(args.run_dir, args.out, formats=formats, model=args.model, overwrite=args.overwrite)
+    checks = ", ".join(
+        f"{k.removesuffix('_max_logit_diff')} {v:.1e}" for k, v in result.info["checks"].items()
+    )
+    print(
+        f"wrote {result.output} ({', '.join(result.info['formats'])}; largest logit difference to the run: {checks})"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from budgetlora.serve import serve
+    except ImportError as err:
+        raise BudgetloraError(
+            f"budgetlora serve needs the serve extra ({err.name} is missing): pip install 'budgetlora[serve]'"
+        ) from err
+    serve(
+        args.path,
+        host=args.host,
+        port=args.port,
+        max_texts=args.max_texts,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=args.max_body_bytes,
+    )
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from budgetlora.plan import format_plan, plan
 
@@ -335,8 +368,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_inference_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (from budgetlora train)")
+def _add_inference_common(parser: argparse.ArgumentParser, *, export: bool = False) -> None:
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a finished run folder (from budgetlora train)"
+        + (
+            ", or an export folder with model.onnx (budgetlora export --format onnx): onnxruntime"
+            if export
+            else ""
+        ),
+    )
     parser.add_argument("--model", help="base model folder or Hub id, if not the one recorded in the run")
     parser.add_argument(
         "--batch-size",
@@ -379,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label every row of INPUT (CSV/TSV/JSONL/Parquet with a text column, a classic AG News CSV, "
         "or a pickled HF Dataset with --allow-pickle) and write ID,Label plus a .probs.csv beside it.",
     )
-    _add_inference_common(p)
+    _add_inference_common(p, export=True)
     p.add_argument("input", metavar="INPUT", help="file of texts to label")
     p.add_argument("--output", default="submission.csv", help="submission path (default submission.csv)")
     p.add_argument("--text-column", default="text", help="text column name (default text)")
@@ -391,10 +433,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("classify", help="label a few texts given on the command line")
-    _add_inference_common(p)
+    _add_inference_common(p, export=True)
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser(
+        "export",
+        help="write a run as a merged transformers model (and/or an ONNX graph) with a model card",
+        description="Merge the run's LoRA adapter into the encoder (float32) and write OUT: with --format merged "
+        "a save_pretrained folder that transformers.pipeline('text-classification', model=OUT) loads; with "
+        "--format onnx model.onnx for onnxruntime; always the tokenizer, a model card (README.md) and "
+        "export.json. Each form is checked against the run's logits before the folder appears.",
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a finished run folder (from budgetlora train)")
+    p.add_argument("out", metavar="OUT", help="export folder to write")
+    p.add_argument(
+        "--format",
+        default="merged",
+        help="merged (default), onnx, or all (both; also merged,onnx)",
+    )
+    p.add_argument("--model", help="base model folder or Hub id, if not the one recorded in the run")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing export (once the new one is complete)"
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP classifier (POST /classify) over an export or a run folder",
+        description="Serve PATH over HTTP: an export folder runs on onnxruntime, a run folder on torch. "
+        'POST /classify {"texts": [...]} returns labels and probabilities; GET /health, GET /info. '
+        "Requests arriving together share one length-sorted forward pass. Needs the serve extra (fastapi, uvicorn).",
+    )
+    p.add_argument("path", metavar="PATH", help="an export folder (budgetlora export) or a run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-texts", type=int, default=256, help="most texts one request may send (default 256)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="most texts of waiting requests scored in one forward pass (default 32)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests after the first (default 5 ms)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1,000,000 bytes)"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "plan",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BudgetloraError", "OverBudgetError"]
+__all__ = ["BudgetloraError", "OverBudgetError", "ExportCheckError"]
 
 
 class BudgetloraError(Exception):
@@ -13,3 +13,9 @@ class BudgetloraError(Exception):
 
 class OverBudgetError(BudgetloraError):
     """The configuration trains more parameters than the budget allows."""
+
+
+class ExportCheckError(BudgetloraError):
+    """An exported model that does not reproduce the run's own logits (nothing is written)."""
+
+    exit_code = 1

@@ -185,31 +185,58 @@ def predict(
     batch_size: int | None = None,
 ) -> Path:
     """Write ``ID,Label`` for every row of ``input_path`` (in input order) and, beside it,
-    ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path."""
+    ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path.
+
+    ``run_dir`` may also be an export folder with ``model.onnx`` (``budgetlora export``): it
+    is scored on onnxruntime."""
     from budgetlora.data import read_table
 
     _check_batch_size(batch_size)
     output = Path(output)
     for path in (output, output.with_suffix(".probs.csv")):
         check_output_path(path, "--output", folder=False)
-    cfg = _run_config(Path(run_dir), model)  # before reading the input: the cheaper mistake first
+    onnx = _check_export(Path(run_dir), model)
+    cfg = (
+        None if onnx else _run_config(Path(run_dir), model)
+    )  # before reading the input: the cheaper mistake first
     table = read_table(
         input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle, unique_ids=True
     )
-    run = load_run(run_dir, cfg=cfg)
-    logits = run.logits(table.texts, batch_size=batch_size, progress=True)
-    if run.runtime.is_main_process:
+    if onnx:
+        from budgetlora.backends import OnnxClassifier
+
+        classifier = OnnxClassifier(run_dir, batch_size=batch_size)
+        logits, label_names, is_main = classifier.logits(table.texts), classifier.label_names, True
+    else:
+        run = load_run(run_dir, cfg=cfg)
+        logits = run.logits(table.texts, batch_size=batch_size, progress=True)
+        label_names, is_main = run.label_names, run.runtime.is_main_process
+    if is_main:
         ids = table.ids if table.ids is not None else [str(i) for i in range(len(table))]
         preds = logits.argmax(axis=1)
         probs = softmax(logits)
         _write_csv(output, ["ID", "Label"], ([i, int(p)] for i, p in zip(ids, preds, strict=True)))
-        header = ["ID", "Label", "label_name", *[f"p_{name}" for name in run.label_names]]
+        header = ["ID", "Label", "label_name", *[f"p_{name}" for name in label_names]]
         rows = (
-            [i, int(p), run.label_names[p], *[f"{x:.6f}" for x in prob]]
+            [i, int(p), label_names[p], *[f"{x:.6f}" for x in prob]]
             for i, p, prob in zip(ids, preds, probs, strict=True)
         )
         _write_csv(output.with_suffix(".probs.csv"), header, rows)
     return output
+
+
+def _check_export(folder: Path, model: str | None) -> bool:
+    """True for an export folder (scored on onnxruntime), checked; False for anything else."""
+    if not (folder / "export.json").is_file():
+        return False
+    from budgetlora.export import check_export_dir
+
+    if model is not None:
+        raise BudgetloraError(
+            f"--model applies to a run folder; {folder} is an export, its model is inside it"
+        )
+    check_export_dir(folder, "RUN_DIR")
+    return True
 
 
 def _write_csv(path: Path, header: list[str], rows: Any) -> None:
@@ -224,7 +251,8 @@ def _write_csv(path: Path, header: list[str], rows: Any) -> None:
 def classify(
     run_dir: str | Path, texts: Sequence[str], *, model: str | None = None, batch_size: int | None = None
 ) -> list[dict[str, Any]]:
-    """Label and class probabilities for each text."""
+    """Label and class probabilities for each text (of a run folder, or of an export folder
+    with ``model.onnx`` on onnxruntime)."""
     if not texts:
         raise BudgetloraError("classify needs at least one text")
     empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
@@ -233,14 +261,21 @@ def classify(
             f"TEXT {', '.join(map(str, empty))} of {len(texts)} is empty or whitespace only: nothing to classify"
         )
     _check_batch_size(batch_size)
-    run = load_run(run_dir, model=model)
-    probs = softmax(run.logits(texts, batch_size=batch_size, use_cache=False))
+    if _check_export(Path(run_dir), model):
+        from budgetlora.backends import OnnxClassifier
+
+        classifier = OnnxClassifier(run_dir, batch_size=batch_size)
+        label_names, logits = classifier.label_names, classifier.logits(texts)
+    else:
+        run = load_run(run_dir, model=model)
+        label_names, logits = run.label_names, run.logits(texts, batch_size=batch_size, use_cache=False)
+    probs = softmax(logits)
     return [
         {
             "text": text,
-            "label": run.label_names[int(p.argmax())],
+            "label": label_names[int(p.argmax())],
             "label_id": int(p.argmax()),
-            "probabilities": {name: float(x) for name, x in zip(run.label_names, p, strict=True)},
+            "probabilities": {name: float(x) for name, x in zip(label_names, p, strict=True)},
         }
         for text, p in zip(texts, probs, strict=True)
     ]

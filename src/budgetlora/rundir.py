@@ -78,6 +78,7 @@ def replace_dir_atomic(target: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private (0700)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")

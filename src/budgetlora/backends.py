@@ -1,0 +1,128 @@
+"""Inference backends behind one interface: a run folder on torch, or its ONNX export on
+onnxruntime. Both tokenize and batch the same way (budgetlora's truncation, batches sorted
+by length, padded per batch), so they score the same rows with the same inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from budgetlora.batching import Collator, encode, pad_id, sorted_batches
+from budgetlora.errors import BudgetloraError
+
+__all__ = ["Classifier", "OnnxClassifier", "TorchClassifier", "load_classifier"]
+
+
+class Classifier(Protocol):
+    """Logits for texts, with the label names and the truncation length they were trained at."""
+
+    backend: str
+    label_names: tuple[str, ...]
+    max_length: int
+    details: dict[str, Any]  # the base model, the budget and the run's validation/test metrics
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, num_labels) float32 logits, in the order of ``texts``."""
+        ...
+
+
+class TorchClassifier:
+    """A run folder, reloaded with its LoRA merged (budgetlora's own inference path)."""
+
+    backend = "torch"
+
+    def __init__(
+        self, run_dir: str | Path, *, batch_size: int | None = None, mixed_precision: str | None = None
+    ) -> None:
+        from budgetlora.export import _headline_metrics
+        from budgetlora.predict import load_run
+
+        folder = Path(run_dir)
+        self.run = load_run(folder, mixed_precision=mixed_precision)
+        self.label_names = self.run.label_names
+        self.max_length = self.run.cfg.data.max_length
+        self.batch_size = batch_size
+        budget = folder / "budget.json"
+        self.details = {
+            "model": self.run.cfg.model.name_or_path,
+            "budget": json.loads(budget.read_text(encoding="utf-8")) if budget.is_file() else None,
+            "metrics": _headline_metrics(folder) if (folder / "metrics.json").is_file() else {},
+        }
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        return self.run.logits(texts, batch_size=self.batch_size, use_cache=False)
+
+
+class OnnxClassifier:
+    """An export folder's ``model.onnx`` on onnxruntime's CPU provider, with its tokenizer."""
+
+    backend = "onnx"
+
+    def __init__(
+        self, export_dir: str | Path, *, batch_size: int | None = None, threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        from budgetlora.export import ONNX_FILE, check_export_dir
+        from budgetlora.modeling import load_tokenizer
+
+        folder = Path(export_dir)
+        info = check_export_dir(folder)
+        self.label_names = tuple(info["label_names"])
+        self.max_length = int(info["max_length"])
+        self.details = {k: info.get(k) for k in ("budget", "metrics")} | {"model": info.get("base_model")}
+        self.batch_size = batch_size or 16  # the CPU default of budgetlora's own inference
+        self.tokenizer = load_tokenizer(str(folder))
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        encoded = encode(list(texts), None, self.tokenizer, self.max_length, use_cache=False)
+        collate = Collator(encoded, pad_id(self.tokenizer))
+        out = np.zeros((len(encoded), len(self.label_names)), dtype=np.float32)
+        for rows in sorted_batches(encoded.lengths, self.batch_size):
+            batch = collate(rows)
+            (logits,) = self.session.run(
+                ["logits"],
+                {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()},
+            )  # (batch, labels)
+            out[rows] = logits
+        return out
+
+
+def load_classifier(path: str | Path, *, option: str = "PATH", batch_size: int | None = None) -> Classifier:
+    """An export folder (``export.json``: onnxruntime) or a run folder (``config.yaml``: torch).
+
+    Checked before anything loads: what kind of folder it is, and that the backend's
+    packages are installed.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BudgetloraError(f"{option} {folder}: no such folder (a run folder or an export folder)")
+    if (folder / "export.json").is_file():
+        from budgetlora.export import check_export_dir
+
+        check_export_dir(folder, option)
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise BudgetloraError(
+                f"{option} {folder} is an ONNX export: onnxruntime is not installed "
+                "(pip install 'budgetlora[serve]')"
+            )
+        return OnnxClassifier(folder, batch_size=batch_size)
+    if (folder / "config.yaml").is_file():
+        from budgetlora.predict import _run_config
+
+        _run_config(folder, None)
+        return TorchClassifier(folder, batch_size=batch_size)
+    raise BudgetloraError(
+        f"{option} {folder} is neither a run folder (config.yaml) nor an export folder (export.json)"
+    )
