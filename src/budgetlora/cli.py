@@ -23,6 +23,10 @@ from budgetlora.errors import BudgetloraError
 
 __all__ = ["main", "build_parser"]
 
+# Size knobs take a number or 'auto' (the largest that fits).
+_SIZE_KEYS = frozenset(
+    {"model.lora.r", "model.vera.r", "model.fourierft.n_frequency", "model.loha.r", "model.lokr.r"}
+)
 # option -> (config key, argparse type); help comes from the config field's docstring.
 TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
     "--model": ("model.name_or_path", str),
@@ -30,12 +34,17 @@ TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
     "--output": ("output", str),
     "--budget": ("budget", int),
     "--head": ("model.head", str),
+    "--method": ("model.method", str),
     "--lora-r": ("model.lora.r", str),
     "--lora-alpha": ("model.lora.alpha", float),
     "--lora-dropout": ("model.lora.dropout", float),
     "--target-modules": ("model.lora.target_modules", str),
     "--layers": ("model.lora.layers", str),
     "--bias": ("model.lora.bias", str),
+    "--vera-r": ("model.vera.r", str),
+    "--fourierft-n-frequency": ("model.fourierft.n_frequency", str),
+    "--loha-r": ("model.loha.r", str),
+    "--lokr-r": ("model.lokr.r", str),
     "--text-column": ("data.text_column", str),
     "--label-column": ("data.label_column", str),
     "--validation-size": ("data.validation_size", float),
@@ -151,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for option, (key, _kind) in TRAIN_OPTIONS.items():
         value = getattr(args, _dest(option))
         if value is not None:
-            overrides[key] = int(value) if key == "model.lora.r" and value.isdigit() else value
+            overrides[key] = int(value) if key in _SIZE_KEYS and value.isdigit() else value
     for option, key in TRAIN_SWITCHES.items():
         if getattr(args, _dest(option)):
             overrides[key] = True
@@ -280,6 +289,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from budgetlora.plan import format_plan, plan
 
+    if args.methods:
+        return _plan_methods(args)
     rows = plan(args.model, args.budget, args.labels)
     if args.format == "table":
         print(
@@ -291,6 +302,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(
             "\ntrain a row: budgetlora train --model MODEL --head H --target-modules T [--layers L] --lora-r R"
         )
+    return 0
+
+
+def _plan_methods(args: argparse.Namespace) -> int:
+    from budgetlora.plan import format_method_plan, plan_methods
+
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    try:
+        layers = None if args.layers is None else tuple(int(x) for x in args.layers.split(",") if x.strip())
+    except ValueError as err:
+        raise BudgetloraError(f"--layers {args.layers!r}: expected integers like 0,1,5") from err
+    rows = plan_methods(args.model, args.budget, args.labels, head=args.head, targets=targets, layers=layers)
+    if args.format == "table":
+        where = f"layers {args.layers}" if layers is not None else "all layers"
+        print(
+            f"{args.model}, {args.labels} labels, --head {args.head}, --target-modules {','.join(targets)}, "
+            f"{where}: each adapter method at the largest size that fits a budget of {args.budget:,} "
+            "trainable parameters (head included)\n"
+        )
+    print(format_method_plan(rows, args.format))
+    if args.format == "table":
+        print("\ntrain a row, e.g.: budgetlora train " + next((r.options for r in rows if r.fits), ""))
     return 0
 
 
@@ -509,6 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="table",
         help="output format (default table)",
     )
+    p.add_argument(
+        "--methods",
+        action="store_true",
+        help="instead: every adapter method (lora, vera, fourierft, ia3, loha, lokr) at its largest size "
+        "that fits, on one head, target set and layers",
+    )
+    p.add_argument("--head", default="linear", help="with --methods: the head (default linear)")
+    p.add_argument(
+        "--target-modules", default="all", help="with --methods: role or module names (default all)"
+    )
+    p.add_argument("--layers", default=None, help="with --methods: layers, e.g. 6,7,8 (default all)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(

@@ -23,6 +23,11 @@ from budgetlora.errors import BudgetloraError
 __all__ = [
     "DataConfig",
     "LoraSettings",
+    "VeraSettings",
+    "FourierFTSettings",
+    "LohaSettings",
+    "LokrSettings",
+    "METHODS",
     "ModelConfig",
     "TrainSettings",
     "RunConfig",
@@ -176,6 +181,91 @@ class LoraSettings:
                 _fail(f"lora.rank_pattern[{name!r}]", rank, "a positive integer")
 
 
+def _check_size_knob(option: str, value: Any) -> None:
+    """A method's main size knob: a positive integer or 'auto'."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        _fail(option, value, "a positive integer or 'auto'")
+
+
+@dataclass(frozen=True)
+class VeraSettings:
+    """VeRA (--method vera): frozen random matrices shared by all layers, two trained scaling vectors per module."""
+
+    r: int | Literal["auto"] = 256
+    """VeRA rank: the width of the shared frozen matrices (costs one trained scalar per module per unit); 'auto': the largest that fits."""
+    d_initial: float = 0.1
+    """Initial value of the trained vector that scales the rank dimension."""
+    projection_prng_key: int = 0
+    """Seed of the shared frozen random matrices."""
+    save_projection: bool = True
+    """Save the shared frozen matrices with the adapter (reloads exactly without regenerating them)."""
+
+    def __post_init__(self) -> None:
+        _check_size_knob("vera.r", self.r)
+        _check_positive("vera.d_initial", self.d_initial)
+        _check_seed("vera.projection_prng_key", self.projection_prng_key)
+
+
+@dataclass(frozen=True)
+class FourierFTSettings:
+    """FourierFT (--method fourierft): a few trained spectral coefficients per module, at fixed random frequencies."""
+
+    n_frequency: int | Literal["auto"] = 1000
+    """Trained spectral coefficients per adapted module; 'auto': the largest number that fits."""
+    scaling: float = 150.0
+    """Scale of the weight update (as LoRA's alpha / r)."""
+    random_loc_seed: int = 777
+    """Seed of the frequencies each module trains."""
+
+    def __post_init__(self) -> None:
+        _check_size_knob("fourierft.n_frequency", self.n_frequency)
+        _check_positive("fourierft.scaling", self.scaling)
+        _check_seed("fourierft.random_loc_seed", self.random_loc_seed)
+
+
+@dataclass(frozen=True)
+class LohaSettings:
+    """LoHa (--method loha): the update is the Hadamard product of two low-rank products."""
+
+    r: int | Literal["auto"] = 8
+    """LoHa rank (each module trains 2 * r * (in + out)); 'auto': the largest that fits."""
+    alpha: float = 8.0
+    """LoHa scaling numerator (scale = alpha / r)."""
+
+    def __post_init__(self) -> None:
+        _check_size_knob("loha.r", self.r)
+        _check_positive("loha.alpha", self.alpha)
+
+
+@dataclass(frozen=True)
+class LokrSettings:
+    """LoKr (--method lokr): the update is a Kronecker product of a small full matrix and a low-rank one."""
+
+    r: int | Literal["auto"] = 8
+    """LoKr rank of the larger Kronecker factor (full once r reaches half its side); 'auto': the largest that adds parameters and fits."""
+    alpha: float = 8.0
+    """LoKr scaling numerator (scale = alpha / r)."""
+    decompose_factor: int = -1
+    """Size of the small Kronecker factor's sides (-1: near the square root of each side); smaller factors make the low-rank factor larger."""
+    decompose_both: bool = False
+    """Also make the small Kronecker factor low-rank."""
+
+    def __post_init__(self) -> None:
+        _check_size_knob("lokr.r", self.r)
+        _check_positive("lokr.alpha", self.alpha)
+        if (
+            isinstance(self.decompose_factor, bool)
+            or not isinstance(self.decompose_factor, int)
+            or (self.decompose_factor < 1 and self.decompose_factor != -1)
+        ):
+            _fail("lokr.decompose_factor", self.decompose_factor, "-1 or a positive integer")
+
+
+METHODS: tuple[str, ...] = ("lora", "vera", "fourierft", "ia3", "loha", "lokr")
+# Options of the lora block that only LoRA has (target_modules and layers serve every method).
+_LORA_ONLY = (("use_dora", False), ("use_rslora", False))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The pretrained encoder and what is trained on top of it."""
@@ -187,12 +277,33 @@ class ModelConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Model config fields to override, e.g. {hidden_dropout_prob: 0.07, classifier_dropout: 0.2}."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    """The LoRA adapter."""
+    """The LoRA adapter; its target_modules and layers choose the modules of every method."""
+    method: Literal["lora", "vera", "fourierft", "ia3", "loha", "lokr"] = "lora"
+    """The peft adapter method: lora, vera, fourierft, ia3 (no size knob: one vector per module), loha or lokr."""
+    vera: VeraSettings = field(default_factory=VeraSettings)
+    """VeRA's settings (with --method vera)."""
+    fourierft: FourierFTSettings = field(default_factory=FourierFTSettings)
+    """FourierFT's settings (with --method fourierft)."""
+    loha: LohaSettings = field(default_factory=LohaSettings)
+    """LoHa's settings (with --method loha)."""
+    lokr: LokrSettings = field(default_factory=LokrSettings)
+    """LoKr's settings (with --method lokr)."""
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             _fail("model.name_or_path", self.name_or_path, "a Hub id or a local folder")
         _check_choice("model.head", self.head, ("default", "linear", "pooler"))
+        _check_choice("model.method", self.method, METHODS)
+        if self.method == "lora":
+            return
+        for name, off in _LORA_ONLY:
+            if getattr(self.lora, name) != off:
+                _fail(f"lora.{name}", getattr(self.lora, name), f"LoRA only; model.method is {self.method}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if getattr(self.lora, name):
+                _fail(f"lora.{name}", getattr(self.lora, name), f"LoRA only; model.method is {self.method}")
+        if self.lora.bias != "none" and self.method in ("ia3", "loha", "lokr"):
+            _fail("lora.bias", self.lora.bias, f"{self.method} trains no biases: only none")
 
 
 @dataclass(frozen=True)

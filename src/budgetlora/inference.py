@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from peft import PeftModel
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,9 +37,25 @@ def inference_model(model: nn.Module, runtime: Runtime, *, keep: bool = False) -
     if keep:
         model = copy.deepcopy(model)
     if isinstance(model, PeftModel):
+        _unwrap_saved_modules(model)
         model = model.merge_and_unload()
     model.eval()
     return model.to(runtime.device, runtime.plan.inference_dtype)  # type: ignore[arg-type]
+
+
+def _unwrap_saved_modules(model: PeftModel) -> None:
+    """Put each trained head copy (``modules_to_save``) in its wrapper's place, as unloading does.
+
+    Done here because peft's generic unloading (VeRA, FourierFT, LoHa, LoKr, IA3; LoRA has
+    its own) copies ``weight`` onto the unwrapped module, and a head module such as
+    RoBERTa's classifier (dense + out_proj) has none: it raises AttributeError.
+    """
+    wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, wrapper in wrappers:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        active = wrapper.active_adapters
+        setattr(parent, child, wrapper.modules_to_save[active[0]] if active else wrapper.original_module)
 
 
 def predict_logits(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from budgetlora.config import LoraSettings, ModelConfig
+from budgetlora.config import ModelConfig
 from budgetlora.errors import BudgetloraError
 
 __all__ = [
@@ -326,22 +326,6 @@ def display_name(name_or_path: str) -> str:
 # --- the model ---------------------------------------------------------------------
 
 
-def _lora_config(lora: LoraSettings, targets: list[str], rank: int, heads: list[str]) -> LoraConfig:
-    return LoraConfig(
-        r=rank,
-        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts a float scale
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        bias=lora.bias,
-        use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora,
-        rank_pattern=dict(lora.rank_pattern),
-        alpha_pattern=dict(lora.alpha_pattern),
-        modules_to_save=heads,
-        task_type="SEQ_CLS",
-    )
-
-
 def load_base_model(cfg: ModelConfig, label_names: Sequence[str], *, weights: bool = True) -> PreTrainedModel:
     """The pretrained encoder with ``cfg.head`` in place and the label names set, no adapter.
 
@@ -378,18 +362,27 @@ def build_model(
     weights: bool = True,
     rank: int | None = None,
 ) -> PeftModel:
-    """The model that trains: encoder + head + LoRA, with exactly the trainable parameters counted.
+    """The model that trains: encoder + head + the ``cfg.method`` adapter, with exactly the
+    trainable parameters counted.
 
     ``weights=False`` builds the weightless skeleton (see :func:`load_base_model`).
-    ``rank`` overrides ``cfg.lora.r`` (needed when it is 'auto').
+    ``rank`` overrides the method's main size knob (``lora.r``, ``vera.r``,
+    ``fourierft.n_frequency``, ``loha.r``, ``lokr.r``; needed when it is 'auto').
     """
-    r = rank if rank is not None else cfg.lora.r
-    if not isinstance(r, int):
-        raise BudgetloraError("lora.r is 'auto': resolve it with budget.resolve_rank first")
+    from budgetlora.methods import SIZE_KEYS, adapter_config, size_of
+
+    size = rank if rank is not None else size_of(cfg)
+    if SIZE_KEYS[cfg.method] is not None and not isinstance(size, int):
+        raise BudgetloraError(f"{SIZE_KEYS[cfg.method]} is 'auto': resolve it with budget.resolve_size first")
     model = load_base_model(cfg, label_names, weights=weights)
     targets = resolve_targets(model, cfg.lora.target_modules, cfg.lora.layers)
-    lora_config = _lora_config(cfg.lora, targets, r, head_module_name(model))
-    return get_peft_model(model, lora_config)  # type: ignore[return-value]
+    peft_config = adapter_config(
+        cfg, targets, size if isinstance(size, int) else None, head_module_name(model)
+    )
+    try:
+        return get_peft_model(model, peft_config)  # type: ignore[return-value]
+    except ValueError as err:  # e.g. a FourierFT n_frequency above a module's in * out
+        raise BudgetloraError(f"model.method {cfg.method}: {_first_line(err)}") from err
 
 
 def _load_weights(name_or_path: str, config: PretrainedConfig) -> PreTrainedModel:

@@ -12,18 +12,28 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 
-from budgetlora.budget import measure, resolve_rank
+from budgetlora.budget import measure, resolve_rank, resolve_size
 from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.methods import METHODS, SIZE_KEYS, size_cap, size_flag
 from budgetlora.modeling import layer_index, load_base_model, load_model_config, resolve_targets
 
-__all__ = ["HEADS", "TARGET_SETS", "PlanRow", "plan", "format_plan"]
+__all__ = [
+    "HEADS",
+    "TARGET_SETS",
+    "PlanRow",
+    "plan",
+    "format_plan",
+    "MethodRow",
+    "plan_methods",
+    "format_method_plan",
+]
 
 HEADS: tuple[str, ...] = ("default", "linear", "pooler")
 # Target sets from the cheapest to the widest, each as --target-modules takes it.
@@ -348,3 +358,200 @@ def format_plan(rows: Sequence[PlanRow], style: Style = "table") -> str:
         ).rstrip()
 
     return "\n".join([line(_COLUMNS), *(line(cells) for cells in body), *_footnotes(rows)])
+
+
+# --- per method -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One adapter method at the largest main size knob that fits, for the chosen head, targets and layers."""
+
+    method: str
+    """The --method value."""
+    head: str
+    """The --head value."""
+    targets: tuple[str, ...]
+    """The --target-modules value."""
+    layers: tuple[int, ...] | None
+    """The --layers value; None: every layer."""
+    modules: int
+    """Linear modules the adapter goes into."""
+    size_key: str | None
+    """The method's main size knob (lora.r, vera.r, ...); None for IA3 (no knob)."""
+    size: int | None
+    """Its largest value that fits (None: no knob, or nothing fits)."""
+    groups: dict[str, int]
+    """Trainable parameters by group at ``size`` (at size 1 when nothing fits)."""
+    frozen: dict[str, int]
+    """Frozen tensors the method adds (VeRA's shared matrices): not trainable, not counted."""
+    budget: int
+    """The budget the row was planned for."""
+    capped: bool = False
+    """The size stopped at :func:`budgetlora.methods.size_cap`: more would add parameters but no rank."""
+
+    @property
+    def trainable(self) -> int:
+        return sum(self.groups.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.trainable <= self.budget and (self.size is not None or self.size_key is None)
+
+    @property
+    def adapter_params(self) -> int:
+        return sum(n for g, n in self.groups.items() if g.startswith(f"{self.method}."))
+
+    @property
+    def options(self) -> str:
+        """The ``budgetlora train`` options for this row (empty when it does not fit)."""
+        if not self.fits:
+            return ""
+        parts = [
+            f"--method {self.method}",
+            f"--head {self.head}",
+            f"--target-modules {','.join(self.targets)}",
+        ]
+        if self.layers is not None:
+            parts.append("--layers " + ",".join(map(str, self.layers)))
+        flag = size_flag(self.method)
+        if flag is not None:
+            parts.append(f"{flag} {self.size}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "head": self.head,
+            "targets": ",".join(self.targets),
+            "layers": None if self.layers is None else list(self.layers),
+            "modules": self.modules,
+            "size_key": self.size_key,
+            "size": self.size,
+            "capped": self.capped,
+            "adapter_params": self.adapter_params,
+            "head_params": self.groups.get("head", 0),
+            "trainable": self.trainable,
+            "frozen_not_counted": sum(self.frozen.values()),
+            "budget": self.budget,
+            "share": round(self.trainable / self.budget, 6),
+            "fits": self.fits,
+            "groups": dict(self.groups),
+            "options": self.options,
+        }
+
+
+def plan_methods(
+    model: str,
+    budget: int,
+    labels: int = 4,
+    *,
+    head: str = "linear",
+    targets: Sequence[str] = ("all",),
+    layers: Sequence[int] | None = None,
+    methods: Sequence[str] = METHODS,
+) -> list[MethodRow]:
+    """Every adapter method on the same head, targets and layers, at the largest size that fits.
+
+    Counted on the weightless skeleton with :func:`budget.resolve_size` and
+    :func:`budget.measure`, as ``train`` counts them. LoRA's rank, like the other methods'
+    sizes, stops at :func:`budgetlora.methods.size_cap` (``capped``). A method that does not
+    fit even at size 1 is kept with ``size=None``.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise BudgetloraError(f"invalid value for --budget: {budget!r} (a positive number of parameters)")
+    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 2:
+        raise BudgetloraError(f"invalid value for --labels: {labels!r} (a number of classes, at least 2)")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise BudgetloraError(f"unknown method {unknown[0]!r}; allowed: {', '.join(METHODS)}")
+    names = tuple(f"label_{i}" for i in range(labels))
+    folder = _config_folder(model)
+    lora = LoraSettings(target_modules=tuple(targets), layers=None if layers is None else tuple(layers))
+    base = ModelConfig(folder, head=head, lora=lora)  # type: ignore[arg-type]
+    skeleton = load_base_model(base, names, weights=False)
+    modules = dict(skeleton.named_modules())
+    adapted = resolve_targets(skeleton, lora.target_modules, lora.layers)
+    shapes = [(modules[n].in_features, modules[n].out_features) for n in adapted]
+    rows = []
+    for method in methods:
+        cfg = replace(base, method=method)  # type: ignore[arg-type]
+        key = SIZE_KEYS[method]
+        cap = size_cap(cfg, shapes)
+        try:
+            size = resolve_size(cfg, names, budget)
+        except OverBudgetError:
+            size = None
+        capped = size is not None and cap is not None and size >= cap
+        if capped:
+            size = cap
+        counted = measure(cfg, names, budget, rank=size or 1) if key else measure(cfg, names, budget)
+        rows.append(
+            MethodRow(method, head, tuple(targets), base.lora.layers, len(adapted), key, size,
+                      counted.groups, counted.frozen, budget, capped)
+        )  # fmt: skip
+    return rows
+
+
+_METHOD_COLUMNS = (
+    "method",
+    "size knob",
+    "size",
+    "adapter",
+    "head params",
+    "trainable",
+    "of budget",
+    "frozen",
+)
+
+
+def format_method_plan(rows: Sequence[MethodRow], style: Style = "table") -> str:
+    """The per-method rows as a terminal ``table``, ``markdown``, ``csv`` or ``json``."""
+    if style == "json":
+        return json.dumps([row.to_dict() for row in rows], indent=2)
+    if style == "csv":
+        out = io.StringIO()
+        fields = [k for k in rows[0].to_dict() if k != "groups"] if rows else []
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.to_dict())
+        return out.getvalue().rstrip("\n")
+    body = [
+        [
+            row.method,
+            row.size_key or "(none)",
+            "-" if row.size is None else f"{row.size}{'*' if row.capped else ''}",
+            f"{row.adapter_params:,}",
+            f"{row.groups.get('head', 0):,}",
+            f"{row.trainable:,}",
+            f"{row.trainable / row.budget:.1%}" if row.fits else "does not fit",
+            f"{sum(row.frozen.values()):,}" if row.frozen else "",
+        ]
+        for row in rows
+    ]
+    notes = [
+        "* capped: a larger size fits but adds no rank (LoRA, VeRA, LoHa: the matrices' smaller side; "
+        "FourierFT: in x out; LoKr: every Kronecker factor full)"
+    ]
+    if any(row.frozen for row in rows):
+        notes.append(
+            "frozen: tensors the method adds but never trains (VeRA's shared random matrices): not counted"
+        )
+    right = set(_METHOD_COLUMNS) - {"method", "size knob"}
+    if style == "markdown":
+        lines = ["| " + " | ".join(_METHOD_COLUMNS) + " |"]
+        lines.append("| " + " | ".join("---:" if c in right else "---" for c in _METHOD_COLUMNS) + " |")
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines + ["", *(f"{n}  " for n in notes)]).rstrip()
+    if style != "table":
+        raise BudgetloraError(f"invalid value for --format: {style!r} (allowed: table, markdown, csv, json)")
+    widths = [max(len(c), *(len(cells[i]) for cells in body)) for i, c in enumerate(_METHOD_COLUMNS)]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if col in right else cell.ljust(w)
+            for cell, w, col in zip(cells, widths, _METHOD_COLUMNS, strict=True)
+        ).rstrip()
+        for cells in [list(_METHOD_COLUMNS), *body]
+    ]
+    return "\n".join(lines + notes)

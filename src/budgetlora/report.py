@@ -401,7 +401,14 @@ def write_report(
         trainable = int(budget.get("trainable", sum(groups.values())))
         limit = int(budget["budget"]) if budget.get("budget") else None
         written.append(_plot_budget(out_dir / "budget.png", groups, trainable, limit))
-        sections.append(_budget_section(groups, trainable, limit, budget.get("fits")))
+        section = _budget_section(groups, trainable, limit, budget.get("fits"))
+        frozen = budget.get("frozen_not_counted") or {}
+        if frozen:  # VeRA's shared random matrices: buffers, never trained
+            listed = ", ".join(f"`{name}` {int(n):,}" for name, n in frozen.items())
+            section = section.rstrip("\n") + (
+                f"\n\nFrozen, not trainable and not counted: {listed} (the method's fixed random matrices).\n"
+            )
+        sections.append(section)
     if train_labels is not None:
         train = np.asarray(train_labels, dtype=np.int64)  # (n,)
         if train.size and (train.min() < 0 or train.max() >= k):

@@ -78,8 +78,8 @@ def _config_keys() -> dict[str, str]:
     leaves: dict[str, list[str]] = {}
     for key in list(keys):
         leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
-        if key.startswith("model.lora."):
-            keys[key.removeprefix("model.")] = key  # lora.r -> model.lora.r
+        if key.startswith("model.") and key.count(".") == 2:
+            keys[key.removeprefix("model.")] = key  # lora.r -> model.lora.r, vera.r -> model.vera.r
     for leaf, full in leaves.items():
         if len(full) == 1:
             keys.setdefault(leaf, full[0])  # lr -> train.lr, head -> model.head
@@ -94,7 +94,7 @@ def _normalize_key(key: str, known: dict[str, str], teacher: bool) -> str:
     if key not in known:
         raise BudgetloraError(
             f"search space key {key!r} is not a config key; use dotted keys such as train.lr, "
-            "model.lora.r (or lora.r), model.head, train.batch_size, distill.alpha"
+            "model.lora.r (or lora.r), model.method, vera.r, model.head, train.batch_size, distill.alpha"
         )
     return known[key]
 

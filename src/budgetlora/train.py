@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from budgetlora.batching import Collator, Encoded, encode, iterate, length_grouped_batches, pad_id
-from budgetlora.budget import Budget, check_budget, count_trainable, measure, resolve_rank
+from budgetlora.budget import Budget, check_budget, count_trainable, measure, resolve_size
 from budgetlora.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -47,6 +47,7 @@ from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_con
 from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
+from budgetlora.methods import size_of, with_size
 from budgetlora.metrics import score
 from budgetlora.modeling import build_model, check_max_length, display_name, load_tokenizer
 from budgetlora.report import write_report
@@ -102,7 +103,7 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
 
 
 def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
-    """Read the data, resolve label names and ``lora.r: auto``, and check the budget.
+    """Read the data, resolve label names and an ``auto`` size (``lora.r``, ``vera.r``, ...), and check the budget.
 
     Nothing is tokenized and no weights are read: an over-budget config, or a max length
     beyond the model's position embeddings, fails in seconds.
@@ -110,9 +111,10 @@ def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
     splits = load_splits(cfg.data)
     labels = tuple(splits.label_names)
     cfg = replace(cfg, data=replace(cfg.data, label_names=labels))
-    if cfg.model.lora.r == "auto":
-        rank = resolve_rank(cfg.model, labels, cfg.budget)
-        cfg = replace(cfg, model=replace(cfg.model, lora=replace(cfg.model.lora, r=rank)))
+    if size_of(cfg.model) == "auto":
+        size = resolve_size(cfg.model, labels, cfg.budget)
+        assert size is not None  # only IA3 has no size knob, and no 'auto' either
+        cfg = replace(cfg, model=with_size(cfg.model, size))
     budget = measure(cfg.model, labels, cfg.budget)
     check_max_length(cfg.model, cfg.data.max_length)  # the config measure just read
     check_budget(budget, cfg.model, labels)
