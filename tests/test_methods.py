@@ -29,7 +29,7 @@ from budgetlora.config import (
 )
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.inference import inference_model, predict_logits
-from budgetlora.methods import METHODS, size_cap
+from budgetlora.methods import METHODS, TITLES, size_cap
 from budgetlora.metrics import softmax
 from budgetlora.modeling import build_model
 from budgetlora.plan import MethodRow, format_method_plan, plan_methods
@@ -264,6 +264,7 @@ def test_each_method_trains_counts_and_reloads_to_the_same_predictions(trained) 
     assert recorded["trainable"] == trained.budget.trainable
     assert ("frozen_not_counted" in recorded) == (method == "vera")
     report = (trained.run_dir / "report.md").read_text()
+    assert f" + {TITLES[method]} on " in report.splitlines()[0]  # the title names the method
     assert ("Frozen, not trainable and not counted: `vera.shared_A` 1,024" in report) == (method == "vera")
     metrics = json.loads((trained.run_dir / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.5  # chance is 0.25

@@ -22,6 +22,7 @@ from budgetlora.errors import BudgetloraError
 __all__ = [
     "METHODS",
     "SIZE_KEYS",
+    "TITLES",
     "PARAM_MARKERS",
     "FROZEN_MARKERS",
     "adapter_config",
@@ -40,6 +41,10 @@ SIZE_KEYS: dict[str, str | None] = {
     "loha": "loha.r",
     "lokr": "lokr.r",
 }
+# The methods' names as their papers write them (report titles).
+TITLES: dict[str, str] = {
+    "lora": "LoRA", "vera": "VeRA", "fourierft": "FourierFT", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr",
+}  # fmt: skip
 # A trained parameter's name holds one of these -> the method it belongs to (the budget groups).
 PARAM_MARKERS: dict[str, str] = {
     ".lora_": "lora",

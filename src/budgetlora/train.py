@@ -47,7 +47,7 @@ from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_con
 from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
-from budgetlora.methods import size_of, with_size
+from budgetlora.methods import TITLES, size_of, with_size
 from budgetlora.metrics import score
 from budgetlora.modeling import build_model, check_max_length, display_name, load_tokenizer
 from budgetlora.report import write_report
@@ -774,7 +774,7 @@ def _write_run(
     labels = cfg.data.label_names or ()
     write_report(
         run_dir,
-        title=f"{display_name(cfg.model.name_or_path)} + LoRA on {Path(cfg.data.source).name}",
+        title=f"{display_name(cfg.model.name_or_path)} + {TITLES[cfg.model.method]} on {Path(cfg.data.source).name}",
         split=split,
         metrics=metrics[split],
         label_names=labels,
