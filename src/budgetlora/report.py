@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 from PIL import Image
 
 from budgetlora.rundir import atomic_path, write_text_atomic
@@ -177,6 +177,12 @@ def plot_learning_curves(path: Path, history: Sequence[dict]) -> Path | None:
 
     Returns None (and writes nothing) when ``history`` holds no loss or accuracy at all.
     """
+    fig = learning_curves_figure(history)
+    return None if fig is None else _save(fig, path)
+
+
+def learning_curves_figure(history: Sequence[dict]) -> Figure | None:
+    """The figure of :func:`plot_learning_curves` (None without anything to plot)."""
     train_loss, eval_loss = _records(history, "train", "loss"), _records(history, "eval", "loss")
     eval_acc, eval_f1 = _records(history, "eval", "accuracy"), _records(history, "eval", "macro_f1")
     if not (train_loss or eval_loss or eval_acc or eval_f1):
@@ -197,10 +203,24 @@ def plot_learning_curves(path: Path, history: Sequence[dict]) -> Path | None:
             ax.plot(steps, values, "s--", color=_PRED_COLOR, label=f"{split} macro F1")
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
         ax.set(xlabel="Step", title="Evaluation")
+        _at_least_a_span(
+            ax, [v for _, values in (*eval_acc.values(), *eval_f1.values()) for v in values], 0.02
+        )
     for axes in fig.axes:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        axes.set_xlim(left=0)
         axes.grid(alpha=0.3)
         axes.legend()
-    return _save(fig, path)
+    return fig
+
+
+def _at_least_a_span(ax: Any, values: Sequence[float], span: float) -> None:
+    """Widen the y axis to at least ``span`` around ``values`` (within 0..1): a lone point or a flat
+    line would otherwise get an axis of a few hundredths of a percent."""
+    low, high = min(values), max(values)
+    if high - low < span:
+        middle = min(max((low + high) / 2, span / 2), 1 - span / 2)
+        ax.set_ylim(middle - span / 2, middle + span / 2)
 
 
 def _plot_token_lengths(path: Path, lengths: np.ndarray, max_length: int | None) -> Path:

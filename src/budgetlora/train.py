@@ -80,6 +80,8 @@ __all__ = [
 # (logits (batch, labels), batch dict with "labels" and "index") -> scalar loss.
 # "index" holds each sample's row in Splits.train, e.g. to look up cached teacher logits.
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+EVALS_PER_EPOCH = 4
+"""Evaluations an epoch when train.eval_every is not set."""
 # (step, validation metrics) -> True to stop training early; may raise (e.g. optuna.TrialPruned).
 EvalCallback = Callable[[int, dict[str, Any]], bool]
 
@@ -510,6 +512,9 @@ def fit(
         disable=not (runtime.is_main_process and settings.progress),
     )
 
+    # Without train.eval_every: four evaluations an epoch, so that the learning curves have a shape.
+    steps_per_epoch = math.ceil(len(session.epoch_batches(0)) / settings.grad_accum)
+    eval_every = settings.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
     stop = False
     session.model.train()
     with _StopSignals() as signals, bar:
@@ -550,7 +555,7 @@ def fit(
                     running_loss.zero_()
                     progress.running_count = 0
                     window_seconds, window_samples = progress.train_seconds, 0
-                if settings.eval_every and progress.step % settings.eval_every == 0:
+                if progress.step % eval_every == 0:
                     stop = _evaluate(session, progress, best, history, on_eval, epoch_progress)
                 interrupted = agreement.stop(signals.received)
                 periodic = settings.checkpoint_every and progress.step % settings.checkpoint_every == 0
@@ -567,7 +572,7 @@ def fit(
                 tick = time.perf_counter()
             if progress.batch_in_epoch >= len(batches):
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-                evaluated = settings.eval_every and progress.step % settings.eval_every == 0
+                evaluated = progress.step % eval_every == 0
                 if settings.eval_each_epoch and not stop and not evaluated:
                     stop = _evaluate(session, progress, best, history, on_eval, float(progress.epoch))
 
