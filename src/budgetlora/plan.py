@@ -224,6 +224,13 @@ def _plan_head(
     return rows
 
 
+def _check_budget_and_labels(budget: int, labels: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise BudgetloraError(f"invalid value for --budget: {budget!r} (a positive number of parameters)")
+    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 2:
+        raise BudgetloraError(f"invalid value for --labels: {labels!r} (a number of classes, at least 2)")
+
+
 def plan(
     model: str,
     budget: int,
@@ -244,10 +251,7 @@ def plan(
 
     Raises :class:`OverBudgetError` when nothing fits at all.
     """
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise BudgetloraError(f"invalid value for --budget: {budget!r} (a positive number of parameters)")
-    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 2:
-        raise BudgetloraError(f"invalid value for --labels: {labels!r} (a number of classes, at least 2)")
+    _check_budget_and_labels(budget, labels)
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise BudgetloraError(f"unknown head {unknown[0]!r}; allowed: {', '.join(HEADS)}")
@@ -458,10 +462,7 @@ def plan_methods(
     sizes, stops at :func:`budgetlora.methods.size_cap` (``capped``). A method that does not
     fit even at size 1 is kept with ``size=None``.
     """
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise BudgetloraError(f"invalid value for --budget: {budget!r} (a positive number of parameters)")
-    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 2:
-        raise BudgetloraError(f"invalid value for --labels: {labels!r} (a number of classes, at least 2)")
+    _check_budget_and_labels(budget, labels)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise BudgetloraError(f"unknown method {unknown[0]!r}; allowed: {', '.join(METHODS)}")
