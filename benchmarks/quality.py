@@ -20,7 +20,10 @@ finishes, so a long benchmark can run one arm at a time, be split up and resumed
 there is skipped unless --again). The table (Markdown and JSON, benchmarks/results/quality_<model>.md)
 is rebuilt from every result there after each arm: the arms ranked by mean test accuracy, with the
 standard error of each accuracy (binomial, on the 1,120 test rows) and, where an arm ran with several
-seeds, the seeds' spread.
+seeds, the seeds' spread. Each result also keeps the arm's label for every test row (`budgetlora
+predict` on the kept run), so that two arms can be compared on the same rows: the table gives each
+arm's difference from the best course preset with the exact McNemar p-value over the rows where
+exactly one of the two is right (a paired test, sharper than two binomial SEs).
 """
 
 from __future__ import annotations
@@ -144,13 +147,11 @@ def model_label(model: str) -> str:
     return {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}.get(model, Path(model).name)
 
 
-def make_split(root: Path) -> Path:
-    """The benchmark's split, as the release's own lines; the same every time (stratified, seed 42)."""
-    folder = root / "split"
-    if (folder / "test.csv").is_file():
-        return folder
+def split_rows() -> tuple[list[str], dict[str, list[int]]]:
+    """The release's lines and, for each part of the split, its line numbers in file order
+    (stratified, seed 42: the same every time)."""
     lines = SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)
-    labels = np.array([int(line.split(",", 1)[0].strip('"')) for line in lines])
+    labels = np.array([label_of(line) for line in lines])
     rng = np.random.RandomState(42)
     parts: dict[str, list[int]] = {split: [] for split in SPLIT}
     for label in sorted(set(labels.tolist())):
@@ -159,11 +160,31 @@ def make_split(root: Path) -> Path:
         for split, n in SPLIT.items():
             parts[split].extend(rows[start : start + n].tolist())
             start += n
+    return lines, {split: sorted(rows) for split, rows in parts.items()}
+
+
+def label_of(line: str) -> int:
+    """The class index (0-3) of one line of the release (labelled 1-4)."""
+    return int(line.split(",", 1)[0].strip('"')) - 1
+
+
+def test_labels() -> list[int]:
+    """The class index of every test row, in the order of test.csv."""
+    lines, parts = split_rows()
+    return [label_of(lines[i]) for i in parts["test"]]
+
+
+def make_split(root: Path) -> Path:
+    """The benchmark's split, as the release's own lines, in root/split."""
+    folder = root / "split"
+    if (folder / "test.csv").is_file():
+        return folder
+    lines, parts = split_rows()
     scratch = root / "split.partial"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     for split, rows in parts.items():
-        (scratch / f"{split}.csv").write_text("".join(lines[i] for i in sorted(rows)), encoding="utf-8")
+        (scratch / f"{split}.csv").write_text("".join(lines[i] for i in rows), encoding="utf-8")
     shutil.copy(CLASSES, scratch / "classes.txt")
     scratch.rename(folder)
     return folder
@@ -281,6 +302,7 @@ def run_arm(arm: Arm, model: str, epochs: float, seed: int, root: Path) -> dict[
         return out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = resolved_run_config(run_dir)
+    out["test_predictions"] = test_predictions(run_dir, folder, split, metrics["test"]["accuracy"])
     out.update(
         status="ok",
         trainable=metrics["budget"]["trainable"],
@@ -298,6 +320,32 @@ def run_arm(arm: Arm, model: str, epochs: float, seed: int, root: Path) -> dict[
         config=config,
     )
     return out
+
+
+def test_predictions(run_dir: Path, folder: Path, split: Path, accuracy: float) -> str:
+    """The run's label for every test row, one digit per row (from `budgetlora predict`); checked
+    against the test accuracy that training recorded."""
+    out = run_dir / "test-predictions.csv"
+    command = [sys.executable, "-m", "budgetlora", "predict", str(run_dir), str(split / "test.csv")]
+    command += ["--model", str(folder), "--output", str(out)]
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    lines = out.read_text().splitlines()[1:]
+    predictions = [int(line.rsplit(",", 1)[1]) for line in lines]
+    labels = test_labels()
+    right = sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
+    if abs(right - accuracy) > 1e-9:
+        raise RuntimeError(f"{run_dir.name}: predict scores {right:.4f}, training recorded {accuracy:.4f}")
+    return "".join(str(p) for p in predictions)
+
+
+def mcnemar(a: str, b: str, labels: list[int]) -> tuple[int, int, float]:
+    """Rows only arm a gets right, rows only arm b gets right, and the exact two-sided p-value
+    that both are equally often right (a sign test over those rows)."""
+    only_a = sum(x == str(y) != z for x, z, y in zip(a, b, labels, strict=True))
+    only_b = sum(z == str(y) != x for x, z, y in zip(a, b, labels, strict=True))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n if n else 1.0
+    return only_a, only_b, min(1.0, 2 * tail)
 
 
 def resolved_run_config(run_dir: Path) -> dict[str, Any]:
@@ -347,6 +395,7 @@ def table(results_dir: Path, model: str) -> tuple[str, list[dict[str, Any]]]:
             }
         )
     rows.sort(key=lambda r: (r["status"] != "ok", -r.get("test_accuracy", 0.0)))
+    add_paired(rows)
     epochs = sorted({r["epochs"] for r in results})
     lines = [
         f"# Quality: {model_label(model)} on AG News under a budget of 1,000,000 trainable parameters",
@@ -355,22 +404,25 @@ def table(results_dir: Path, model: str) -> tuple[str, list[dict[str, Any]]]:
         f" / {SPLIT['test'] * 4:,} test rows; epochs: {', '.join(f'{e:g}' for e in epochs)};"
         f" the best of {EVALS_PER_RUN}+ validations kept, scored once on test. SE: the binomial standard error of the"
         " test accuracy; spread: max - min over seeds; rank a / b: rank a, b on the top half of the layers;"
+        " vs best preset: the test accuracy minus the best course preset's on the same seed and rows, the rows only"
+        " this arm / only the preset gets right, and the exact McNemar p-value (paired, two-sided);"
         " load: the mean 1-minute load average during the run (about 2 when nothing else ran on the 2 cores;"
         " more: other work shared the CPU and slowed the run; -: not recorded).",
         "",
-        "| arm | trainable | rank | test acc. | SE | seeds (spread) | test macro-F1 | val. acc. | train s | samples/s | load |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| arm | trainable | rank | test acc. | SE | seeds (spread) | vs best preset | test macro-F1 | val. acc. | train s | samples/s | load |",
+        "|---|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['arm']} | {row['status']}: {row['message'][:160]} | | | | | | | | | |")
+            lines.append(f"| {row['arm']} | {row['status']}: {row['message'][:160]} | | | | | | | | | | |")
             continue
         spread = f" ({row['seed_spread'] * 100:.2f})" if row["seed_spread"] is not None else ""
         rank = " / ".join([str(row["rank"]), *(str(r) for r in row["rank_pattern"].values())])
         load = "-" if row["load_average"] is None else f"{row['load_average']:.1f}"
         lines.append(
             f"| {row['arm']} | {row['trainable']:,} | {rank} | {row['test_accuracy'] * 100:.2f}% |"
-            f" {row['se'] * 100:.2f} | {len(row['seeds'])}{spread} | {row['test_macro_f1'] * 100:.2f}% |"
+            f" {row['se'] * 100:.2f} | {len(row['seeds'])}{spread} | {row.get('paired', '')} |"
+            f" {row['test_macro_f1'] * 100:.2f}% |"
             f" {row['validation_accuracy'] * 100:.2f}% | {row['train_seconds']:.0f} | {row['samples_per_second']:.1f} |"
             f" {load} |"
         )
@@ -382,6 +434,52 @@ def table(results_dir: Path, model: str) -> tuple[str, list[dict[str, Any]]]:
     hosts = sorted({r.get("hardware", "") for r in results} - {""})
     lines += ["", f"Hardware: {'; '.join(hosts)}."]
     return "\n".join(lines) + "\n", rows
+
+
+def add_paired(rows: list[dict[str, Any]]) -> None:
+    """Give each row a `paired` cell: its difference from the best course preset on one seed's test rows."""
+    labels = test_labels()
+
+    def predictions(row: dict[str, Any]) -> dict[int, str]:
+        runs = row["runs"] if row["status"] == "ok" else []
+        return {
+            r["seed"]: r["test_predictions"] for r in runs if r["status"] == "ok" and "test_predictions" in r
+        }
+
+    presets = [r for r in rows if r["arm"].startswith("preset:") and predictions(r)]
+    if not presets:
+        return
+    best = presets[0]  # rows are ranked
+    for row in rows:
+        common = sorted(set(predictions(row)) & set(predictions(best)))
+        if row is best or not common:
+            continue
+        seed = common[0]
+        mine, theirs = predictions(row)[seed], predictions(best)[seed]
+        only_mine, only_theirs, p = mcnemar(mine, theirs, labels)
+        delta = (only_mine - only_theirs) / len(labels) * 100
+        row["paired"] = f"{delta:+.2f} ({only_mine}/{only_theirs}, p={p:.2f})"
+        row["paired_vs"] = {
+            "arm": best["arm"],
+            "seed": seed,
+            "only_this": only_mine,
+            "only_preset": only_theirs,
+            "p": p,
+        }
+    best["paired"] = "(best preset)"
+
+
+def add_predictions(path: Path, model: str, root: Path) -> None:
+    """Give a result from before the benchmark kept test predictions its run's, if the run is still there."""
+    result = json.loads(path.read_text())
+    run_dir = root / "runs" / path.stem
+    if result["status"] != "ok" or "test_predictions" in result or not (run_dir / "metrics.json").is_file():
+        return
+    result["test_predictions"] = test_predictions(
+        run_dir, model_folder(model), make_split(root), result["test_accuracy"]
+    )
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"  + its test predictions, from {run_dir}", flush=True)
 
 
 def write_table(results: Path, model: str) -> str:
@@ -428,6 +526,7 @@ def main() -> None:
                 path = result_path(args.results, args.model, arm.name, seed)
                 if path.is_file() and not args.again:
                     print(f"{arm.name} seed {seed}: already in {path}", flush=True)
+                    add_predictions(path, args.model, root)
                     continue
                 result = run_arm(arm, args.model, args.epochs, seed, root)
                 result["hardware"] = hardware()

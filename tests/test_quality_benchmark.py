@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from budgetlora.budget import measure
@@ -64,6 +65,12 @@ def test_two_arms_on_one_split_resume_and_rank(tiny_model_dir: Path, tmp_path: P
             record["trainable"]
             == measure(cfg.model, ("World", "Sports", "Business", "Sci/Tech"), cfg.budget).trainable
         )
+        # A label for every test row, in test.csv's order: they score what training recorded.
+        labels = [int(line.split(",", 1)[0].strip('"')) - 1 for line in splits["test"]]
+        predictions = [int(c) for c in record["test_predictions"]]
+        assert len(predictions) == 1120
+        right = sum(p == y for p, y in zip(predictions, labels, strict=True))
+        assert right / 1120 == pytest.approx(record["test_accuracy"], abs=1e-12)
     adam = config_from_dict(records["preset-adam-r4-lora-only-seed42"]["config"])
     assert (adam.train.optimizer, adam.model.lora.r, adam.model.lora.bias) == (
         "adam",
@@ -83,6 +90,34 @@ def test_two_arms_on_one_split_resume_and_rank(tiny_model_dir: Path, tmp_path: P
     for row in rows:
         assert f"| {row['arm']} | {row['trainable']:,} |" in table
         assert f"{row['test_accuracy'] * 100:.2f}%" in table
+    # The paired comparison with the only preset: its discordant rows make up the accuracy gap.
+    (defaults,) = [r for r in rows if r["arm"] == "defaults"]
+    paired = defaults["paired_vs"]
+    assert paired["arm"] == "preset:adam-r4-lora-only" and paired["seed"] == 42
+    gap = (
+        records["defaults-seed42"]["test_accuracy"]
+        - records["preset-adam-r4-lora-only-seed42"]["test_accuracy"]
+    )
+    assert paired["only_this"] - paired["only_preset"] == round(gap * 1120)
+    assert f"p={paired['p']:.2f}" in table and "(best preset)" in table
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_rows() -> None:
+    from scipy.stats import binomtest
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality import mcnemar
+
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, 4, size=300).tolist()
+    a = "".join(str(y if rng.rand() < 0.9 else (y + 1) % 4) for y in labels)
+    b = "".join(str(y if rng.rand() < 0.8 else (y + 2) % 4) for y in labels)
+    only_a, only_b, p = mcnemar(a, b, labels)
+    right_a = sum(x == str(y) for x, y in zip(a, labels, strict=True))
+    right_b = sum(x == str(y) for x, y in zip(b, labels, strict=True))
+    assert only_a - only_b == right_a - right_b and only_a > only_b
+    assert p == pytest.approx(binomtest(only_a, only_a + only_b).pvalue, rel=1e-9)
+    assert mcnemar(a, a, labels)[2] == 1.0
 
 
 def test_an_unknown_arm_is_refused(tmp_path: Path) -> None:
