@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
-import os
 import pickle
-import pkgutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import budgetlora
+from helpers import main_exit, run_cli
 
 COMMANDS = ["train", "evaluate", "predict", "classify", "plan", "distill", "sweep", "export", "serve"]
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "budgetlora", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
-
-
-def test_every_module_imports() -> None:
-    names = [m.name for m in pkgutil.iter_modules(budgetlora.__path__) if m.name != "__main__"]
-    assert {"cli", "config", "data", "train", "predict", "budget", "modeling", "report"} <= set(names)
-    for name in names:
-        module = importlib.import_module(f"budgetlora.{name}")
-        assert hasattr(module, "__all__"), name
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -201,22 +177,6 @@ def test_a_finished_run_is_kept(cli_run: Path, tiny_model_dir: Path, tiny_data_c
 
 
 # --- bad input: one message, exit code 2, before any work, nothing written ------------------
-
-
-def main_exit(*args: str) -> tuple[int, str]:
-    """``budgetlora ARGS`` in this process (much faster than a subprocess): exit code and stderr."""
-    import contextlib
-    import io
-
-    from budgetlora.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:  # argparse's own usage errors
-            code = int(exit_.code or 0)
-    return code, err.getvalue()
 
 
 def _assert_refused(code_and_err: tuple[int, str], *fragments: str) -> None:

@@ -21,12 +21,11 @@ from budgetlora.data import load_splits
 from budgetlora.distill import (
     DistillSettings,
     distill,
-    distillation_loss_fn,
     load_distill_settings,
     teacher_logits,
 )
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.losses import distillation_loss
+from budgetlora.losses import distillation_loss, distillation_loss_fn
 from budgetlora.predict import load_run
 from budgetlora.train import train
 

@@ -20,7 +20,7 @@ from budgetlora.metrics import softmax
 from budgetlora.predict import classify, load_run
 from budgetlora.train import train
 from conftest import make_rows
-from test_cli import main_exit, run_cli
+from helpers import main_exit, run_cli
 
 EXPORT_FILES = {
     "config.json",

@@ -16,7 +16,7 @@ from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.modeling import build_model
 from budgetlora.plan import PlanRow, format_plan, plan
-from test_cli import run_cli
+from helpers import run_cli
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUDGET = 1_000_000

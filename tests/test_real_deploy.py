@@ -20,7 +20,7 @@ from budgetlora.export import export
 from budgetlora.predict import classify, load_run
 from budgetlora.train import train
 from conftest import AG_NEWS_SAMPLE, LABELS, minilm_dir, requires_shared
-from test_serve import post, request, server
+from helpers import post, request, server
 
 pytestmark = [
     pytest.mark.slow,

@@ -232,6 +232,19 @@ def test_report_titles_name_the_model_not_its_generic_folder(tmp_path: Path) -> 
     assert display_name("FacebookAI/roberta-base") == "FacebookAI/roberta-base"  # a Hub id as it is
 
 
+def test_hub_ids_and_folders_are_told_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from budgetlora.modeling import is_hub_id
+
+    for name in ("roberta-base", "FacebookAI/roberta-base", "fancyzhx/ag_news"):
+        assert is_hub_id(name), name
+    for name in ("./roberta-base", "../models/x", "/models/roberta-base", "~/roberta-base", "a/b/c", ".hidden"):
+        assert not is_hub_id(name), name
+    # A folder that exists here is a folder, even when its name could be a Hub id.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    assert not is_hub_id("org/model") and is_hub_id("org/other")
+
+
 def test_a_lone_evaluation_gets_readable_axes() -> None:
     """One evaluation (a short run): the accuracy axis spans at least 2 points, not 0.015, and the
     step axis starts at 0 with whole-number ticks."""

@@ -5,17 +5,10 @@ answered completely and correctly, bad options refused before the model loads.""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,64 +18,9 @@ from budgetlora.export import export
 from budgetlora.predict import classify
 from budgetlora.serve import parse_texts
 from conftest import make_rows
-from test_cli import main_exit
+from helpers import main_exit, post, request, server
 
 POOL = [t for t, _ in make_rows(32, seed=21)]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def request(url: str, body: bytes | None = None, method: str | None = None) -> tuple[int, Any]:
-    """(status, decoded JSON body) of one HTTP request; error statuses are returned, not raised."""
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def post(base: str, payload: Any) -> tuple[int, Any]:
-    return request(f"{base}/classify", json.dumps(payload).encode())
-
-
-@contextmanager
-def server(path: Path, *options: str) -> Iterator[str]:
-    """A `budgetlora serve` subprocess; yields its base URL once /health answers."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "budgetlora", "serve", str(path), "--port", str(port), *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")  # type: ignore[union-attr]
-            try:
-                if request(f"{base}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not answer /health in 300 s"
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=60)[0]
-    # uvicorn shuts down (the app's shutdown ran: "stopped"), then re-raises the SIGTERM it caught.
-    assert proc.returncode in (0, -signal.SIGTERM), output
-    assert output.rstrip().endswith("budgetlora serve: stopped"), output
-    assert "Traceback" not in output, output
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ by length, padded per batch), so they score the same rows with the same inputs."
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +13,9 @@ import numpy as np
 
 from budgetlora.batching import Collator, encode, pad_id, sorted_batches
 from budgetlora.errors import BudgetloraError
+from budgetlora.inference import load_run, read_run_config
+from budgetlora.modeling import load_tokenizer
+from budgetlora.rundir import CONFIG, EXPORT_INFO, ONNX_FILE, check_export_dir, headline_metrics, read_budget
 
 __all__ = ["Classifier", "OnnxClassifier", "TorchClassifier", "load_classifier"]
 
@@ -39,19 +41,15 @@ class TorchClassifier:
     def __init__(
         self, run_dir: str | Path, *, batch_size: int | None = None, mixed_precision: str | None = None
     ) -> None:
-        from budgetlora.export import _headline_metrics
-        from budgetlora.predict import load_run
-
         folder = Path(run_dir)
         self.run = load_run(folder, mixed_precision=mixed_precision)
         self.label_names = self.run.label_names
         self.max_length = self.run.cfg.data.max_length
         self.batch_size = batch_size
-        budget = folder / "budget.json"
         self.details = {
             "model": self.run.cfg.model.name_or_path,
-            "budget": json.loads(budget.read_text(encoding="utf-8")) if budget.is_file() else None,
-            "metrics": _headline_metrics(folder) if (folder / "metrics.json").is_file() else {},
+            "budget": read_budget(folder),
+            "metrics": headline_metrics(folder),
         }
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
@@ -67,9 +65,6 @@ class OnnxClassifier:
         self, export_dir: str | Path, *, batch_size: int | None = None, threads: int | None = None
     ) -> None:
         import onnxruntime as ort
-
-        from budgetlora.export import ONNX_FILE, check_export_dir
-        from budgetlora.modeling import load_tokenizer
 
         folder = Path(export_dir)
         info = check_export_dir(folder)
@@ -108,9 +103,7 @@ def load_classifier(path: str | Path, *, option: str = "PATH", batch_size: int |
     folder = Path(path)
     if not folder.is_dir():
         raise BudgetloraError(f"{option} {folder}: no such folder (a run folder or an export folder)")
-    if (folder / "export.json").is_file():
-        from budgetlora.export import check_export_dir
-
+    if (folder / EXPORT_INFO).is_file():
         check_export_dir(folder, option)
         if importlib.util.find_spec("onnxruntime") is None:
             raise BudgetloraError(
@@ -118,10 +111,8 @@ def load_classifier(path: str | Path, *, option: str = "PATH", batch_size: int |
                 "(pip install 'budgetlora[serve]')"
             )
         return OnnxClassifier(folder, batch_size=batch_size)
-    if (folder / "config.yaml").is_file():
-        from budgetlora.predict import _run_config
-
-        _run_config(folder, None)
+    if (folder / CONFIG).is_file():
+        read_run_config(folder, None)
         return TorchClassifier(folder, batch_size=batch_size)
     raise BudgetloraError(
         f"{option} {folder} is neither a run folder (config.yaml) nor an export folder (export.json)"

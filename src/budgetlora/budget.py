@@ -12,7 +12,8 @@ from torch import nn
 from budgetlora.config import ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.methods import FROZEN_MARKERS, PARAM_MARKERS, SIZE_KEYS, size_cap, size_flag, size_of
-from budgetlora.modeling import build_model, load_base_model, resolve_targets, role_of
+from budgetlora.modeling import build_model, load_base_model, resolve_targets
+from budgetlora.roles import is_head_parameter, role_of
 
 __all__ = ["Budget", "count_trainable", "check_budget", "resolve_rank", "resolve_size", "measure"]
 
@@ -63,7 +64,7 @@ class Budget:
 
 
 def _group_of(param_name: str) -> str:
-    if "modules_to_save" in param_name:
+    if is_head_parameter(param_name):
         return "head"
     for marker, method in PARAM_MARKERS.items():
         if marker in param_name:

@@ -28,14 +28,29 @@ from budgetlora.batching import cache_dir, cache_key, encode, pad_id
 from budgetlora.config import ModelConfig, RunConfig, load_config
 from budgetlora.data import Splits, TextTable
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import inference_model, predict_logits
-from budgetlora.losses import distillation_loss
+from budgetlora.inference import inference_model, load_run, predict_logits
+from budgetlora.losses import distillation_loss_fn
 from budgetlora.metrics import score
-from budgetlora.modeling import check_max_length, load_base_model, load_model_config, load_tokenizer
-from budgetlora.predict import load_run
-from budgetlora.rundir import atomic_path, write_json_atomic, write_text_atomic
+from budgetlora.modeling import (
+    check_max_length,
+    is_hub_id,
+    load_base_model,
+    load_model_config,
+    load_tokenizer,
+)
+from budgetlora.roles import is_head_output
+from budgetlora.rundir import (
+    ADAPTER_CONFIG,
+    CONFIG,
+    atomic_path,
+    check_output,
+    read_budget,
+    tokenizer_source,
+    write_json_atomic,
+    write_text_atomic,
+)
 from budgetlora.runtime import Runtime, make_runtime
-from budgetlora.train import EvalCallback, LossFn, TrainResult, check_output, prepare_run, train
+from budgetlora.train import EvalCallback, TrainResult, prepare_run, train
 
 __all__ = [
     "DistillSettings",
@@ -44,7 +59,6 @@ __all__ = [
     "DistillResult",
     "resolve_teacher",
     "teacher_logits",
-    "distillation_loss_fn",
     "distill",
     "load_distill_settings",
 ]
@@ -138,10 +152,7 @@ def _head_rows(folder: Path) -> int | None:
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as fh:
             for key in fh.keys():  # noqa: SIM118  (a safetensors handle is not a dict)
-                parts = key.split(".")
-                if parts[-1] == "weight" and (
-                    parts[-2] in ("classifier", "score") or parts[-3:-1] == ["classifier", "out_proj"]
-                ):
+                if is_head_output(key):
                     return int(fh.get_slice(key).get_shape()[0])
     return None
 
@@ -154,26 +165,26 @@ def resolve_teacher(source: str) -> Teacher:
     """Find out what kind of teacher ``source`` is and how many labels it has (no weights read)."""
     path = Path(source).expanduser()
     is_dir = path.is_dir()
-    if is_dir and (path / "config.yaml").is_file() and (path / "adapter_config.json").is_file():
-        cfg = load_config(path / "config.yaml")
+    if is_dir and (path / CONFIG).is_file() and (path / ADAPTER_CONFIG).is_file():
+        cfg = load_config(path / CONFIG)
         names = tuple(cfg.data.label_names or ())
         if not names:
             raise BudgetloraError(f"teacher run {path}: its config.yaml records no data.label_names")
-        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else cfg.model.name_or_path
+        tokenizer = tokenizer_source(path, cfg.model.name_or_path)
         identity = _files_identity(path) + "|" + _model_identity(cfg.model.name_or_path)
         precision = cfg.train.mixed_precision
         return Teacher(
             source, "run", len(names), names, tokenizer, None, cfg.data.max_length, precision, identity
         )
-    if is_dir and (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if is_dir and (path / ADAPTER_CONFIG).is_file():
+        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         rows = _head_rows(path)
         if not base or rows is None:
             raise BudgetloraError(
                 f"teacher adapter {path}: adapter_config.json must name base_model_name_or_path and the "
                 "adapter must hold a trained classification head (modules_to_save)"
             )
-        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else base
+        tokenizer = tokenizer_source(path, base)
         identity = _files_identity(path) + "|" + _model_identity(base)
         return Teacher(source, "adapter", rows, None, tokenizer, base, None, "auto", identity)
     if is_dir and not (path / "config.json").is_file():
@@ -181,7 +192,7 @@ def resolve_teacher(source: str) -> Teacher:
             f"teacher {path} is neither a budgetlora run folder (config.yaml + adapter), a LoRA adapter "
             "folder (adapter_config.json) nor a model folder (config.json)"
         )
-    if not is_dir and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+    if not is_dir and not is_hub_id(source):
         raise BudgetloraError(f"teacher not found: {source}")
     id2label: dict[Any, Any] = dict(load_model_config(source).id2label or {})
     rows = _head_rows(path) if is_dir else None
@@ -307,23 +318,6 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
     return TeacherLogits(teacher, logits, metrics, matched, files, computed, runtime.mixed_precision)
 
 
-def distillation_loss_fn(
-    train_logits: np.ndarray, alpha: float, temperature: float, label_smoothing: float = 0.0
-) -> LossFn:
-    """A :data:`budgetlora.train.LossFn` that looks up each sample's teacher logits by its
-    ``batch["index"]`` (its row in ``Splits.train``). train_logits: (n_train, labels)."""
-    table = torch.from_numpy(np.ascontiguousarray(train_logits, dtype=np.float32))
-
-    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        nonlocal table
-        if table.device != logits.device:
-            table = table.to(logits.device)
-        teacher = table[batch["index"].to(logits.device)]  # (batch, labels)
-        return distillation_loss(logits, teacher, batch["labels"], alpha, temperature, label_smoothing)
-
-    return loss
-
-
 @dataclass
 class DistillResult:
     run_dir: Path
@@ -336,7 +330,7 @@ class DistillResult:
 
 def _teacher_summary(soft: TeacherLogits, max_length: int) -> dict[str, Any]:
     path = Path(soft.teacher.source)
-    budget = path / "budget.json"
+    budget = read_budget(path) if path.is_dir() else None
     return {
         "source": soft.teacher.source,
         "path": str(path.resolve()) if path.exists() else soft.teacher.source,
@@ -344,7 +338,7 @@ def _teacher_summary(soft: TeacherLogits, max_length: int) -> dict[str, Any]:
         "labels_matched_by": soft.labels_matched_by,
         "max_length": soft.teacher.max_length or max_length,
         "precision": soft.precision,
-        "trainable": json.loads(budget.read_text())["trainable"] if budget.is_file() else None,
+        "trainable": budget["trainable"] if budget else None,
         **soft.metrics,
         "logits_cache": soft.cache_files,
     }

@@ -11,7 +11,6 @@ renamed into place, and the differences are recorded in ``export.json``.
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,23 @@ from torch import nn
 import budgetlora
 from budgetlora.config import RunConfig
 from budgetlora.errors import BudgetloraError, ExportCheckError
-from budgetlora.rundir import check_output_path, replace_dir_atomic, write_json_atomic, write_text_atomic
+from budgetlora.modeling import is_hub_id
+from budgetlora.rundir import (
+    EXPORT_INFO,
+    METRICS,
+    ONNX_FILE,
+    check_output_path,
+    headline_metrics,
+    is_finished,
+    read_budget,
+    replace_dir_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
-__all__ = ["FORMATS", "ExportResult", "export", "check_export_dir", "read_export_info", "model_card"]
+__all__ = ["FORMATS", "ExportResult", "export", "model_card"]
 
 FORMATS = ("merged", "onnx")
-ONNX_FILE = "model.onnx"
-INFO_FILE = "export.json"
 # Heads that a stock transformers class reproduces exactly (needed by the merged form); budgetlora's own linear head
 # (a linear layer on the first token, no dense + tanh) has no transformers class.
 _TRANSFORMERS_HEADS = ("default", "pooler")
@@ -98,8 +107,8 @@ def export(
     ``model`` replaces the base model path recorded in the run. Every input is checked
     before any weights load; a failure leaves ``output`` as it was (absent or the old export).
     """
+    from budgetlora.inference import load_run, read_run_config
     from budgetlora.modeling import load_model_config
-    from budgetlora.predict import _run_config, load_run
 
     run_dir, output = Path(run_dir), Path(output)
     chosen = _check_formats(formats)
@@ -110,10 +119,10 @@ def export(
         raise BudgetloraError(
             f"--format onnx needs {', '.join(missing)}: pip install 'budgetlora[onnx]' (or pass --format merged)"
         )
-    cfg = _run_config(run_dir, model)
-    if not (run_dir / "metrics.json").is_file():
+    cfg = read_run_config(run_dir, model)
+    if not is_finished(run_dir):
         raise BudgetloraError(
-            f"the run {run_dir} is not finished (metrics.json is missing): finish it with "
+            f"the run {run_dir} is not finished ({METRICS} is missing): finish it with "
             f"`budgetlora train --resume --output {run_dir}` before exporting it"
         )
     try:
@@ -147,10 +156,8 @@ def export(
         "label_names": list(run.label_names),
         "max_length": cfg.data.max_length,
         "formats": list(chosen),
-        "budget": json.loads((run_dir / "budget.json").read_text(encoding="utf-8"))
-        if (run_dir / "budget.json").is_file()
-        else None,
-        "metrics": _headline_metrics(run_dir),
+        "budget": read_budget(run_dir),
+        "metrics": headline_metrics(run_dir),
         "checks": {},
     }
 
@@ -172,7 +179,7 @@ def export(
             }
             info["checks"]["onnx_max_logit_diff"] = _check_onnx(tmp / ONNX_FILE, inputs, reference)
         write_text_atomic(tmp / "README.md", model_card(cfg, info))
-        write_json_atomic(tmp / INFO_FILE, info)
+        write_json_atomic(tmp / EXPORT_INFO, info)
 
     replace_dir_atomic(output, fill)
     return ExportResult(output, info)
@@ -234,53 +241,12 @@ def _compare(logits: np.ndarray, reference: np.ndarray, what: str) -> float:
     return diff
 
 
-def check_export_dir(path: Path, option: str = "PATH") -> dict[str, Any]:
-    """``export.json`` of an export folder with its ONNX graph, checked (no model loaded)."""
-    info = read_export_info(path, option)
-    if "onnx" not in info.get("formats", []) or not (path / ONNX_FILE).is_file():
-        raise BudgetloraError(
-            f"{option} {path}: the export has no {ONNX_FILE}; re-export it with --format onnx (or all)"
-        )
-    return info
-
-
-def read_export_info(path: Path, option: str = "PATH") -> dict[str, Any]:
-    """The ``export.json`` of an export folder; a clear error if it is missing or unreadable."""
-    file = path / INFO_FILE
-    if not file.is_file():
-        raise BudgetloraError(f"{option} {path} is not a budgetlora export: {INFO_FILE} is missing")
-    try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BudgetloraError(f"{file} cannot be read: {err}") from err
-    names = info.get("label_names") if isinstance(info, dict) else None
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
-        raise BudgetloraError(f"{file} records no label_names (a list of at least two names)")
-    if not isinstance(info.get("max_length"), int):
-        raise BudgetloraError(f"{file} records no max_length")
-    return info
-
-
-def _headline_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Accuracy, macro-F1 and row count of each scored split of a finished run."""
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    return {
-        split: {key: metrics[split][key] for key in ("accuracy", "macro_f1", "n")}
-        for split in ("validation", "test")
-        if isinstance(metrics.get(split), dict)
-    }
-
-
-def _is_hub_id(name: str) -> bool:
-    return not Path(name).exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1
-
-
 def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
     """The export's README.md in the Hub's model-card format (YAML metadata + markdown)."""
     base, data = cfg.model.name_or_path, cfg.data.source
     meta = ["library_name: transformers", "pipeline_tag: text-classification"]
-    meta += [f"base_model: {base}"] if _is_hub_id(base) else []
-    meta += [f"datasets:\n- {data}"] if _is_hub_id(data) else []
+    meta += [f"base_model: {base}"] if is_hub_id(base) else []
+    meta += [f"datasets:\n- {data}"] if is_hub_id(data) else []
     meta += ["tags:\n- budgetlora\n- lora\n- text-classification", "metrics:\n- accuracy\n- f1"]
     lora, train = cfg.model.lora, cfg.train
     budget = info.get("budget") or {}

@@ -1,4 +1,5 @@
-"""Batched forward passes over an encoded split: the fast path of evaluation and prediction.
+"""A trained run reloaded for inference, and batched forward passes over an encoded split:
+the fast path of evaluation, prediction and distillation's teacher.
 
 Batches sorted by length (almost no padding), ``inference_mode``, batches pinned and
 copied asynchronously where the device plan says so, logits kept on the device until the
@@ -8,7 +9,10 @@ end; with several processes each scores its share and all get every row, once.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,11 +21,91 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from budgetlora.batching import Collator, Encoded, iterate, sorted_batches
-from budgetlora.runtime import Runtime, unwrap
+from budgetlora.batching import Collator, Encoded, encode, iterate, pad_id, sorted_batches
+from budgetlora.config import RunConfig, load_config
+from budgetlora.errors import BudgetloraError
+from budgetlora.modeling import check_max_length, load_base_model, load_tokenizer
+from budgetlora.rundir import CONFIG, check_run_dir, tokenizer_source
+from budgetlora.runtime import Runtime, make_runtime, unwrap
 
-__all__ = ["inference_model", "predict_logits"]
+__all__ = ["LoadedRun", "read_run_config", "load_run", "inference_model", "predict_logits"]
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for inference: LoRA merged, eval mode, on its device, in the
+    inference dtype of its device plan (bf16 where training autocast to bf16)."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    label_names: tuple[str, ...]
+    runtime: Runtime
+
+    def logits(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        use_cache: bool = True,
+    ) -> np.ndarray:
+        """(n, num_labels) logits for ``texts``, in their order, on the fast path."""
+        encoded = encode(list(texts), None, self.tokenizer, self.cfg.data.max_length, use_cache=use_cache)
+        return predict_logits(
+            self.model,
+            encoded,
+            self.runtime,
+            batch_size=batch_size,
+            pad_token_id=pad_id(self.tokenizer),
+            progress=progress,
+        )
+
+
+def read_run_config(run_dir: Path, model: str | None) -> RunConfig:
+    """A run folder's config (base model replaced by ``model``), checked before any weights load."""
+    check_run_dir(run_dir)
+    cfg = load_config(run_dir / CONFIG)
+    if model is not None:
+        cfg = replace(cfg, model=replace(cfg.model, name_or_path=model))
+    if not cfg.data.label_names:
+        raise BudgetloraError(f"{run_dir / CONFIG} records no data.label_names")
+    check_max_length(cfg.model, cfg.data.max_length)
+    return cfg
+
+
+def load_run(
+    run_dir: str | Path,
+    *,
+    model: str | None = None,
+    mixed_precision: str | None = None,
+    cfg: RunConfig | None = None,
+) -> LoadedRun:
+    """Rebuild the base model, load the adapter and head, and merge them for inference.
+
+    ``model`` replaces the base model path recorded in the run (e.g. a local copy);
+    ``mixed_precision`` defaults to the run's own training setting. ``cfg``: the run's
+    config as :func:`read_run_config` already read and checked it (not read twice).
+    """
+    run_dir = Path(run_dir)
+    cfg = cfg if cfg is not None else read_run_config(run_dir, model)
+    label_names = cfg.data.label_names
+    assert label_names is not None
+    runtime = make_runtime(mixed_precision or cfg.train.mixed_precision)
+    base = load_base_model(cfg.model, label_names, weights=True)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(run_dir))
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise BudgetloraError(
+            f"the adapter in {run_dir} does not fit the model {cfg.model.name_or_path!r} "
+            f"({type(base).__name__}): {str(err).splitlines()[0][:300]}. Pass the base model the run "
+            "was trained on with --model"
+        ) from err
+    merged = inference_model(peft_model, runtime)
+    tokenizer = load_tokenizer(tokenizer_source(run_dir, cfg.model.name_or_path))
+    return LoadedRun(cfg, merged, tokenizer, tuple(label_names), runtime)
 
 
 def inference_model(model: nn.Module, runtime: Runtime, *, keep: bool = False) -> nn.Module:

@@ -1,14 +1,28 @@
-"""Training losses as pure functions: tensors in, a scalar tensor out.
+"""Every training loss: pure functions of tensors, and the :data:`LossFn` forms that the
+training loop calls with a batch's logits and the batch.
 
 ``batch`` is the number of samples and ``labels`` the number of classes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["distillation_loss"]
+__all__ = ["LossFn", "cross_entropy_loss", "distillation_loss", "distillation_loss_fn"]
+
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+"""(logits (batch, labels), the batch: labels, index, ...) -> a scalar loss."""
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=label_smoothing)
+
+    return loss
 
 
 def distillation_loss(
@@ -49,3 +63,20 @@ def distillation_loss(
         log_target=True,
     )
     return (1.0 - alpha) * hard + alpha * temperature**2 * soft
+
+
+def distillation_loss_fn(
+    train_logits: np.ndarray, alpha: float, temperature: float, label_smoothing: float = 0.0
+) -> LossFn:
+    """A :data:`LossFn` that looks up each sample's teacher logits by its
+    ``batch["index"]`` (its row in ``Splits.train``). train_logits: (n_train, labels)."""
+    table = torch.from_numpy(np.ascontiguousarray(train_logits, dtype=np.float32))
+
+    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonlocal table
+        if table.device != logits.device:
+            table = table.to(logits.device)
+        teacher = table[batch["index"].to(logits.device)]  # (batch, labels)
+        return distillation_loss(logits, teacher, batch["labels"], alpha, temperature, label_smoothing)
+
+    return loss

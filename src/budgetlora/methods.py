@@ -18,6 +18,7 @@ from peft.tuners.lokr.layer import factorization
 
 from budgetlora.config import METHODS, ModelConfig
 from budgetlora.errors import BudgetloraError
+from budgetlora.roles import role_of
 
 __all__ = [
     "METHODS",
@@ -116,8 +117,6 @@ def adapter_config(cfg: ModelConfig, targets: list[str], size: int | None, heads
     ``size`` is the method's main size knob (ignored by IA3). Feed-forward output modules
     (role ffn_out) are IA3 feedforward modules: their input is scaled, as in the IA3 paper.
     """
-    from budgetlora.modeling import role_of
-
     common: dict[str, Any] = {"target_modules": targets, "modules_to_save": heads, "task_type": "SEQ_CLS"}
     if cfg.method != "ia3" and not isinstance(size, int):
         raise BudgetloraError(f"{SIZE_KEYS[cfg.method]} is 'auto': resolve it with budget.resolve_size first")

@@ -8,7 +8,6 @@ trains, so the two counts cannot drift apart.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,63 +26,21 @@ from transformers import (
 
 from budgetlora.config import ModelConfig
 from budgetlora.errors import BudgetloraError
+from budgetlora.methods import SIZE_KEYS, adapter_config, size_of
+from budgetlora.roles import HEAD_MODULES, ROLE_GROUPS, ROLES, layer_index, matches_role, role_of, short_name
 
 __all__ = [
-    "ROLES",
-    "ROLE_GROUPS",
     "build_model",
     "load_base_model",
     "load_model_config",
     "max_sequence_length",
     "check_max_length",
     "load_tokenizer",
-    "layer_index",
     "resolve_targets",
     "display_name",
-    "role_of",
+    "is_hub_id",
     "head_module_name",
 ]
-
-# Role name -> regexes over full module names, one per architecture family:
-# BERT/RoBERTa/ELECTRA/DeBERTa-v2 (attention.self.query[_proj]), MPNet (attention.attn.q),
-# DistilBERT (attention.q_lin), ModernBERT (attn.Wqkv: query, key and value are one matrix).
-ROLES: dict[str, tuple[str, ...]] = {
-    "query": (
-        r"attention\.self\.query(_proj)?$",
-        r"attention\.attn\.q$",
-        r"attention\.q_lin$",
-        r"attn\.Wqkv$",
-    ),
-    "key": (r"attention\.self\.key(_proj)?$", r"attention\.attn\.k$", r"attention\.k_lin$", r"attn\.Wqkv$"),
-    "value": (
-        r"attention\.self\.value(_proj)?$",
-        r"attention\.attn\.v$",
-        r"attention\.v_lin$",
-        r"attn\.Wqkv$",
-    ),
-    "attn_out": (r"attention\.output\.dense$", r"attention\.attn\.o$", r"attention\.out_lin$", r"attn\.Wo$"),
-    "ffn_in": (r"intermediate\.dense$", r"ffn\.lin1$", r"mlp\.Wi$"),
-    "ffn_out": (r"layers?\.\d+\.output\.dense$", r"ffn\.lin2$", r"mlp\.Wo$"),
-}
-ROLE_GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ("query", "key", "value", "attn_out"),
-    "all": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
-}
-_LAYER = re.compile(r"\.(?:layer|layers)\.(\d+)\.")
-
-
-def layer_index(module_name: str) -> int | None:
-    """The encoder layer a module belongs to, from its dotted name (None outside the layers)."""
-    match = _LAYER.search(module_name)
-    return int(match.group(1)) if match else None
-
-
-def role_of(module_name: str) -> str | None:
-    """The role name (query, key, ...) of a module, or None."""
-    for role, patterns in ROLES.items():
-        if any(re.search(p, module_name) for p in patterns):
-            return role
-    return None
 
 
 def _hub_hint(name: str) -> str:
@@ -102,7 +59,7 @@ def _hub_hint(name: str) -> str:
 
 def load_model_config(name_or_path: str, **overrides: Any) -> PretrainedConfig:
     """The model's config.json (local folder or Hub id), with overrides applied."""
-    if _looks_like_path(name_or_path) and not Path(name_or_path).exists():
+    if not is_hub_id(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise BudgetloraError(f"model folder not found: {name_or_path}")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
@@ -183,9 +140,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         raise BudgetloraError(_hub_hint(name_or_path)) from err
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else with slashes is meant as a folder.
-    return name.startswith(("/", "./", "../", "~")) or name.rstrip("/").count("/") > 1
+def is_hub_id(name: str) -> bool:
+    """Whether a model (or dataset) name means a Hub id, "name" or "org/name", rather than a
+    local folder: nothing of that name exists here, and it has no path prefix (/ . ~) and no
+    deeper slashes."""
+    if Path(name).expanduser().exists():
+        return False
+    return not name.startswith(("/", ".", "~")) and name.rstrip("/").count("/") <= 1
 
 
 # --- heads ------------------------------------------------------------------------
@@ -222,9 +183,7 @@ def _head_dropout(config: Any) -> float:
 
 def head_module_name(model: nn.Module) -> list[str]:
     """Names of the modules that make up the classification head (trained, saved with the adapter)."""
-    names = [
-        n for n in ("pre_classifier", "classifier", "score") if isinstance(getattr(model, n, None), nn.Module)
-    ]
+    names = [n for n in HEAD_MODULES if isinstance(getattr(model, n, None), nn.Module)]
     if not names:
         raise BudgetloraError(f"{type(model).__name__} has no classifier/score module this tool knows")
     return names
@@ -278,11 +237,11 @@ def resolve_targets(
     for target in targets:
         roles = ROLE_GROUPS.get(target, (target,) if target in ROLES else ())
         if roles:
-            found = [n for n in layer_linears if any(_matches_role(n, r) for r in roles)]
+            found = [n for n in layer_linears if any(matches_role(n, r) for r in roles)]
         else:
             found = [n for n in linears if n == target or n.endswith("." + target)]
         if not found:
-            leaves = sorted({_short_name(n) for n in layer_linears})
+            leaves = sorted({short_name(n) for n in layer_linears})
             available = sorted({r for n in layer_linears if (r := role_of(n)) is not None})
             raise BudgetloraError(
                 f"lora.target_modules: {target!r} matches no module of this model; "
@@ -297,15 +256,6 @@ def resolve_targets(
             raise BudgetloraError(f"lora.layers: {bad} out of range; this model has layers 0..{n_layers - 1}")
         chosen = [n for n in chosen if layer_index(n) in set(layers)]
     return chosen
-
-
-def _matches_role(name: str, role: str) -> bool:
-    return any(re.search(p, name) for p in ROLES[role])
-
-
-def _short_name(name: str) -> str:
-    match = _LAYER.search(name)
-    return name[match.end() :] if match else name
 
 
 _GENERIC_FOLDER_NAMES = {"model", "models", "weights", "checkpoint", "final", "best", "hf", "pretrained"}
@@ -369,8 +319,6 @@ def build_model(
     ``rank`` overrides the method's main size knob (``lora.r``, ``vera.r``,
     ``fourierft.n_frequency``, ``loha.r``, ``lokr.r``; needed when it is 'auto').
     """
-    from budgetlora.methods import SIZE_KEYS, adapter_config, size_of
-
     size = rank if rank is not None else size_of(cfg)
     if SIZE_KEYS[cfg.method] is not None and not isinstance(size, int):
         raise BudgetloraError(f"{SIZE_KEYS[cfg.method]} is 'auto': resolve it with budget.resolve_size first")

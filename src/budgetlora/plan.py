@@ -22,7 +22,8 @@ from budgetlora.budget import measure, resolve_rank, resolve_size
 from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.methods import METHODS, SIZE_KEYS, size_cap, size_flag
-from budgetlora.modeling import layer_index, load_base_model, load_model_config, resolve_targets
+from budgetlora.modeling import load_base_model, load_model_config, resolve_targets
+from budgetlora.roles import layer_index
 
 __all__ = [
     "HEADS",

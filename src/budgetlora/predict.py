@@ -9,72 +9,23 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from peft import PeftModel
-from torch import nn
-from transformers import PreTrainedTokenizerBase
-
-from budgetlora.batching import encode, pad_id
-from budgetlora.config import RunConfig, load_config
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import inference_model, predict_logits
+from budgetlora.inference import LoadedRun, load_run, read_run_config
 from budgetlora.metrics import score, softmax
-from budgetlora.modeling import check_max_length, load_base_model, load_tokenizer
-from budgetlora.rundir import atomic_path, check_output_path, write_json_atomic
-from budgetlora.runtime import Runtime, make_runtime
+from budgetlora.rundir import (
+    EXPORT_INFO,
+    METRICS,
+    atomic_path,
+    check_export_dir,
+    check_output_path,
+    write_json_atomic,
+)
 
 __all__ = ["LoadedRun", "load_run", "evaluate", "predict", "classify"]
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-@dataclass
-class LoadedRun:
-    """A trained run ready for inference: LoRA merged, eval mode, on its device, in the
-    inference dtype of its device plan (bf16 where training autocast to bf16)."""
-
-    cfg: RunConfig
-    model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    label_names: tuple[str, ...]
-    runtime: Runtime
-
-    def logits(
-        self,
-        texts: Sequence[str],
-        *,
-        batch_size: int | None = None,
-        progress: bool = False,
-        use_cache: bool = True,
-    ) -> np.ndarray:
-        """(n, num_labels) logits for ``texts``, in their order, on the fast path."""
-        encoded = encode(list(texts), None, self.tokenizer, self.cfg.data.max_length, use_cache=use_cache)
-        return predict_logits(
-            self.model,
-            encoded,
-            self.runtime,
-            batch_size=batch_size,
-            pad_token_id=pad_id(self.tokenizer),
-            progress=progress,
-        )
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    if not run_dir.is_dir():
-        raise BudgetloraError(f"run folder not found: {run_dir}")
-    if not (run_dir / "config.yaml").is_file():
-        raise BudgetloraError(f"{run_dir} is not a budgetlora run folder: config.yaml is missing")
-    missing = [f for f in ADAPTER_FILES if not (run_dir / f).is_file()]
-    if missing:
-        raise BudgetloraError(
-            f"run folder {run_dir} has no trained adapter ({', '.join(missing)} missing): "
-            "did its training finish? Re-run it with `budgetlora train --config "
-            f"{run_dir / 'config.yaml'}`"
-        )
 
 
 def _check_batch_size(batch_size: int | None) -> None:
@@ -82,52 +33,6 @@ def _check_batch_size(batch_size: int | None) -> None:
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise BudgetloraError(f"invalid value for --batch-size: {batch_size!r} (a positive integer)")
-
-
-def _run_config(run_dir: Path, model: str | None) -> RunConfig:
-    """A run folder's config (base model replaced by ``model``), checked before any weights load."""
-    _check_run_dir(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    if model is not None:
-        cfg = replace(cfg, model=replace(cfg.model, name_or_path=model))
-    if not cfg.data.label_names:
-        raise BudgetloraError(f"{run_dir / 'config.yaml'} records no data.label_names")
-    check_max_length(cfg.model, cfg.data.max_length)
-    return cfg
-
-
-def load_run(
-    run_dir: str | Path,
-    *,
-    model: str | None = None,
-    mixed_precision: str | None = None,
-    cfg: RunConfig | None = None,
-) -> LoadedRun:
-    """Rebuild the base model, load the adapter and head, and merge them for inference.
-
-    ``model`` replaces the base model path recorded in the run (e.g. a local copy);
-    ``mixed_precision`` defaults to the run's own training setting. ``cfg``: the run's
-    config as :func:`_run_config` already read and checked it (not read twice).
-    """
-    run_dir = Path(run_dir)
-    cfg = cfg if cfg is not None else _run_config(run_dir, model)
-    label_names = cfg.data.label_names
-    assert label_names is not None
-    runtime = make_runtime(mixed_precision or cfg.train.mixed_precision)
-    base = load_base_model(cfg.model, label_names, weights=True)
-    try:
-        peft_model = PeftModel.from_pretrained(base, str(run_dir))
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise BudgetloraError(
-            f"the adapter in {run_dir} does not fit the model {cfg.model.name_or_path!r} "
-            f"({type(base).__name__}): {str(err).splitlines()[0][:300]}. Pass the base model the run "
-            "was trained on with --model"
-        ) from err
-    merged = inference_model(peft_model, runtime)
-    tokenizer = load_tokenizer(
-        str(run_dir) if (run_dir / "tokenizer_config.json").is_file() else cfg.model.name_or_path
-    )
-    return LoadedRun(cfg, merged, tokenizer, tuple(label_names), runtime)
 
 
 def evaluate(
@@ -150,7 +55,7 @@ def evaluate(
     if split not in ("train", "validation", "test"):
         raise BudgetloraError(f"--split {split!r}: allowed: train, validation, test")
     _check_batch_size(batch_size)
-    cfg = _run_config(Path(run_dir), model)
+    cfg = read_run_config(Path(run_dir), model)
     data_cfg = cfg.data if data is None else replace(cfg.data, source=data)
     # The run's label names: rows of classes the run does not know are refused, naming them.
     if data is not None and Path(data).expanduser().is_file():
@@ -170,7 +75,7 @@ def evaluate(
     assert table.labels is not None
     metrics = score(logits, table.labels, run.label_names)
     if run.runtime.is_main_process:
-        write_json_atomic(out_dir / "metrics.json", {"source": data_cfg.source, "split": split, **metrics})
+        write_json_atomic(out_dir / METRICS, {"source": data_cfg.source, "split": split, **metrics})
         write_report(
             out_dir,
             title=f"Evaluation of {Path(run_dir).name} on {scored}",
@@ -204,7 +109,7 @@ def predict(
         check_output_path(path, "--output", folder=False)
     onnx = _check_export(Path(run_dir), model)
     cfg = (
-        None if onnx else _run_config(Path(run_dir), model)
+        None if onnx else read_run_config(Path(run_dir), model)
     )  # before reading the input: the cheaper mistake first
     table = read_table(
         input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle, unique_ids=True
@@ -234,10 +139,8 @@ def predict(
 
 def _check_export(folder: Path, model: str | None) -> bool:
     """True for an export folder (scored on onnxruntime), checked; False for anything else."""
-    if not (folder / "export.json").is_file():
+    if not (folder / EXPORT_INFO).is_file():
         return False
-    from budgetlora.export import check_export_dir
-
     if model is not None:
         raise BudgetloraError(
             f"--model applies to a run folder; {folder} is an export, its model is inside it"

@@ -1,4 +1,11 @@
-"""Files of a run folder, written atomically: a crash never leaves a truncated file."""
+"""The layout of a run folder and of an export folder (which file says what), the checks
+that a folder is one, and files written atomically: a crash never leaves a truncated file.
+
+A run folder (``budgetlora train``) holds ``config.yaml`` from its start; the adapter, the
+tokenizer, ``budget.json`` and the report when it finishes, and ``metrics.json`` last, whose
+presence marks a finished run. An export folder (``budgetlora export``) holds ``export.json``
+and, with ``--format onnx``, ``model.onnx``.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +21,120 @@ from typing import Any
 from budgetlora.errors import BudgetloraError
 
 __all__ = [
+    "CONFIG",
+    "METRICS",
+    "BUDGET",
+    "ADAPTER_CONFIG",
+    "ADAPTER_FILES",
+    "TOKENIZER_CONFIG",
+    "EXPORT_INFO",
+    "ONNX_FILE",
+    "is_finished",
+    "tokenizer_source",
+    "read_budget",
+    "headline_metrics",
+    "check_run_dir",
+    "check_output",
+    "read_export_info",
+    "check_export_dir",
     "check_output_path",
     "write_text_atomic",
     "write_json_atomic",
     "atomic_path",
     "replace_dir_atomic",
 ]
+
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+BUDGET = "budget.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
+TOKENIZER_CONFIG = "tokenizer_config.json"
+EXPORT_INFO = "export.json"
+ONNX_FILE = "model.onnx"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / METRICS).is_file()
+
+
+def tokenizer_source(folder: Path, fallback: str) -> str:
+    """The folder itself where a tokenizer was saved in it, else ``fallback`` (the base model)."""
+    return str(folder) if (folder / TOKENIZER_CONFIG).is_file() else fallback
+
+
+def read_budget(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``budget.json`` (the trainable-parameter breakdown), or None before it is written."""
+    path = run_dir / BUDGET
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def headline_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Accuracy, macro-F1 and row count of each scored split of a run ({} before it finishes)."""
+    if not is_finished(run_dir):
+        return {}
+    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    return {
+        split: {key: metrics[split][key] for key in ("accuracy", "macro_f1", "n")}
+        for split in ("validation", "test")
+        if isinstance(metrics.get(split), dict)
+    }
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse what is not a run folder with a trained adapter, saying what is missing."""
+    if not run_dir.is_dir():
+        raise BudgetloraError(f"run folder not found: {run_dir}")
+    if not (run_dir / CONFIG).is_file():
+        raise BudgetloraError(f"{run_dir} is not a budgetlora run folder: {CONFIG} is missing")
+    missing = [f for f in ADAPTER_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise BudgetloraError(
+            f"run folder {run_dir} has no trained adapter ({', '.join(missing)} missing): "
+            "did its training finish? Re-run it with `budgetlora train --config "
+            f"{run_dir / CONFIG}`"
+        )
+
+
+def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to write over a finished run (unless ``overwrite``), or to resume what is not there."""
+    if resume and not run_dir.is_dir():
+        raise BudgetloraError(f"--resume: run folder {run_dir} does not exist")
+    if resume and is_finished(run_dir):
+        raise BudgetloraError(f"--resume: {run_dir} already finished ({METRICS} exists); nothing to resume")
+    if is_finished(run_dir) and not overwrite:
+        raise BudgetloraError(
+            f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite "
+            "(its files are replaced only when the new run finishes)"
+        )
+    check_output_path(run_dir, "--output", folder=True)
+
+
+def read_export_info(path: Path, option: str = "PATH") -> dict[str, Any]:
+    """The ``export.json`` of an export folder; a clear error if it is missing or unreadable."""
+    file = path / EXPORT_INFO
+    if not file.is_file():
+        raise BudgetloraError(f"{option} {path} is not a budgetlora export: {EXPORT_INFO} is missing")
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BudgetloraError(f"{file} cannot be read: {err}") from err
+    names = info.get("label_names") if isinstance(info, dict) else None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise BudgetloraError(f"{file} records no label_names (a list of at least two names)")
+    if not isinstance(info.get("max_length"), int):
+        raise BudgetloraError(f"{file} records no max_length")
+    return info
+
+
+def check_export_dir(path: Path, option: str = "PATH") -> dict[str, Any]:
+    """``export.json`` of an export folder with its ONNX graph, checked (no model loaded)."""
+    info = read_export_info(path, option)
+    if "onnx" not in info.get("formats", []) or not (path / ONNX_FILE).is_file():
+        raise BudgetloraError(
+            f"{option} {path}: the export has no {ONNX_FILE}; re-export it with --format onnx (or all)"
+        )
+    return info
 
 
 def check_output_path(path: Path, option: str, *, folder: bool) -> None:

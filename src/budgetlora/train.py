@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -47,11 +46,13 @@ from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_con
 from budgetlora.data import Splits, load_splits
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
+from budgetlora.losses import LossFn, cross_entropy_loss
 from budgetlora.methods import TITLES, size_of, with_size
 from budgetlora.metrics import score
 from budgetlora.modeling import build_model, check_max_length, display_name, load_tokenizer
 from budgetlora.report import write_report
-from budgetlora.rundir import check_output_path, write_json_atomic
+from budgetlora.roles import is_head_parameter
+from budgetlora.rundir import BUDGET, CONFIG, METRICS, check_output, is_finished, write_json_atomic
 from budgetlora.runtime import (
     Runtime,
     StopAgreement,
@@ -68,18 +69,15 @@ from budgetlora.runtime import (
 __all__ = [
     "TrainResult",
     "TrainingInterrupted",
-    "LossFn",
     "EvalCallback",
     "train",
     "fit",
     "prepare_run",
     "cross_entropy_loss",
-    "check_output",
 ]
 
 # (logits (batch, labels), batch dict with "labels" and "index") -> scalar loss.
 # "index" holds each sample's row in Splits.train, e.g. to look up cached teacher logits.
-LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 EVALS_PER_EPOCH = 4
 """Evaluations an epoch when train.eval_every is not set."""
 # (step, validation metrics) -> True to stop training early; may raise (e.g. optuna.TrialPruned).
@@ -95,13 +93,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     model: nn.Module
     """The trained peft model (best checkpoint loaded), unwrapped from accelerate."""
-
-
-def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
-    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=label_smoothing)
-
-    return loss
 
 
 def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
@@ -123,22 +114,6 @@ def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
     return cfg, splits, budget
 
 
-def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to write over a finished run (unless ``overwrite``), or to resume what is not there."""
-    if resume and not run_dir.is_dir():
-        raise BudgetloraError(f"--resume: run folder {run_dir} does not exist")
-    if resume and (run_dir / "metrics.json").exists():
-        raise BudgetloraError(
-            f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume"
-        )
-    if (run_dir / "metrics.json").exists() and not overwrite:
-        raise BudgetloraError(
-            f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite "
-            "(its files are replaced only when the new run finishes)"
-        )
-    check_output_path(run_dir, "--output", folder=True)
-
-
 def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.Optimizer:
     """Built on the parameters after they were placed on their device (fused AdamW needs that).
 
@@ -148,7 +123,7 @@ def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> t
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            is_head = "modules_to_save" in name
+            is_head = is_head_parameter(name)
             decays = not (name.endswith("bias") or "norm" in name.lower())
             groups.setdefault((is_head, decays), []).append(param)
     head_lr = settings.head_lr if settings.head_lr is not None else settings.lr
@@ -451,10 +426,10 @@ def _restore(
                     flush=True,
                 )
     run_dir.mkdir(parents=True, exist_ok=True)
-    if main and saved is None and not (run_dir / "metrics.json").exists():
+    if main and saved is None and not is_finished(run_dir):
         # The resolved config, from the start, so that an interrupted run can be resumed.
         # (Over a finished run, with --overwrite, it is replaced only at the end.)
-        save_config(session.cfg, run_dir / "config.yaml")
+        save_config(session.cfg, run_dir / CONFIG)
     settings = session.cfg.train
     history = _History(
         run_dir / ".history.jsonl.partial" if main else None,
@@ -771,8 +746,8 @@ def _write_run(
                 os.replace(item, run_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    save_config(cfg, run_dir / "config.yaml")
-    write_json_atomic(run_dir / "budget.json", budget.to_dict())
+    save_config(cfg, run_dir / CONFIG)
+    write_json_atomic(run_dir / BUDGET, budget.to_dict())
     if history.path is not None:
         os.replace(history.path, run_dir / "history.jsonl")
     split = "test" if "test" in metrics else "validation"
@@ -792,4 +767,4 @@ def _write_run(
     )
     clock.lap("write the adapter, report and plots")
     metrics["timing"]["phases"] = clock.seconds  # report.md was written before this last phase ended
-    write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
+    write_json_atomic(run_dir / METRICS, metrics)  # last: its presence marks a finished run
