@@ -6,10 +6,14 @@ import csv
 import json
 import pickle
 import subprocess
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from budgetlora.cli import flag_of
+from budgetlora.config import RunConfig
 from helpers import main_exit, run_cli
 
 COMMANDS = ["train", "evaluate", "predict", "classify", "plan", "distill", "sweep", "export", "serve"]
@@ -498,3 +502,85 @@ def test_outputs_that_cannot_be_written_are_refused_first(
     )
     assert not out.exists()
     assert a_file.read_text() == "keep me\n" and list(a_folder.iterdir()) == []
+
+
+# --- flags from the config tree -----------------------------------------------------
+
+# A value of each type that every field of that type accepts, unlike its default.
+_SAMPLE = {int: ("16", 16), float: ("0.25", 0.25), str: ("x", "x")}
+
+
+def _sample(key: str, annotation: Any, default: Any) -> tuple[list[str], Any]:
+    """Flag arguments that set ``key`` to something other than its default, and that value."""
+    from budgetlora.config import choices
+
+    flag = flag_of(key)
+    if annotation is bool:
+        return [flag if not default else "--no-" + flag[2:]], not default
+    if choices(annotation):
+        other = next(c for c in choices(annotation) if c != default)
+        return [flag, other], other
+    text = str(annotation)
+    if "auto" in text:  # a size knob: a number or 'auto'
+        return ([flag, "16"], 16) if default == "auto" else ([flag, "auto"], "auto")
+    if text.startswith("dict"):
+        return [flag, '{"layer.1": 4}'], {"layer.1": 4}
+    if text.startswith("tuple[int"):
+        return [flag, "0,2"], [0, 2]
+    if text.startswith("tuple[str"):
+        return [flag, "query,key"], ["query", "key"]
+    kind = next(k for k in (int, float, str) if annotation is k or k in typing.get_args(annotation))
+    raw, value = _SAMPLE[kind]
+    return [flag, raw], value
+
+
+def test_every_config_key_has_a_flag_that_sets_it() -> None:
+    """Each leaf of the config tree, set through its own flag, comes out in the resolved config."""
+    from budgetlora.cli import build_parser, config_from_args
+    from budgetlora.config import config_fields, config_to_dict
+
+    parser = build_parser()
+    defaults = config_to_dict(RunConfig())
+    fields = config_fields()
+    assert len(fields) > 60 and len({flag for flag in map(flag_of, (k for k, _ in fields))}) == len(fields)
+    for key, annotation in fields:
+        default = _get(defaults, key)
+        argv, expected = _sample(key, annotation, default)
+        cfg = config_to_dict(config_from_args(parser.parse_args(["train", *argv])))
+        assert _get(cfg, key) == expected != default, (key, argv)
+        changed = {k for k, _ in fields if _get(cfg, k) != _get(defaults, k)}
+        assert changed == {key}, (key, changed)  # that key and no other
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def test_a_flag_clears_what_a_config_file_set(tmp_path: Path) -> None:
+    from budgetlora.cli import build_parser, config_from_args
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "presets" / "starter.yaml"
+    parser = build_parser()
+    kept = config_from_args(parser.parse_args(["train", "--config", str(preset)]))
+    cleared = config_from_args(parser.parse_args(["train", "--config", str(preset), "--max-steps", "none"]))
+    assert kept.train.max_steps == 1200 and cleared.train.max_steps is None
+    assert cleared.train.lr == kept.train.lr  # what no flag names stays as the file has it
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--layers", "0,x"], "argument --layers: expected int values like 0,1,5, got '0,x'"),
+        (["--lora-r", "big"], "argument --lora-r: invalid int or 'auto' value: 'big'"),
+        (
+            ["--optimizer", "lion"],
+            "argument --optimizer: invalid choice: 'lion' (choose from 'adamw', 'adam', 'sgd')",
+        ),
+        (["--lora-rank-pattern", "[1, 2]"], "argument --lora-rank-pattern: invalid YAML mapping value"),
+    ],
+)
+def test_a_bad_flag_value_names_the_flag(argv: list[str], fragment: str) -> None:
+    code, err = main_exit("train", "--print-config", *argv)
+    assert code == 2 and fragment in err, err

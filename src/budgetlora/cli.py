@@ -1,8 +1,9 @@
 """The command line: parse, then call the library function of the same name.
 
-Every ``train`` option is an alias of a key of the config tree (``--lr`` is
-``train.lr``); ``--set KEY=VALUE`` reaches any other key. User errors print one
-message and exit with code 2.
+``train`` and ``distill`` get one flag per key of the config tree, made from the tree
+itself (``--lr`` is ``train.lr``, booleans are ``--x/--no-x``, choices come from the
+``Literal`` types, help from the fields' docstrings); ``--set KEY=VALUE`` takes a YAML
+value for any key. User errors print one message and exit with code 2.
 """
 
 from __future__ import annotations
@@ -11,84 +12,106 @@ import argparse
 import json
 import os
 import sys
+import types
+import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import yaml
 
-from budgetlora.config import RunConfig, field_help, load_config, with_overrides
+from budgetlora.config import RunConfig, choices, config_fields, field_help, load_config, with_overrides
 from budgetlora.errors import BudgetloraError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "flag_of"]
 
-# Size knobs take a number or 'auto' (the largest that fits).
-_SIZE_KEYS = frozenset(
-    {"model.lora.r", "model.vera.r", "model.fourierft.n_frequency", "model.loha.r", "model.lokr.r"}
-)
-# option -> (config key, argparse type); help comes from the config field's docstring.
-TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
-    "--model": ("model.name_or_path", str),
-    "--data": ("data.source", str),
-    "--output": ("output", str),
-    "--budget": ("budget", int),
-    "--head": ("model.head", str),
-    "--method": ("model.method", str),
-    "--lora-r": ("model.lora.r", str),
-    "--lora-alpha": ("model.lora.alpha", float),
-    "--lora-dropout": ("model.lora.dropout", float),
-    "--target-modules": ("model.lora.target_modules", str),
-    "--layers": ("model.lora.layers", str),
-    "--bias": ("model.lora.bias", str),
-    "--vera-r": ("model.vera.r", str),
-    "--fourierft-n-frequency": ("model.fourierft.n_frequency", str),
-    "--loha-r": ("model.loha.r", str),
-    "--lokr-r": ("model.lokr.r", str),
-    "--text-column": ("data.text_column", str),
-    "--label-column": ("data.label_column", str),
-    "--validation-size": ("data.validation_size", float),
-    "--test-size": ("data.test_size", float),
-    "--max-train-samples": ("data.max_train_samples", int),
-    "--max-eval-samples": ("data.max_eval_samples", int),
-    "--max-length": ("data.max_length", int),
-    "--min-words": ("data.min_words", int),
-    "--max-words": ("data.max_words", int),
-    "--min-unique-ratio": ("data.min_unique_ratio", float),
-    "--epochs": ("train.epochs", float),
-    "--max-steps": ("train.max_steps", int),
-    "--lr": ("train.lr", float),
-    "--head-lr": ("train.head_lr", float),
-    "--batch-size": ("train.batch_size", int),
-    "--eval-batch-size": ("train.eval_batch_size", int),
-    "--grad-accum": ("train.grad_accum", int),
-    "--optimizer": ("train.optimizer", str),
-    "--weight-decay": ("train.weight_decay", float),
-    "--scheduler": ("train.scheduler", str),
-    "--warmup-ratio": ("train.warmup_ratio", float),
-    "--warmup-steps": ("train.warmup_steps", int),
-    "--label-smoothing": ("train.label_smoothing", float),
-    "--mixed-precision": ("train.mixed_precision", str),
-    "--eval-every": ("train.eval_every", int),
-    "--best-metric": ("train.best_metric", str),
-    "--early-stopping-patience": ("train.early_stopping_patience", int),
-    "--log-every": ("train.log_every", int),
-    "--seed": ("train.seed", int),
-    "--num-workers": ("train.num_workers", int),
-    "--checkpoint-every": ("train.checkpoint_every", int),
+# Every config key has a flag, made from its name: train.lr is --lr, data.max_length
+# --max-length, and the keys of an adapter's block carry the block's name (model.lora.r is
+# --lora-r, model.vera.r --vera-r). These keep the names they were documented with.
+ALIASES: dict[str, str] = {
+    "model.name_or_path": "--model",
+    "data.source": "--data",
+    "model.lora.target_modules": "--target-modules",
+    "model.lora.layers": "--layers",
+    "model.lora.bias": "--bias",
+    "model.lora.use_dora": "--dora",
+    "model.lora.use_rslora": "--rslora",
 }
-TRAIN_SWITCHES: dict[str, str] = {
-    "--dora": "model.lora.use_dora",
-    "--rslora": "model.lora.use_rslora",
-    "--drop-empty": "data.drop_empty",
-    "--allow-pickle": "data.allow_pickle",
-    "--tensorboard": "train.tensorboard",
-    "--compile": "train.compile",
+_NAMED_BLOCKS = ("model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr")
+_GROUPS = {
+    "": "run",
+    "data": "data",
+    "model": "model",
+    "model.lora": "model.lora (target_modules and layers serve every method)",
+    "model.vera": "model.vera (--method vera)",
+    "model.fourierft": "model.fourierft (--method fourierft)",
+    "model.loha": "model.loha (--method loha)",
+    "model.lokr": "model.lokr (--method lokr)",
+    "train": "train",
 }
 
 
-def _dest(option: str) -> str:
-    return option.lstrip("-").replace("-", "_")
+def flag_of(key: str) -> str:
+    """The command-line flag of a config key."""
+    if key in ALIASES:
+        return ALIASES[key]
+    block, _, leaf = key.rpartition(".")
+    name = f"{block.rsplit('.', 1)[-1]}_{leaf}" if block in _NAMED_BLOCKS else leaf
+    return "--" + name.replace("_", "-")
+
+
+def _value_type(annotation: Any) -> Any:
+    """argparse's ``type`` for a field: text to the field's value, or ValueError (which
+    argparse reports as "invalid <name> value")."""
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (Union, types.UnionType)
+        else (annotation,)
+    )
+    optional = type(None) in args
+    words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+    (kind, *_) = [a for a in args if a is not type(None) and typing.get_origin(a) is not Literal] or [str]
+    origin = typing.get_origin(kind)
+    item = typing.get_args(kind)[0] if origin is tuple else kind
+    parsers: dict[Any, Callable[[str], Any]] = {int: _integer, float: float}
+    item_parse = parsers.get(item, str)
+
+    def parse(text: str) -> Any:
+        if text in words:
+            return text
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if origin is dict:
+            value = yaml.safe_load(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+        if origin is tuple:
+            try:
+                return [item_parse(part.strip()) for part in text.split(",") if part.strip()]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {name} values like 0,1,5, got {text!r}") from None
+        return item_parse(text)
+
+    name = {int: "int", float: "float", str: "str"}.get(item, "str")
+    parse.__name__ = (
+        ("YAML mapping" if origin is dict else f"comma-separated {name}" if origin is tuple else name)
+        + "".join(f" or {w!r}" for w in words)
+        + (" or none" if optional else "")
+    )
+    return parse
+
+
+def _integer(text: str) -> int:
+    """An integer, also written as 1e3."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise
+        return int(value)
 
 
 def _help(key: str) -> str:
@@ -101,19 +124,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="YAML config (a preset, or a run folder's config.yaml); options below override it",
     )
-    for option, (key, kind) in TRAIN_OPTIONS.items():
-        parser.add_argument(
-            option, type=kind, default=None, metavar=key.rsplit(".", 1)[-1].upper(), help=_help(key)
-        )
-    for option, key in TRAIN_SWITCHES.items():
-        parser.add_argument(option, action="store_true", default=None, help=_help(key))
-    parser.add_argument("--no-progress", action="store_true", help="No progress bars (logs only).")
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="Set any config key, e.g. --set train.momentum=0.9 (YAML value)",
+        help="Set a config key to a YAML value, e.g. --set model.lora.rank_pattern='{layer.11: 16}'",
     )
     parser.add_argument(
         "--overwrite",
@@ -128,6 +144,23 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="Print the resolved config as YAML and exit"
     )
+    groups = {block: parser.add_argument_group(f"config: {title}") for block, title in _GROUPS.items()}
+    for key, annotation in config_fields():
+        group = groups[key.rpartition(".")[0]]
+        # Only the options given reach the namespace (default SUPPRESS): the config file's
+        # value stays unless a flag names it, and `--max-steps none` can clear one.
+        flag, quiet, text = flag_of(key), argparse.SUPPRESS, _help(key)
+        if annotation is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, dest=key, default=quiet, help=text
+            )
+        elif choices(annotation):
+            group.add_argument(flag, choices=choices(annotation), dest=key, default=quiet, help=text)
+        else:
+            metavar = key.rsplit(".", 1)[-1].upper()
+            group.add_argument(
+                flag, type=_value_type(annotation), metavar=metavar, dest=key, default=quiet, help=text
+            )
 
 
 def _set_options(items: Sequence[str]) -> dict[str, Any]:
@@ -149,33 +182,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     With ``--resume`` and no ``--config``, the base is the run folder's own config.yaml.
     """
-    run_config = Path(args.output or RunConfig().output) / "config.yaml"
+    run_config = Path(vars(args).get("output") or RunConfig().output) / "config.yaml"
     if args.config:
         cfg = load_config(args.config)
     elif getattr(args, "resume", False) and run_config.is_file():
         cfg = load_config(run_config)
     else:
         cfg = RunConfig()
-    overrides: dict[str, Any] = {}
-    for option, (key, _kind) in TRAIN_OPTIONS.items():
-        value = getattr(args, _dest(option))
-        if value is not None:
-            overrides[key] = int(value) if key in _SIZE_KEYS and value.isdigit() else value
-    for option, key in TRAIN_SWITCHES.items():
-        if getattr(args, _dest(option)):
-            overrides[key] = True
-    if args.no_progress:
-        overrides["train.progress"] = False
+    given = vars(args)
+    overrides = {key: given[key] for key, _ in config_fields() if key in given}
     overrides.update(_set_options(args.set))
-    if "model.lora.layers" in overrides and isinstance(overrides["model.lora.layers"], str):
-        try:
-            overrides["model.lora.layers"] = [
-                int(x) for x in overrides["model.lora.layers"].split(",") if x.strip()
-            ]
-        except ValueError as err:
-            raise BudgetloraError(
-                f"--layers {overrides['model.lora.layers']!r}: expected integers like 0,1,5"
-            ) from err
     return with_overrides(cfg, overrides)
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "config_from_dict",
     "with_overrides",
     "field_help",
+    "config_fields",
+    "choices",
     "config_to_yaml",
 ]
 
@@ -45,9 +47,35 @@ def _fail(option: str, value: Any, allowed: str) -> NoReturn:
     raise BudgetloraError(f"invalid value for {option}: {value!r} ({allowed})")
 
 
-def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(option, value, "allowed: " + ", ".join(choices))
+def choices(annotation: Any) -> tuple[Any, ...]:
+    """The values a field typed ``Literal[...]`` (or ``Literal[...] | None``) allows; () for other types."""
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (Union, types.UnionType)
+        else (annotation,)
+    )
+    literals = [a for a in args if a is not type(None)]
+    if len(literals) != 1 or typing.get_origin(literals[0]) is not Literal:
+        return ()
+    return typing.get_args(literals[0])
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_choices(settings: Any, prefix: str) -> None:
+    """Every ``Literal``-typed field of ``settings`` holds one of its values."""
+    for name, annotation in _hints(type(settings)).items():  # type: ignore[arg-type]
+        allowed = choices(annotation)
+        value = getattr(settings, name)
+        if (
+            allowed
+            and value not in allowed
+            and not (value is None and type(None) in typing.get_args(annotation))
+        ):
+            _fail(prefix + name, value, "allowed: " + ", ".join(map(str, allowed)))
 
 
 def _check_positive(option: str, value: float | int | None, *, allow_zero: bool = False) -> None:
@@ -173,7 +201,7 @@ class LoraSettings:
             _fail("lora.dropout", self.dropout, "a probability in [0, 1)")
         if not self.target_modules:
             _fail("lora.target_modules", self.target_modules, "at least one module")
-        _check_choice("lora.bias", self.bias, ("none", "all", "lora_only"))
+        _check_choices(self, "lora.")
         if self.layers is not None and (not self.layers or any(i < 0 for i in self.layers)):
             _fail("lora.layers", self.layers, "non-negative layer indices")
         for name, rank in self.rank_pattern.items():
@@ -261,7 +289,8 @@ class LokrSettings:
             _fail("lokr.decompose_factor", self.decompose_factor, "-1 or a positive integer")
 
 
-METHODS: tuple[str, ...] = ("lora", "vera", "fourierft", "ia3", "loha", "lokr")
+Method = Literal["lora", "vera", "fourierft", "ia3", "loha", "lokr"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 # Options of the lora block that only LoRA has (target_modules and layers serve every method).
 _LORA_ONLY = (("use_dora", False), ("use_rslora", False))
 
@@ -278,7 +307,7 @@ class ModelConfig:
     """Model config fields to override, e.g. {hidden_dropout_prob: 0.07, classifier_dropout: 0.2}."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """The LoRA adapter; its target_modules and layers choose the modules of every method."""
-    method: Literal["lora", "vera", "fourierft", "ia3", "loha", "lokr"] = "lora"
+    method: Method = "lora"
     """The peft adapter method: lora, vera, fourierft, ia3 (no size knob: one vector per module), loha or lokr."""
     vera: VeraSettings = field(default_factory=VeraSettings)
     """VeRA's settings (with --method vera)."""
@@ -292,8 +321,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name_or_path:
             _fail("model.name_or_path", self.name_or_path, "a Hub id or a local folder")
-        _check_choice("model.head", self.head, ("default", "linear", "pooler"))
-        _check_choice("model.method", self.method, METHODS)
+        _check_choices(self, "model.")
         if self.method == "lora":
             return
         for name, off in _LORA_ONLY:
@@ -380,19 +408,16 @@ class TrainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(f"train.{name}", value, "a positive integer")
-        _check_choice("train.optimizer", self.optimizer, ("adamw", "adam", "sgd"))
+        _check_choices(self, "train.")
         _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("train.momentum", self.momentum, allow_zero=True)
         _check_positive("train.max_grad_norm", self.max_grad_norm)
-        _check_choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
         if not 0 <= self.warmup_ratio < 1:
             _fail("train.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         if not 0 <= self.label_smoothing < 1:
             _fail("train.label_smoothing", self.label_smoothing, "a fraction in [0, 1)")
-        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _check_positive("train.eval_every", self.eval_every)
-        _check_choice("train.best_metric", self.best_metric, ("accuracy", "macro_f1"))
         _check_positive("train.early_stopping_patience", self.early_stopping_patience)
         _check_positive("train.checkpoint_every", self.checkpoint_every)
         _check_positive("train.num_workers", self.num_workers, allow_zero=True)
@@ -506,7 +531,7 @@ def _convert(value: Any, annotation: Any, option: str) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -570,6 +595,23 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             raise BudgetloraError(f"unknown config key {dotted}")
         node[leaf] = value
     return config_from_dict(values)
+
+
+def config_fields() -> list[tuple[str, Any]]:
+    """Every leaf of the config tree as (dotted key, annotation), in declaration order:
+    ``("train.lr", float)``, ``("model.lora.r", int | Literal["auto"])``, ..."""
+
+    def leaves(cls: type, prefix: str) -> list[tuple[str, Any]]:
+        found = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            annotation = _hints(cls)[f.name]
+            if dataclasses.is_dataclass(annotation):
+                found += leaves(annotation, prefix + f.name + ".")  # type: ignore[arg-type]
+            else:
+                found.append((prefix + f.name, annotation))
+        return found
+
+    return leaves(RunConfig, "")
 
 
 def field_help(dotted: str) -> str:
