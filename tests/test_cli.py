@@ -14,7 +14,7 @@ import pytest
 
 from budgetlora.cli import flag_of
 from budgetlora.config import RunConfig
-from helpers import main_exit, run_cli
+from commands import main_exit, run_cli
 
 COMMANDS = ["train", "evaluate", "predict", "classify", "plan", "distill", "sweep", "export", "serve"]
 

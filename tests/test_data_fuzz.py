@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from budgetlora.config import DataConfig
 from budgetlora.data import TextTable, load_splits, read_table
 from budgetlora.errors import BudgetloraError
-from helpers import main_exit
+from commands import main_exit
 
 # Pieces of the formats' own syntax reach deeper code than uniform random bytes.
 _PIECES = st.sampled_from(

@@ -19,8 +19,8 @@ from budgetlora.export import _compare, export
 from budgetlora.metrics import softmax
 from budgetlora.predict import classify, load_run
 from budgetlora.train import train
+from commands import main_exit, run_cli
 from conftest import make_rows
-from helpers import main_exit, run_cli
 
 EXPORT_FILES = {
     "config.json",

@@ -16,7 +16,7 @@ from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.modeling import build_model
 from budgetlora.plan import PlanRow, format_plan, plan
-from helpers import run_cli
+from commands import run_cli
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUDGET = 1_000_000
@@ -192,15 +192,36 @@ def test_format_plan_styles(roberta_plan: list[PlanRow]) -> None:
         ("query,key,value", "all", "7", "980740"),
     ]
     markdown = format_plan(rows, "markdown").splitlines()
-    assert markdown[0].startswith("| head | targets | layers |") and len(markdown) == 2 + 3
-    assert markdown[2] == "| default | query,value | all | 24 | 11 | 405,504 | 593,668 | 999,172 | 99.9% |"
+    assert (
+        markdown[0].startswith("| head | targets | layers |") and len(markdown) == 2 + 3 + 2
+    )  # + a blank line, the note
+    assert markdown[2] == (
+        "| **default** (recommended) | query,value | all | 24 | 11 | 405,504 | 593,668 | 999,172 | 99.9% |"
+    )
+    assert markdown[-1].startswith("<- recommended: the model's own head + LoRA on query,value")
     table = format_plan(rows).splitlines()
     assert table[0].split() == [
         "head", "targets", "layers", "modules", "rank", "LoRA", "head", "params", "trainable", "of", "budget"
     ]  # fmt: skip
-    assert table[1].split() == ROBERTA_QV_ROW
+    assert table[1].split() == [*ROBERTA_QV_ROW, "<-", "recommended"]
+    assert [r["recommended"] for r in records] == [True, False, False]
     with pytest.raises(BudgetloraError, match="--format"):
         format_plan(rows, "html")  # type: ignore[arg-type]
+
+
+def test_the_measured_recipe_is_the_one_recommended_row(roberta_base_dir: Path) -> None:
+    """The row of RECOMMENDED (the model's head, LoRA on query,value, every layer) is marked, and
+    only where it fits the budget."""
+    from budgetlora.plan import RECOMMENDED
+
+    marked = [r for r in plan(str(roberta_base_dir), BUDGET) if r.recommended]
+    assert [(r.head, r.targets, r.layers) for r in marked] == [(RECOMMENDED.head, RECOMMENDED.targets, None)]
+    assert "benchmarks/results/quality_" in RECOMMENDED.why
+    # 750,000 leaves the model's own head (593,668) room for LoRA on query,value at rank 4 only.
+    assert [r.rank for r in plan(str(roberta_base_dir), 750_000) if r.recommended] == [4]
+    # Under the head's own size nothing with it fits: no row is recommended, the linear head's rows remain.
+    small = plan(str(roberta_base_dir), 500_000)
+    assert small and not any(r.recommended for r in small) and "<- recommended" not in format_plan(small)
 
 
 def test_cli_plan_from_a_config_only_folder(roberta_base_dir: Path) -> None:
@@ -209,7 +230,11 @@ def test_cli_plan_from_a_config_only_folder(roberta_base_dir: Path) -> None:
     lines = result.stdout.splitlines()
     assert "a budget of 1,000,000 trainable parameters" in lines[0]
     assert lines[2].split()[:2] == ["head", "targets"]
-    assert lines[3].split() == ROBERTA_QV_ROW
+    assert lines[3].split() == [*ROBERTA_QV_ROW, "<-", "recommended"]
+    assert any(
+        "<- recommended: the model's own head" in line and "quality_all-mpnet-base-v2" in line
+        for line in lines
+    )
     assert len([line for line in lines if line.startswith(("default ", "linear "))]) == 16
 
 

@@ -19,8 +19,8 @@ from budgetlora.data import load_splits
 from budgetlora.export import export
 from budgetlora.predict import classify, load_run
 from budgetlora.train import train
+from commands import post, request, server
 from conftest import AG_NEWS_SAMPLE, LABELS, minilm_dir, requires_shared
-from helpers import post, request, server
 
 pytestmark = [
     pytest.mark.slow,

@@ -237,7 +237,14 @@ def test_hub_ids_and_folders_are_told_apart(tmp_path: Path, monkeypatch: pytest.
 
     for name in ("roberta-base", "FacebookAI/roberta-base", "fancyzhx/ag_news"):
         assert is_hub_id(name), name
-    for name in ("./roberta-base", "../models/x", "/models/roberta-base", "~/roberta-base", "a/b/c", ".hidden"):
+    for name in (
+        "./roberta-base",
+        "../models/x",
+        "/models/roberta-base",
+        "~/roberta-base",
+        "a/b/c",
+        ".hidden",
+    ):
         assert not is_hub_id(name), name
     # A folder that exists here is a folder, even when its name could be a Hub id.
     monkeypatch.chdir(tmp_path)

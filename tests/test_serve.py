@@ -17,8 +17,8 @@ import pytest
 from budgetlora.export import export
 from budgetlora.predict import classify
 from budgetlora.serve import parse_texts
+from commands import main_exit, post, request, server
 from conftest import make_rows
-from helpers import main_exit, post, request, server
 
 POOL = [t for t, _ in make_rows(32, seed=21)]
 

@@ -28,7 +28,9 @@ from budgetlora.roles import layer_index
 __all__ = [
     "HEADS",
     "TARGET_SETS",
+    "RECOMMENDED",
     "PlanRow",
+    "Recommendation",
     "plan",
     "format_plan",
     "MethodRow",
@@ -45,6 +47,27 @@ TARGET_SETS: tuple[tuple[str, ...], ...] = (
     ("all",),
 )
 Style = Literal["table", "markdown", "csv", "json"]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The head and targets that measured best in ``benchmarks/quality.py``, and the evidence."""
+
+    head: str
+    targets: tuple[str, ...]
+    why: str
+
+
+# From benchmarks/results/quality_all-mpnet-base-v2.md (a roberta-base-sized encoder, the same
+# split and epochs for every recipe): the model's own head with LoRA on query,value (r=8, lr
+# 2e-3, the built-in defaults) was the best recipe, and no linear-head recipe beat it.
+RECOMMENDED = Recommendation(
+    head="default",
+    targets=("query", "value"),
+    why="the model's own head + LoRA on query,value (at r=8, lr 2e-3: budgetlora's defaults) measured best "
+    "on all-mpnet-base-v2, a roberta-base-sized encoder; a linear head with LoRA on more modules did not beat "
+    "it (benchmarks/results/quality_all-mpnet-base-v2.md)",
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,8 @@ class PlanRow:
     """The rank stopped at the adapted matrices' smaller side: more would add parameters, not rank."""
     same_heads: tuple[str, ...] = ()
     """Other --head values that build exactly this model (e.g. pooler on BERT, whose own head is one)."""
+    recommended: bool = False
+    """The row of :data:`RECOMMENDED` (its head, its targets, every layer), when it fits."""
 
     @property
     def trainable(self) -> int:
@@ -117,6 +142,7 @@ class PlanRow:
             "fits": self.fits,
             "groups": dict(self.groups),
             "options": self.options,
+            "recommended": self.recommended,
         }
 
 
@@ -275,7 +301,14 @@ def plan(
             f"({_options(smallest, 1)}) takes {smallest.trainable:,} "
             f"({smallest.head_params:,} of them the head). Raise --budget to at least {smallest.trainable:,}."
         )
-    return rows
+    return [replace(row, recommended=_is_recommended(row)) for row in rows]
+
+
+def _is_recommended(row: PlanRow) -> bool:
+    heads = (row.head, *row.same_heads)
+    return (
+        row.fits and RECOMMENDED.head in heads and row.targets == RECOMMENDED.targets and row.layers is None
+    )
 
 
 # --- output ------------------------------------------------------------------------
@@ -296,6 +329,7 @@ _CSV_FIELDS = (
     "share",
     "fits",
     "options",
+    "recommended",
 )
 _COLUMNS = ("head", "targets", "layers", "modules", "rank", "LoRA", "head params", "trainable", "of budget")
 
@@ -327,6 +361,8 @@ def _footnotes(rows: Sequence[PlanRow]) -> list[str]:
         notes.append("does not fit: not even at rank 1 (trainable shows the count at rank 1)")
     if any(row.same_heads for row in rows):
         notes.append("a = b: the two --head values build the same model")
+    if any(row.recommended for row in rows):
+        notes.append(f"<- recommended: {RECOMMENDED.why}")
     return notes
 
 
@@ -350,7 +386,9 @@ def format_plan(rows: Sequence[PlanRow], style: Style = "table") -> str:
     if style == "markdown":
         lines = ["| " + " | ".join(_COLUMNS) + " |"]
         lines.append("| " + " | ".join("---:" if c in right else "---" for c in _COLUMNS) + " |")
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        for row, cells in zip(rows, body, strict=True):
+            head = f"**{cells[0]}** (recommended)" if row.recommended else cells[0]
+            lines.append("| " + " | ".join([head, *cells[1:]]) + " |")
         return "\n".join(lines + ["", *(f"{n}  " for n in _footnotes(rows))]).rstrip()
     if style != "table":
         raise BudgetloraError(f"invalid value for --format: {style!r} (allowed: table, markdown, csv, json)")
@@ -362,7 +400,11 @@ def format_plan(rows: Sequence[PlanRow], style: Style = "table") -> str:
             for cell, w, col in zip(cells, widths, _COLUMNS, strict=True)
         ).rstrip()
 
-    return "\n".join([line(_COLUMNS), *(line(cells) for cells in body), *_footnotes(rows)])
+    marked = [
+        line(cells) + ("  <- recommended" if row.recommended else "")
+        for row, cells in zip(rows, body, strict=True)
+    ]
+    return "\n".join([line(_COLUMNS), *marked, *_footnotes(rows)])
 
 
 # --- per method -------------------------------------------------------------------

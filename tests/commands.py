@@ -1,4 +1,4 @@
-"""What several test files use: the CLI in a subprocess or in this process, and a real
+"""budgetlora's commands as tests run them: the CLI in a subprocess or in this process, and a real
 `budgetlora serve` process with a small HTTP client."""
 
 from __future__ import annotations
