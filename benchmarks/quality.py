@@ -451,21 +451,22 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
         return
     best = presets[0]  # rows are ranked
     for row in rows:
-        common = sorted(set(predictions(row)) & set(predictions(best)))
+        common = sorted(set(predictions(row)) & set(predictions(best)), reverse=True)
         if row is best or not common:
             continue
-        seed = common[0]
-        mine, theirs = predictions(row)[seed], predictions(best)[seed]
-        only_mine, only_theirs, p = mcnemar(mine, theirs, labels)
-        delta = (only_mine - only_theirs) / len(labels) * 100
-        row["paired"] = f"{delta:+.2f} ({only_mine}/{only_theirs}, p={p:.2f})"
-        row["paired_vs"] = {
-            "arm": best["arm"],
-            "seed": seed,
-            "only_this": only_mine,
-            "only_preset": only_theirs,
-            "p": p,
-        }
+        cells, row["paired_vs"] = [], []
+        for seed in common:  # each seed the two arms share: paired on the same rows
+            mine, theirs = predictions(row)[seed], predictions(best)[seed]
+            only_mine, only_theirs, p = mcnemar(mine, theirs, labels)
+            delta = (only_mine - only_theirs) / len(labels) * 100
+            cells.append(
+                f"{delta:+.2f} ({only_mine}/{only_theirs}, p={p:.2f})"
+                + (f" seed {seed}" if len(common) > 1 else "")
+            )
+            row["paired_vs"].append(
+                {"arm": best["arm"], "seed": seed, "only_this": only_mine, "only_preset": only_theirs, "p": p}
+            )
+        row["paired"] = "; ".join(cells)
     best["paired"] = "(best preset)"
 
 

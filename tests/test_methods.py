@@ -373,8 +373,10 @@ def test_cli_method_flags(
     assert load_config(out / "config.yaml").model.loha.r == (3_000 - 1_188) // (4 * 2 * 64)
     assert "loha.query" in capsys.readouterr().out
 
-    assert main(["train", *common, "--output", str(tmp_path / "bad"), "--method", "adalora"]) == 2
-    assert "model.method: 'adalora'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's own choice check, from model.method's Literal
+        main(["train", *common, "--output", str(tmp_path / "bad"), "--method", "adalora"])
+    assert refused.value.code == 2
+    assert "--method: invalid choice: 'adalora' (choose from 'lora', 'vera'" in capsys.readouterr().err
     assert main(["train", *common, "--output", str(tmp_path / "bad"), "--method", "vera", "--dora"]) == 2
     assert "LoRA only" in capsys.readouterr().err
     code = main(["train", *common, "--output", str(tmp_path / "bad"), "--method", "vera", "--vera-r", "5000",

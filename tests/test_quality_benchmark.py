@@ -92,7 +92,7 @@ def test_two_arms_on_one_split_resume_and_rank(tiny_model_dir: Path, tmp_path: P
         assert f"{row['test_accuracy'] * 100:.2f}%" in table
     # The paired comparison with the only preset: its discordant rows make up the accuracy gap.
     (defaults,) = [r for r in rows if r["arm"] == "defaults"]
-    paired = defaults["paired_vs"]
+    (paired,) = defaults["paired_vs"]  # one seed in common
     assert paired["arm"] == "preset:adam-r4-lora-only" and paired["seed"] == 42
     gap = (
         records["defaults-seed42"]["test_accuracy"]
