@@ -567,6 +567,8 @@ def test_a_flag_clears_what_a_config_file_set(tmp_path: Path) -> None:
     cleared = config_from_args(parser.parse_args(["train", "--config", str(preset), "--max-steps", "none"]))
     assert kept.train.max_steps == 1200 and cleared.train.max_steps is None
     assert cleared.train.lr == kept.train.lr  # what no flag names stays as the file has it
+    # Integers may be written as 1e3 (as YAML and --set take them), never as 2.5.
+    assert config_from_args(parser.parse_args(["train", "--max-steps", "1e3"])).train.max_steps == 1000
 
 
 @pytest.mark.parametrize(
