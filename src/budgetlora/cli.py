@@ -12,16 +12,23 @@ import argparse
 import json
 import os
 import sys
-import types
 import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from budgetlora.config import RunConfig, choices, config_fields, field_help, load_config, with_overrides
+from budgetlora.config import (
+    RunConfig,
+    choices,
+    config_fields,
+    field_help,
+    load_config,
+    union_members,
+    with_overrides,
+)
 from budgetlora.errors import BudgetloraError
 
 __all__ = ["main", "build_parser", "flag_of"]
@@ -64,11 +71,7 @@ def flag_of(key: str) -> str:
 def _value_type(annotation: Any) -> Any:
     """argparse's ``type`` for a field: text to the field's value, or ValueError (which
     argparse reports as "invalid <name> value")."""
-    args = (
-        typing.get_args(annotation)
-        if typing.get_origin(annotation) in (Union, types.UnionType)
-        else (annotation,)
-    )
+    args = union_members(annotation)
     optional = type(None) in args
     words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
     (kind, *_) = [a for a in args if a is not type(None) and typing.get_origin(a) is not Literal] or [str]

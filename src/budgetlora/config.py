@@ -39,6 +39,7 @@ __all__ = [
     "field_help",
     "config_fields",
     "choices",
+    "union_members",
     "config_to_yaml",
 ]
 
@@ -47,14 +48,16 @@ def _fail(option: str, value: Any, allowed: str) -> NoReturn:
     raise BudgetloraError(f"invalid value for {option}: {value!r} ({allowed})")
 
 
+def union_members(annotation: Any) -> tuple[Any, ...]:
+    """The types a field's annotation joins (``int | None`` -> ``(int, NoneType)``); itself alone if no union."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
 def choices(annotation: Any) -> tuple[Any, ...]:
     """The values a field typed ``Literal[...]`` (or ``Literal[...] | None``) allows; () for other types."""
-    args = (
-        typing.get_args(annotation)
-        if typing.get_origin(annotation) in (Union, types.UnionType)
-        else (annotation,)
-    )
-    literals = [a for a in args if a is not type(None)]
+    literals = [a for a in union_members(annotation) if a is not type(None)]
     if len(literals) != 1 or typing.get_origin(literals[0]) is not Literal:
         return ()
     return typing.get_args(literals[0])
@@ -73,7 +76,7 @@ def _check_choices(settings: Any, prefix: str) -> None:
         if (
             allowed
             and value not in allowed
-            and not (value is None and type(None) in typing.get_args(annotation))
+            and not (value is None and type(None) in union_members(annotation))
         ):
             _fail(prefix + name, value, "allowed: " + ", ".join(map(str, allowed)))
 
