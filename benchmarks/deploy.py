@@ -201,7 +201,8 @@ def main() -> None:
         run_dir = args.run
         if run_dir is None:
             _log(f"training all-MiniLM-L6-v2 for {args.steps} steps")
-            run_dir = _train_run(work / "run", args.data, args.steps)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is the markdown
+                run_dir = _train_run(work / "run", args.data, args.steps)
         cfg = load_config(run_dir / "config.yaml")
         # the rows scored: the run's own test split, uncapped (a run may have scored fewer)
         data_cfg = replace(cfg.data, max_eval_samples=None)
@@ -210,7 +211,8 @@ def main() -> None:
         if args.export is None:
             _log("exporting")
             start = time.perf_counter()
-            export(run_dir, export_dir, formats=("merged", "onnx"), overwrite=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                export(run_dir, export_dir, formats=("merged", "onnx"), overwrite=True)
             export_seconds = time.perf_counter() - start
         splits = load_splits(data_cfg, training=False)
         table = splits.test if splits.test is not None else splits.validation
