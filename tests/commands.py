@@ -21,6 +21,7 @@ from typing import Any
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``budgetlora ARGS`` in a real subprocess (``python -m budgetlora``), offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [sys.executable, "-m", "budgetlora", *args],
@@ -32,17 +33,24 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     )
 
 
-def main_exit(*args: str) -> tuple[int, str]:
-    """``budgetlora ARGS`` in this process (much faster than a subprocess): exit code and stderr."""
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``budgetlora ARGS`` in this process, as :func:`run_cli` reports it (exit code, stdout,
+    stderr) without an interpreter start-up: the same ``main`` that ``python -m budgetlora`` calls."""
     from budgetlora.cli import main
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             code = main(list(args))
-        except SystemExit as exit_:  # argparse's own usage errors
+        except SystemExit as exit_:  # argparse's --help and usage errors
             code = int(exit_.code or 0)
-    return code, err.getvalue()
+    return subprocess.CompletedProcess(["budgetlora", *args], code, out.getvalue(), err.getvalue())
+
+
+def main_exit(*args: str) -> tuple[int, str]:
+    """``budgetlora ARGS`` in this process: exit code and stderr."""
+    result = cli(*args)
+    return result.returncode, result.stderr
 
 
 def free_port() -> int:

@@ -1,4 +1,7 @@
-"""The command line, run as users run it: real subprocesses, real files, exit codes."""
+"""The command line, run as users run it: real files, exit codes and messages. A training run, its
+predict/classify/evaluate and one case per class of bad input go through real processes
+(``run_cli``, and the console script itself); the other cases call the same ``main`` in this process
+(``cli``), which saves an interpreter start-up each."""
 
 from __future__ import annotations
 
@@ -14,14 +17,14 @@ import pytest
 
 from budgetlora.cli import flag_of
 from budgetlora.config import RunConfig
-from commands import main_exit, run_cli
+from commands import cli, main_exit, run_cli
 
 COMMANDS = ["train", "evaluate", "predict", "classify", "plan", "distill", "sweep", "export", "serve"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_help(command: str | None) -> None:
-    result = run_cli(*([command] if command else []), "--help")
+    result = cli(*([command] if command else []), "--help")
     assert result.returncode == 0, result.stderr
     assert "usage: budgetlora" in result.stdout
     if command == "train":
@@ -100,12 +103,10 @@ def test_predict_a_pickled_dataset_only_with_allow_pickle(cli_run: Path, tmp_pat
         pickle.dump(
             Dataset.from_dict({"text": ["market shares profit", "team coach goal", "chip data phone"]}), fh
         )
-    refused = run_cli("predict", str(cli_run), str(path), "--output", str(tmp_path / "s.csv"))
+    refused = cli("predict", str(cli_run), str(path), "--output", str(tmp_path / "s.csv"))
     assert refused.returncode == 2 and "--allow-pickle" in refused.stderr
     assert not (tmp_path / "s.csv").exists()
-    result = run_cli(
-        "predict", str(cli_run), str(path), "--output", str(tmp_path / "s.csv"), "--allow-pickle"
-    )
+    result = cli("predict", str(cli_run), str(path), "--output", str(tmp_path / "s.csv"), "--allow-pickle")
     assert result.returncode == 0, result.stderr
     assert [r[0] for r in csv.reader((tmp_path / "s.csv").open())] == ["ID", "0", "1", "2"]
 
@@ -123,39 +124,39 @@ def test_errors_are_one_clear_message_and_exit_2(
     model, data = str(tiny_model_dir), str(tiny_data_csv)
     out = str(tmp_path / "out")
     _assert_user_error(
-        run_cli("train", "--model", model, "--data", str(tmp_path / "nope.csv"), "--output", out), "nope.csv"
+        cli("train", "--model", model, "--data", str(tmp_path / "nope.csv"), "--output", out), "nope.csv"
     )
     _assert_user_error(
-        run_cli("train", "--model", str(tmp_path / "no-model"), "--data", data, "--output", out), "no-model"
+        cli("train", "--model", str(tmp_path / "no-model"), "--data", data, "--output", out), "no-model"
     )
     _assert_user_error(
-        run_cli("train", "--model", "no-such-org/no-such-model", "--data", data, "--output", out),
+        cli("train", "--model", "no-such-org/no-such-model", "--data", data, "--output", out),
         "Hub",
         "--model",
     )
     _assert_user_error(
-        run_cli("train", "--model", model, "--data", data, "--output", out, "--text-column", "body"),
+        cli("train", "--model", model, "--data", data, "--output", out, "--text-column", "body"),
         "body",
         "data.text_column",
     )
-    over = run_cli("train", "--model", model, "--data", data, "--output", out, "--budget", "1000")
+    over = cli("train", "--model", model, "--data", data, "--output", out, "--budget", "1000")
     _assert_user_error(over, "over budget", "lora.query", "head", "would fit")
-    _assert_user_error(run_cli("train", "--budget", "0", "--output", out), "budget")
-    _assert_user_error(run_cli("train", "--lora-dropout", "-0.1", "--output", out), "lora.dropout")
+    _assert_user_error(cli("train", "--budget", "0", "--output", out), "budget")
+    _assert_user_error(cli("train", "--lora-dropout", "-0.1", "--output", out), "lora.dropout")
     bad_config = tmp_path / "bad.yaml"
     bad_config.write_text("train:\n  lr: -3\n")
-    _assert_user_error(run_cli("train", "--config", str(bad_config)), "bad.yaml", "train.lr")
+    _assert_user_error(cli("train", "--config", str(bad_config)), "bad.yaml", "train.lr")
     unknown_key = tmp_path / "typo.yaml"
     unknown_key.write_text("train:\n  learning_rate: 0.1\n")
-    _assert_user_error(run_cli("train", "--config", str(unknown_key)), "train.learning_rate")
+    _assert_user_error(cli("train", "--config", str(unknown_key)), "train.learning_rate")
     assert not Path(out).exists()  # nothing was started, nothing written
 
     empty = tmp_path / "empty.csv"
     empty.write_text("text\n")
     _assert_user_error(
-        run_cli("predict", str(cli_run), str(empty), "--output", str(tmp_path / "s.csv")), "empty.csv"
+        cli("predict", str(cli_run), str(empty), "--output", str(tmp_path / "s.csv")), "empty.csv"
     )
-    _assert_user_error(run_cli("predict", str(tmp_path / "no-run"), str(empty)), "no-run")
+    _assert_user_error(cli("predict", str(tmp_path / "no-run"), str(empty)), "no-run")
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -167,13 +168,13 @@ def test_adapter_on_another_architecture_is_refused(cli_run: Path, tmp_path: Pat
         vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
     )
     BertForSequenceClassification(config).save_pretrained(bert)
-    result = run_cli("classify", str(cli_run), "some text", "--model", str(bert))
+    result = cli("classify", str(cli_run), "some text", "--model", str(bert))
     _assert_user_error(result, "does not fit the model", "--model")
 
 
 def test_a_finished_run_is_kept(cli_run: Path, tiny_model_dir: Path, tiny_data_csv: Path) -> None:
     before = (cli_run / "adapter_model.safetensors").read_bytes()
-    result = run_cli(
+    result = cli(
         "train", "--model", str(tiny_model_dir), "--data", str(tiny_data_csv), "--output", str(cli_run)
     )
     _assert_user_error(result, "already holds a finished run", "--overwrite")
@@ -445,9 +446,9 @@ def test_inference_and_search_options_are_checked_first(
         main_exit("distill", *student, *teacher, "--temperature", "nan"), "distill.temperature: nan"
     )
     _assert_refused(main_exit("distill", *student, *teacher, "--alpha", "2"), "distill.alpha: 2")
-    broken = tmp_path / "distill.yaml"
-    broken.write_text("teacher: [unclosed\n")
-    _assert_refused(main_exit("distill", *student, "--distill-config", str(broken)), "distill.yaml")
+    _assert_refused(main_exit("distill", *student), "no teacher", "--teacher")
+    refused = main_exit("train", *student, "--set", f"distill.teacher={cli_run}")
+    _assert_refused(refused, "distill.teacher is set", "budgetlora distill")
     base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
     from budgetlora.config import DataConfig, ModelConfig, RunConfig, save_config
 
@@ -535,7 +536,8 @@ def _sample(key: str, annotation: Any, default: Any) -> tuple[list[str], Any]:
 
 
 def test_every_config_key_has_a_flag_that_sets_it() -> None:
-    """Each leaf of the config tree, set through its own flag, comes out in the resolved config."""
+    """Each leaf of the config tree, set through its own flag of `distill` (and of `train`, but for
+    the distill.* keys), comes out in the resolved config."""
     from budgetlora.cli import build_parser, config_from_args
     from budgetlora.config import config_fields, config_to_dict
 
@@ -546,10 +548,16 @@ def test_every_config_key_has_a_flag_that_sets_it() -> None:
     for key, annotation in fields:
         default = _get(defaults, key)
         argv, expected = _sample(key, annotation, default)
-        cfg = config_to_dict(config_from_args(parser.parse_args(["train", *argv])))
+        cfg = config_to_dict(config_from_args(parser.parse_args(["distill", *argv])))
         assert _get(cfg, key) == expected != default, (key, argv)
         changed = {k for k, _ in fields if _get(cfg, k) != _get(defaults, k)}
         assert changed == {key}, (key, changed)  # that key and no other
+        if not key.startswith("distill."):  # train has every flag but the teacher's
+            assert config_from_args(parser.parse_args(["train", *argv])) == config_from_args(
+                parser.parse_args(["distill", *argv])
+            )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--teacher", "runs/teacher"])
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:

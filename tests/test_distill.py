@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,18 +13,22 @@ import pytest
 import torch
 import yaml
 
-from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings, load_config
-from budgetlora.data import load_splits
-from budgetlora.distill import (
+from budgetlora.config import (
+    DataConfig,
     DistillSettings,
-    distill,
-    load_distill_settings,
-    teacher_logits,
+    LoraSettings,
+    ModelConfig,
+    RunConfig,
+    TrainSettings,
+    load_config,
 )
+from budgetlora.data import load_splits
+from budgetlora.distill import distill, teacher_logits
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.losses import distillation_loss, distillation_loss_fn
 from budgetlora.predict import load_run
 from budgetlora.train import train
+from commands import cli
 
 
 def tiny_cfg(model: Path, data: Path, output: Path, *, r: int = 4, epochs: float = 3) -> RunConfig:
@@ -68,9 +69,7 @@ def test_distill_writes_its_record_and_reuses_the_cached_teacher(
     assert result.teacher.logits["train"].shape == (288, 4)
 
     run_dir, baseline_dir = tmp_path / "student", tmp_path / "student-baseline"
-    assert {"distill.json", "distill.yaml", "config.yaml", "metrics.json", "report.md"} <= {
-        p.name for p in run_dir.iterdir()
-    }
+    assert {"distill.json", "config.yaml", "metrics.json", "report.md"} <= {p.name for p in run_dir.iterdir()}
     assert (baseline_dir / "metrics.json").is_file() and not (baseline_dir / "distill.json").exists()
     record = json.loads((run_dir / "distill.json").read_text())
     teacher_metrics = json.loads((teacher_run / "metrics.json").read_text())
@@ -99,9 +98,14 @@ def test_distill_writes_its_record_and_reuses_the_cached_teacher(
 
     assert len(losses(run_dir)) == len(losses(baseline_dir)) and losses(run_dir) != losses(baseline_dir)
 
-    # The run folder re-runs: config.yaml as train takes it, distill.yaml with the teacher.
-    assert load_config(run_dir / "config.yaml") == result.student.cfg
-    assert load_distill_settings(run_dir / "distill.yaml") == DistillSettings(str(teacher_run), 0.7, 3.0)
+    # One config for the run: config.yaml holds the teacher and the loss mix as well.
+    recorded = load_config(run_dir / "config.yaml")
+    assert recorded == result.student.cfg
+    assert recorded.distill == DistillSettings(str(teacher_run), 0.7, 3.0)
+    assert load_config(baseline_dir / "config.yaml").distill == DistillSettings()  # trained without one
+    with pytest.raises(BudgetloraError, match="budgetlora distill"):
+        train(replace(recorded, output=str(tmp_path / "refused")))  # train() alone would ignore the teacher
+    assert not (tmp_path / "refused").exists()
     run = load_run(run_dir)
     assert run.label_names == ("label_0", "label_1", "label_2", "label_3")
 
@@ -196,18 +200,11 @@ def test_teachers_that_cannot_teach(
     assert not cache.exists() and not (tmp_path / "s").exists()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "budgetlora", *args], capture_output=True, text=True, env=env, timeout=600
-    )
-
-
 def test_cli_distill_and_its_rerun_from_the_run_folder(
     teacher_run: Path, tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path, cache: Path
 ) -> None:
     out = tmp_path / "cli-student"
-    result = _cli(
+    result = cli(
         "distill", "--model", str(tiny_model_dir), "--data", str(tiny_data_csv), "--output", str(out),
         "--teacher", str(teacher_run), "--alpha", "0.6", "--temperature", "1.5", "--lora-r", "2",
         "--epochs", "1", "--lr", "1e-2", "--batch-size", "16", "--max-length", "32",
@@ -215,15 +212,69 @@ def test_cli_distill_and_its_rerun_from_the_run_folder(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "teacher  validation accuracy" in result.stdout and "student  validation accuracy" in result.stdout
-    assert yaml.safe_load((out / "distill.yaml").read_text()) == {
+    assert yaml.safe_load((out / "config.yaml").read_text())["distill"] == {
         "teacher": str(teacher_run), "alpha": 0.6, "temperature": 1.5
     }  # fmt: skip
-    again = _cli(
-        "distill", "--config", str(out / "config.yaml"), "--distill-config", str(out / "distill.yaml"),
-        "--output", str(tmp_path / "rerun"), "--no-progress",
-    )  # fmt: skip
+    again = cli("distill", "--config", str(out / "config.yaml"), "--output", str(tmp_path / "rerun"))
     assert again.returncode == 0, again.stderr[-3000:]
     first, second = (json.loads((d / "distill.json").read_text()) for d in (out, tmp_path / "rerun"))
     assert second["student"]["test"] == first["student"]["test"]  # the same run again (CPU, same seed)
-    missing = _cli("distill", "--model", str(tiny_model_dir), "--output", str(tmp_path / "no-teacher"))
+    missing = cli("distill", "--model", str(tiny_model_dir), "--output", str(tmp_path / "no-teacher"))
     assert missing.returncode == 2 and "--teacher" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_an_interrupted_distillation_resumes_from_its_run_folder(
+    teacher_run: Path, tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path, cache: Path
+) -> None:
+    """`budgetlora distill --resume --output RUN`: the run folder's config.yaml names the teacher."""
+
+    class Stopped(Exception):
+        pass
+
+    def stop(step: int, metrics: dict) -> bool:
+        raise Stopped
+
+    cfg = tiny_cfg(tiny_model_dir, tiny_data_csv, tmp_path / "stopped", r=1, epochs=1)
+    cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=5, eval_every=12))
+    with pytest.raises(Stopped):
+        distill(cfg, str(teacher_run), alpha=0.7, on_eval=stop)
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+    resumed = cli("distill", "--resume", "--output", str(tmp_path / "stopped"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    straight = distill(replace(cfg, output=str(tmp_path / "straight")), str(teacher_run), alpha=0.7)
+    assert (
+        json.loads((tmp_path / "stopped" / "metrics.json").read_text())["test"]
+        == straight.student.metrics["test"]
+    )
+    assert (tmp_path / "stopped" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "straight" / "adapter_model.safetensors"
+    ).read_bytes()
+    refused = cli("train", "--resume", "--output", str(tmp_path / "stopped"))
+    assert refused.returncode == 2 and "budgetlora distill" in refused.stderr
+
+
+def test_a_sweep_with_a_teacher_distils_every_trial(
+    teacher_run: Path, tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path, cache: Path
+) -> None:
+    from budgetlora.sweep import sweep
+
+    student = tiny_cfg(tiny_model_dir, tiny_data_csv, tmp_path / "unused", r=1, epochs=1)
+    base = replace(student, distill=DistillSettings(str(teacher_run), temperature=3.0))
+    result = sweep(base, {"distill.alpha": [0.2, 0.9]}, n_trials=2, output=tmp_path / "sweep", sampler="grid")
+    trials = sorted((tmp_path / "sweep").glob("trial-*"))
+    assert len(trials) == 2 and result.best_config is not None
+    recorded = sorted(
+        ((load_config(t / "config.yaml").distill, json.loads((t / "distill.json").read_text())["alpha"])
+         for t in trials),
+        key=lambda pair: pair[1],
+    )  # fmt: skip  # every trial distilled, with its own alpha and the base config's teacher and T
+    assert recorded == [
+        (DistillSettings(str(teacher_run), 0.2, 3.0), 0.2),
+        (DistillSettings(str(teacher_run), 0.9, 3.0), 0.9),
+    ]
+    assert result.best_config.distill in {d for d, _ in recorded}
+    assert load_config(tmp_path / "sweep" / "best.yaml").distill == result.best_config.distill
+    assert f"`budgetlora distill --config {tmp_path / 'sweep' / 'best.yaml'}`" in (
+        (tmp_path / "sweep" / "trials.md").read_text()
+    )

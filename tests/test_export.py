@@ -19,7 +19,7 @@ from budgetlora.export import _compare, export
 from budgetlora.metrics import softmax
 from budgetlora.predict import classify, load_run
 from budgetlora.train import train
-from commands import main_exit, run_cli
+from commands import cli, main_exit
 from conftest import make_rows
 
 EXPORT_FILES = {
@@ -45,7 +45,7 @@ def trained(tiny_run):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("exports") / "tiny"
-    result = run_cli("export", str(trained.run_dir), str(out), "--format", "all")
+    result = cli("export", str(trained.run_dir), str(out), "--format", "all")
     assert result.returncode == 0, result.stderr
     assert f"wrote {out} (merged, onnx;" in result.stdout
     return out

@@ -16,7 +16,7 @@ from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.modeling import build_model
 from budgetlora.plan import PlanRow, format_plan, plan
-from commands import run_cli
+from commands import cli
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUDGET = 1_000_000
@@ -225,7 +225,7 @@ def test_the_measured_recipe_is_the_one_recommended_row(roberta_base_dir: Path) 
 
 
 def test_cli_plan_from_a_config_only_folder(roberta_base_dir: Path) -> None:
-    result = run_cli("plan", "--model", str(roberta_base_dir), "--budget", "1000000")
+    result = cli("plan", "--model", str(roberta_base_dir), "--budget", "1000000")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "a budget of 1,000,000 trainable parameters" in lines[0]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -26,6 +23,7 @@ from budgetlora.config import (
 from budgetlora.errors import BudgetloraError
 from budgetlora.sweep import parse_space, sweep
 from budgetlora.train import train
+from commands import cli
 
 # The tiny RoBERTa (hidden 32, 2 layers, 4 labels): LoRA on query and value costs
 # 2 layers * 2 modules * (32 + 32) * r = 256 r; the default head 1,188, the linear head 132.
@@ -143,17 +141,12 @@ def test_cli_sweep(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path) ->
     base, space, out = tmp_path / "base.yaml", tmp_path / "space.yaml", tmp_path / "cli-sweep"
     save_config(base_cfg(tiny_model_dir, tiny_data_csv), base)
     space.write_text("lora.r: [1, 64]\nmodel.head: [linear]\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-m", "budgetlora", "sweep", "--config", str(base), "--space", str(space),
-         "--trials", "5", "--sampler", "grid", "--output", str(out), "--set", "train.eval_every=null"],
-        capture_output=True, text=True, env=env, timeout=600,
+    result = cli(
+        "sweep", "--config", str(base), "--space", str(space), "--trials", "5", "--sampler", "grid",
+        "--output", str(out), "--set", "train.eval_every=null",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 trial(s) run now" in result.stdout and "best: trial" in result.stdout  # the grid holds 2
     assert load_config(out / "best.yaml").model.lora.r == 1
-    bad = subprocess.run(
-        [sys.executable, "-m", "budgetlora", "sweep", "--space", str(tmp_path / "nope.yaml"), "--output", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    bad = cli("sweep", "--space", str(tmp_path / "nope.yaml"), "--output", str(out))
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "Traceback" not in bad.stderr

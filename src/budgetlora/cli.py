@@ -44,6 +44,9 @@ ALIASES: dict[str, str] = {
     "model.lora.bias": "--bias",
     "model.lora.use_dora": "--dora",
     "model.lora.use_rslora": "--rslora",
+    "distill.teacher": "--teacher",
+    "distill.alpha": "--alpha",
+    "distill.temperature": "--temperature",
 }
 _NAMED_BLOCKS = ("model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr")
 _GROUPS = {
@@ -56,6 +59,7 @@ _GROUPS = {
     "model.loha": "model.loha (--method loha)",
     "model.lokr": "model.lokr (--method lokr)",
     "train": "train",
+    "distill": "distill",
 }
 
 
@@ -121,7 +125,8 @@ def _help(key: str) -> str:
     return f"{field_help(key)} [{key}]".replace("%", "%%")
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
+def _add_train_options(parser: argparse.ArgumentParser, *, distill: bool = False) -> None:
+    """The options of ``train`` (and, with ``distill``, of ``distill``: the distill.* keys too)."""
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -149,6 +154,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     )
     groups = {block: parser.add_argument_group(f"config: {title}") for block, title in _GROUPS.items()}
     for key, annotation in config_fields():
+        if key.startswith("distill.") and not distill:
+            continue
         group = groups[key.rpartition(".")[0]]
         # Only the options given reach the namespace (default SUPPRESS): the config file's
         # value stays unless a flag names it, and `--max-steps none` can clear one.
@@ -348,31 +355,14 @@ def _plan_methods(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from budgetlora.config import config_to_yaml
-    from budgetlora.distill import DistillSettings, distill, load_distill_settings
+    from budgetlora.distill import distill
 
     cfg = config_from_args(args)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    recorded = load_distill_settings(args.distill_config) if args.distill_config else None
-    if args.teacher is None and recorded is None:
-        raise BudgetloraError(
-            "distill needs --teacher (a run folder, model folder or Hub id) or --distill-config"
-        )
-    settings = DistillSettings(
-        teacher=args.teacher or (recorded.teacher if recorded else ""),
-        alpha=args.alpha if args.alpha is not None else (recorded.alpha if recorded else 0.5),
-        temperature=args.temperature
-        if args.temperature is not None
-        else (recorded.temperature if recorded else 2.0),
-    )
     result = distill(
-        cfg,
-        settings.teacher,
-        alpha=settings.alpha,
-        temperature=settings.temperature,
-        compare_baseline=args.compare_baseline,
-        overwrite=args.overwrite,
+        cfg, compare_baseline=args.compare_baseline, overwrite=args.overwrite, resume=args.resume
     )
     summary = result.summary
     if not _is_main_process():
@@ -393,7 +383,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from budgetlora.sweep import load_space, sweep
 
     cfg = load_config(args.config) if args.config else RunConfig()
-    overrides = _set_options(args.set)
+    overrides = {
+        f"distill.{name}": value
+        for name in ("teacher", "alpha", "temperature")
+        if (value := getattr(args, name)) is not None
+    }
+    overrides.update(_set_options(args.set))
     if args.no_progress:
         overrides["train.progress"] = False
     result = sweep(
@@ -404,9 +399,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         storage=args.storage,
         study_name=args.study_name,
-        teacher=args.teacher,
-        alpha=args.alpha,
-        temperature=args.temperature,
         seed=args.seed,
     )
     print(
@@ -415,7 +407,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if result.best_config is not None:
         print(
             f"best: trial {result.best_trial}, validation {cfg.train.best_metric} {result.best_value:.4f}; "
-            f"re-run: budgetlora train --config {result.output / 'best.yaml'}"
+            f"re-run: budgetlora {'distill' if result.best_config.distill.teacher else 'train'} "
+            f"--config {result.output / 'best.yaml'}"
         )
     return 0
 
@@ -579,19 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a budgeted student on a teacher's soft labels",
         description="Train a student (all train options; the budget is enforced) on (1 - alpha) * CE + "
         "alpha * T^2 * KL(teacher || student). The teacher's logits are computed once and cached. "
-        "The run folder gets distill.yaml, distill.json and a Distillation section in report.md.",
+        "The teacher, alpha and T are config keys (distill.*): the run's config.yaml re-runs it. "
+        "The run folder also gets distill.json and a Distillation section in report.md.",
     )
-    _add_train_options(p)
-    p.add_argument(
-        "--teacher",
-        metavar="PATH_OR_ID",
-        help="a budgetlora run folder, a LoRA adapter folder, or a sequence-classification checkpoint (folder or Hub id)",
-    )
-    p.add_argument("--alpha", type=float, help="weight of the teacher term in [0, 1] (default 0.5)")
-    p.add_argument("--temperature", type=float, help="softmax temperature of the teacher term (default 2.0)")
-    p.add_argument(
-        "--distill-config", metavar="FILE", help="a run folder's distill.yaml; options above override it"
-    )
+    _add_train_options(p, distill=True)
     p.add_argument(
         "--compare-baseline",
         action="store_true",
@@ -618,12 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="tpe", choices=["tpe", "grid"], help="optuna sampler (default tpe)")
     p.add_argument("--storage", metavar="URL", help="optuna storage URL (default sqlite:///DIR/study.db)")
     p.add_argument("--study-name", help="study name in the storage (default: the name of DIR)")
-    p.add_argument("--teacher", metavar="PATH_OR_ID", help="distil every trial from this teacher")
     p.add_argument(
-        "--alpha", type=float, default=0.5, help="distillation alpha unless searched (default 0.5)"
+        "--teacher", metavar="PATH_OR_ID", help="distil every trial from this teacher [distill.teacher]"
     )
     p.add_argument(
-        "--temperature", type=float, default=2.0, help="distillation T unless searched (default 2.0)"
+        "--alpha", type=float, help="distillation alpha unless searched (default 0.5) [distill.alpha]"
+    )
+    p.add_argument(
+        "--temperature", type=float, help="distillation T unless searched (default 2.0) [distill.temperature]"
     )
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a base config key")

@@ -30,6 +30,7 @@ __all__ = [
     "METHODS",
     "ModelConfig",
     "TrainSettings",
+    "DistillSettings",
     "RunConfig",
     "load_config",
     "save_config",
@@ -428,6 +429,28 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class DistillSettings:
+    """Knowledge distillation (``budgetlora distill``, or a sweep with a teacher)."""
+
+    teacher: str | None = None
+    """Teacher: a budgetlora run folder, a LoRA adapter folder, or a sequence-classification checkpoint (folder or Hub id)."""
+    alpha: float = 0.5
+    """Weight of the soft (teacher) term; 1 - alpha weighs the cross-entropy on the labels."""
+    temperature: float = 2.0
+    """Softmax temperature of both teacher and student in the soft term."""
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
+            _fail("distill.teacher", self.teacher, "a run folder, model folder or Hub id")
+        bad_alpha = isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+        if bad_alpha or not 0 <= self.alpha <= 1:
+            _fail("distill.alpha", self.alpha, "a weight in [0, 1]")
+        bad_t = isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
+        if bad_t or not 0 < self.temperature < math.inf:
+            _fail("distill.temperature", self.temperature, "a finite number > 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run: model, data, optimisation, the budget and where it goes."""
 
@@ -437,6 +460,8 @@ class RunConfig:
     """The data."""
     train: TrainSettings = field(default_factory=TrainSettings)
     """The optimisation loop."""
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    """The teacher and the loss mix of a distillation (unused without a teacher)."""
     budget: int = 1_000_000
     """Hard cap on trainable parameters, classifier head included."""
     output: str = "runs/run"

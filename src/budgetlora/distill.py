@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from accelerate import PartialState
 
 from budgetlora.batching import cache_dir, cache_key, encode, pad_id
-from budgetlora.config import ModelConfig, RunConfig, load_config
+from budgetlora.config import DistillSettings, ModelConfig, RunConfig, load_config
 from budgetlora.data import Splits, TextTable
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, load_run, predict_logits
@@ -53,62 +51,16 @@ from budgetlora.runtime import Runtime, make_runtime
 from budgetlora.train import EvalCallback, TrainResult, prepare_run, train
 
 __all__ = [
-    "DistillSettings",
     "Teacher",
     "TeacherLogits",
     "DistillResult",
     "resolve_teacher",
     "teacher_logits",
     "distill",
-    "load_distill_settings",
 ]
 
 _GENERIC_LABEL = re.compile(r"(?i)label_?\d+")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".yaml", ".txt", ".model")
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """What ``distill.yaml`` holds: the teacher and the loss mix."""
-
-    teacher: str
-    """Teacher: a budgetlora run folder, a LoRA adapter folder, or a sequence-classification checkpoint (folder or Hub id)."""
-    alpha: float = 0.5
-    """Weight of the soft (teacher) term; 1 - alpha weighs the cross-entropy on the labels."""
-    temperature: float = 2.0
-    """Softmax temperature of both teacher and student in the soft term."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.teacher, str) or not self.teacher:
-            raise BudgetloraError(
-                f"invalid value for distill.teacher: {self.teacher!r} (a run folder, model folder or Hub id)"
-            )
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not 0 <= self.alpha <= 1
-        ):
-            raise BudgetloraError(f"invalid value for distill.alpha: {self.alpha!r} (a weight in [0, 1])")
-        bad_t = isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
-        if bad_t or not 0 < self.temperature < math.inf:
-            raise BudgetloraError(
-                f"invalid value for distill.temperature: {self.temperature!r} (a finite number > 0)"
-            )
-
-
-def load_distill_settings(path: str | Path) -> DistillSettings:
-    """Read a ``distill.yaml`` (teacher, alpha, temperature)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BudgetloraError(f"distillation config not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise BudgetloraError(f"cannot parse distillation config {path}: {err}") from None
-    unknown = sorted(set(values) - {"teacher", "alpha", "temperature"}) if isinstance(values, dict) else []
-    if not isinstance(values, dict) or unknown or "teacher" not in values:
-        raise BudgetloraError(f"{path}: expected a mapping with teacher, alpha, temperature (got {values!r})")
-    return DistillSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -354,46 +306,61 @@ def _scores(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def distill(
     student_cfg: RunConfig,
-    teacher: str,
+    teacher: str | None = None,
     *,
-    alpha: float = 0.5,
-    temperature: float = 2.0,
+    alpha: float | None = None,
+    temperature: float | None = None,
     compare_baseline: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     on_eval: EvalCallback | None = None,
 ) -> DistillResult:
     """Train ``student_cfg`` on ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)``.
 
-    The run folder gets ``distill.yaml`` (teacher, alpha, temperature: with its
-    ``config.yaml`` it re-runs the distillation), ``distill.json`` (teacher, student and
-    baseline scores) and a Distillation section in ``report.md``. ``compare_baseline``
-    also trains the same student without distillation into ``<output>-baseline``.
+    The teacher, alpha and T are ``student_cfg.distill``'s; ``teacher``, ``alpha`` and
+    ``temperature``, when given, replace them. The run folder's ``config.yaml`` records them
+    (``budgetlora distill --config`` on it re-runs the distillation); it also gets
+    ``distill.json`` (teacher, student and baseline scores) and a Distillation section in
+    ``report.md``. ``compare_baseline`` also trains the same student without distillation into
+    ``<output>-baseline``. ``resume`` continues an interrupted student from its last
+    checkpoint, as ``train`` does (the teacher's logits come from the cache).
     """
-    settings = DistillSettings(teacher, alpha, temperature)
-    cfg, splits, budget = prepare_run(student_cfg)  # an over-budget student fails before the teacher runs
+    given: dict[str, Any] = {"teacher": teacher, "alpha": alpha, "temperature": temperature}
+    settings = replace(student_cfg.distill, **{k: v for k, v in given.items() if v is not None})
+    if settings.teacher is None:
+        raise BudgetloraError(
+            "no teacher: give --teacher (distill.teacher: a run folder, model folder or Hub id)"
+        )
+    if resume and compare_baseline:
+        raise BudgetloraError("--resume continues the student only: leave out --compare-baseline")
+    cfg, splits, budget = prepare_run(
+        replace(student_cfg, distill=settings)
+    )  # an over-budget student fails first
     run_dir = Path(cfg.output)
     baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
-    check_output(run_dir, overwrite)  # before the teacher runs: train() would refuse only after it
+    check_output(run_dir, overwrite, resume)  # before the teacher runs: train() would refuse only after it
     if compare_baseline:
         check_output(baseline_dir, overwrite)
     soft = teacher_logits(settings.teacher, splits, cfg.data.max_length)
-    loss_fn = distillation_loss_fn(soft.logits["train"], alpha, temperature, cfg.train.label_smoothing)
-    student = train(cfg, overwrite=overwrite, loss_fn=loss_fn, on_eval=on_eval)
+    loss_fn = distillation_loss_fn(
+        soft.logits["train"], settings.alpha, settings.temperature, cfg.train.label_smoothing
+    )
+    student = train(cfg, overwrite=overwrite, resume=resume, loss_fn=loss_fn, on_eval=on_eval)
     main = PartialState().is_main_process
     report = (run_dir / "report.md").read_text(encoding="utf-8") if main else ""
     summary: dict[str, Any] = {
         "teacher": _teacher_summary(soft, cfg.data.max_length),
-        "alpha": alpha,
-        "temperature": temperature,
+        "alpha": settings.alpha,
+        "temperature": settings.temperature,
         "student": {"run_dir": str(run_dir), "trainable": budget.trainable, **_scores(student.metrics)},
         "baseline": None,
     }
     if main:
-        write_text_atomic(run_dir / "distill.yaml", yaml.safe_dump(asdict(settings), sort_keys=False))
         _write_summary(run_dir, summary, report)
     baseline = None
     if compare_baseline:
-        baseline = train(replace(cfg, output=str(baseline_dir)), overwrite=overwrite)
+        plain = replace(cfg, output=str(baseline_dir), distill=DistillSettings())
+        baseline = train(plain, overwrite=overwrite)
         summary["baseline"] = {"run_dir": str(baseline_dir), "trainable": budget.trainable}
         summary["baseline"].update(_scores(baseline.metrics))
         if main:
@@ -425,7 +392,6 @@ def _write_summary(run_dir: Path, summary: dict[str, Any], report: str) -> None:
         f"Loss: (1 − α)·CE + α·T²·KL(teacher ‖ student) with α = {summary['alpha']}, T = {summary['temperature']}. "
         "All rows are the student's own validation and test rows.\n\n"
         + "\n".join(table)
-        + f"\n\nRe-run: `budgetlora distill --config {run_dir / 'config.yaml'} "
-        f"--distill-config {run_dir / 'distill.yaml'} --output NEW_FOLDER`\n"
+        + f"\n\nRe-run: `budgetlora distill --config {run_dir / CONFIG} --output NEW_FOLDER`\n"
     )
     write_text_atomic(run_dir / "report.md", report.rstrip("\n") + "\n\n" + section)

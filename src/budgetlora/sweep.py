@@ -87,15 +87,13 @@ def _config_keys() -> dict[str, str]:
 
 
 def _normalize_key(key: str, known: dict[str, str], teacher: bool) -> str:
-    if key in _DISTILL_KEYS:
-        if not teacher:
-            raise BudgetloraError(f"search space key {key} needs a teacher (--teacher)")
-        return key
     if key not in known:
         raise BudgetloraError(
             f"search space key {key!r} is not a config key; use dotted keys such as train.lr, "
             "model.lora.r (or lora.r), model.method, vera.r, model.head, train.batch_size, distill.alpha"
         )
+    if known[key] in _DISTILL_KEYS and not teacher:
+        raise BudgetloraError(f"search space key {key} needs a teacher (--teacher)")
     return known[key]
 
 
@@ -162,18 +160,13 @@ def load_space(path: str | Path) -> dict[str, Any]:
         raise BudgetloraError(f"cannot parse search space {path}: {err}") from err
 
 
-def _check_before_writing(
-    base_cfg: RunConfig, params: Sequence[SearchParam], teacher: str | None, alpha: float, temperature: float
-) -> None:
-    """What can be checked before the sweep folder is made: the distillation settings, every
-    bound and choice of the space as a config value, and the base config's data and max length
-    (unless the space searches the data or the model)."""
+def _check_before_writing(base_cfg: RunConfig, params: Sequence[SearchParam]) -> None:
+    """What can be checked before the sweep folder is made: every bound and choice of the
+    space as a config value, and the base config's data and max length (unless the space
+    searches the data or the model)."""
     from budgetlora.data import load_splits
-    from budgetlora.distill import DistillSettings
     from budgetlora.modeling import check_max_length
 
-    if teacher is not None:
-        DistillSettings(teacher, alpha, temperature)
     for p in params:
         values: Sequence[Any] = p.choices
         if p.kind in ("int", "float"):
@@ -181,11 +174,7 @@ def _check_before_writing(
             values = [kind(p.low or 0), kind(p.high or 0)]
         for value in values:
             try:
-                if p.key in _DISTILL_KEYS:
-                    settings = {"alpha": alpha, "temperature": temperature, p.key.split(".")[1]: value}
-                    DistillSettings(teacher or "-", **settings)
-                else:
-                    with_overrides(base_cfg, {p.key: value})
+                with_overrides(base_cfg, {p.key: value})
             except BudgetloraError as err:
                 raise BudgetloraError(f"search space {p.key}: the value {value!r}: {err}") from None
     searched = {p.key for p in params}
@@ -275,25 +264,25 @@ def sweep(
     sampler: str = "tpe",
     storage: str | None = None,
     study_name: str | None = None,
-    teacher: str | None = None,
-    alpha: float = 0.5,
-    temperature: float = 2.0,
     seed: int = 0,
     pruner: Literal["median", "none"] = "median",
 ) -> SweepResult:
     """Search ``space`` around ``base_cfg`` until the study holds ``n_trials`` finished or
     pruned trials (a resumed study runs only what is missing). Maximises the validation
-    ``train.best_metric``; writes trials.csv, trials.md, best.yaml and plots into ``output``."""
+    ``train.best_metric``; writes trials.csv, trials.md, best.yaml and plots into ``output``.
+    With ``base_cfg.distill.teacher`` set, every trial distils from that teacher (and the
+    space may search ``distill.alpha`` and ``distill.temperature``)."""
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise BudgetloraError(f"invalid value for --trials: {n_trials!r} (a positive integer)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise BudgetloraError(f"invalid value for --seed: {seed!r} (an integer in 0..2**32-1)")
+    teacher = base_cfg.distill.teacher
     params = parse_space(space, teacher=teacher is not None)
     if sampler not in ("tpe", "grid"):
         raise BudgetloraError(f"--sampler {sampler!r}: allowed: tpe, grid")
     if sampler == "grid":
         _grid(params)
-    _check_before_writing(base_cfg, params, teacher, alpha, temperature)
+    _check_before_writing(base_cfg, params)
     out = Path(output)
     check_output_path(out, "--output", folder=True)
     made = not out.exists()
@@ -332,8 +321,7 @@ def sweep(
     missing = max(0, target - done)
 
     def objective(trial: optuna.Trial) -> float:
-        values = _suggest(trial, params)
-        overrides = {k: v for k, v in values.items() if k not in _DISTILL_KEYS}
+        overrides = _suggest(trial, params)
         trial_dir = _trial_dir(out, study, trial.number)
         start = time.perf_counter()
         try:
@@ -363,10 +351,7 @@ def sweep(
             if teacher is not None:
                 from budgetlora.distill import distill
 
-                a = float(values.get("distill.alpha", alpha))
-                t = float(values.get("distill.temperature", temperature))
-                trial.set_user_attr("distill", {"teacher": teacher, "alpha": a, "temperature": t})
-                result = distill(cfg, teacher, alpha=a, temperature=t, on_eval=on_eval).student
+                result = distill(cfg, on_eval=on_eval).student
             else:
                 result = train(cfg, on_eval=on_eval)
         except BudgetloraError as err:
@@ -403,10 +388,6 @@ def sweep(
     if best is not None:
         best_config = replace(config_from_dict(best.user_attrs["config"]), output=str(out / "best"))
         save_config(best_config, out / "best.yaml")
-        if teacher is not None:
-            write_text_atomic(
-                out / "best-distill.yaml", yaml.safe_dump(best.user_attrs["distill"], sort_keys=False)
-            )
     return SweepResult(
         out, study, best.value if best else None, best.number if best else None, best_config, rows, ran
     )
@@ -473,13 +454,8 @@ def _write_tables(
         best_dir = _trial_dir(out, study, completed[0]["trial"])
         lines += [
             f"Best: trial {completed[0]['trial']} (validation {metric} {cell(completed[0]['value'])}, "
-            f"run folder `{best_dir}`). Re-run it: `budgetlora train --config {out / 'best.yaml'}`"
-            + (
-                f" (with `--distill-config {out / 'best-distill.yaml'}` for `budgetlora distill`)"
-                if teacher
-                else ""
-            )
-            + ".",
+            f"run folder `{best_dir}`). Re-run it: "
+            f"`budgetlora {'distill' if teacher else 'train'} --config {out / 'best.yaml'}`.",
             "",
         ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -272,6 +272,11 @@ def train(
     cross-entropy (distillation); ``on_eval`` sees every validation result and may stop
     the run (a sweep's pruner).
     """
+    if cfg.distill.teacher is not None and loss_fn is None:
+        raise BudgetloraError(
+            f"distill.teacher is set ({cfg.distill.teacher}): this config distils; "
+            "run it with budgetlora distill (or clear the teacher: --set distill.teacher=null)"
+        )
     run_dir = Path(cfg.output)
     clock = _PhaseClock()
     check_output(run_dir, overwrite, resume)
