@@ -11,8 +11,9 @@ stratified, seed 42), with the same head (--head linear), targets (--target-modu
 projection of every layer), epochs, seed, learning rate and evaluations; the method's main size
 knob is `auto` (the largest that fits the budget; see `budgetlora plan --methods`). The best
 validation checkpoint is scored once on the test rows. Results go to
-benchmarks/results/methods_<model>/<budget>-<method>.json as each run finishes (a run already
-there is skipped unless --again) and the table to benchmarks/results/methods_<model>.md.
+benchmarks/results/methods_<model>/<budget>-<method>[-lr<LR>].json as each run finishes (a run
+already there is skipped unless --again; the suffix names a learning rate other than 2e-3, set per
+method with --lr-for) and the table to benchmarks/results/methods_<model>.md.
 """
 
 from __future__ import annotations
@@ -50,15 +51,16 @@ SIZE_KEYS = {
     "lokr": ("lokr", "r"),
 }
 EVALS_PER_RUN = 2
+DEFAULT_LR = 2e-3
 
 
 def run_command(
-    method: str, budget: int, folder: Path, split: Path, run_dir: Path, args: argparse.Namespace
+    method: str, budget: int, lr: float, folder: Path, split: Path, run_dir: Path, args: argparse.Namespace
 ) -> list[str]:
     command = [sys.executable, "-m", "budgetlora", "train", "--model", str(folder), "--data", str(split)]
     command += ["--output", str(run_dir), "--method", method, "--head", "linear", "--target-modules", "all"]
     command += ["--budget", str(budget), "--epochs", f"{args.epochs:g}", "--seed", str(args.seed)]
-    command += ["--lr", f"{args.lr:g}", "--no-progress"]
+    command += ["--lr", f"{lr:g}", "--no-progress"]
     flag = SIZE_FLAGS[method]
     if flag is not None:
         command += [flag, "auto"]
@@ -71,15 +73,20 @@ def run_command(
     return command
 
 
-def result_path(model: str, budget: int, method: str) -> Path:
-    return RESULTS / f"methods_{model_label(model)}" / f"{budget}-{method}.json"
+def run_name(budget: int, method: str, lr: float) -> str:
+    """``1000000-vera``, or ``1000000-vera-lr0.01`` at a learning rate other than DEFAULT_LR."""
+    return f"{budget}-{method}" + ("" if lr == DEFAULT_LR else f"-lr{lr:g}")
 
 
-def run_one(method: str, budget: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def result_path(model: str, budget: int, method: str, lr: float) -> Path:
+    return RESULTS / f"methods_{model_label(model)}" / f"{run_name(budget, method, lr)}.json"
+
+
+def run_one(method: str, budget: int, lr: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     folder = model_folder(args.model)
     split = make_split(root)
-    run_dir = root / "runs" / f"{budget}-{method}"
-    command = run_command(method, budget, folder, split, run_dir, args)
+    run_dir = root / "runs" / run_name(budget, method, lr)
+    command = run_command(method, budget, lr, folder, split, run_dir, args)
     shown = shlex.join(["budgetlora", *command[3:]])
     shown = (
         shown.replace(str(folder), "MODEL").replace(str(split), "DATA").replace(str(root / "runs"), "RUNS")
@@ -91,7 +98,7 @@ def run_one(method: str, budget: int, args: argparse.Namespace, root: Path) -> d
         "command": shown,
         "model": model_label(args.model),
     }
-    out.update(epochs=args.epochs, seed=args.seed, lr=args.lr, max_train_samples=args.max_train_samples)
+    out.update(epochs=args.epochs, seed=args.seed, lr=lr, max_train_samples=args.max_train_samples)
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -133,8 +140,8 @@ def table(model: str, note: str) -> str:
         f"# Adapter methods under one exact budget: {model_label(model)} on AG News",
         "",
         "Each row: one `budgetlora train` with `--head linear --target-modules all`, the method's size "
-        "knob `auto` (the largest that fits), the same split, epochs, seed and learning rate "
-        "(`python benchmarks/methods.py`; commands below). Frozen: tensors the method adds but never "
+        "knob `auto` (the largest that fits), the same split, epochs and seed, and the learning rate "
+        f"{DEFAULT_LR:g} unless the lr column says otherwise (`python benchmarks/methods.py`; commands below). Frozen: tensors the method adds but never "
         "trains (VeRA's shared random matrices), not counted against the budget.",
         "",
     ]
@@ -142,26 +149,26 @@ def table(model: str, note: str) -> str:
         first = results[0]
         rows = first.get("max_train_samples") or SPLIT["train"] * 4
         lines += [
-            f"Training rows: {rows:,}; epochs: {first['epochs']:g}; lr: {first['lr']:g}; seed: {first['seed']}; "
+            f"Training rows: {rows:,}; epochs: {first['epochs']:g}; seed: {first['seed']}; "
             f"test rows: {first.get('test_rows', SPLIT['test'] * 4):,}.",
             f"Hardware: {first.get('hardware', '?')}.",
             *([f"Note: {note}"] if note else []),
             "",
         ]
     lines += [
-        "| budget | method | size | trainable | frozen (not counted) | test accuracy | macro-F1 | train samples/s |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| budget | method | lr | size | trainable | frozen (not counted) | test accuracy | macro-F1 | train samples/s |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if r["status"] != "ok":
             lines.append(
-                f"| {r['budget']:,} | {r['method']} | {r['status']}: {r.get('message', '')[:80]} | | | | | |"
+                f"| {r['budget']:,} | {r['method']} | {r['lr']:g} | {r['status']}: {r.get('message', '')[:80]} | | | | | |"
             )
             continue
         size = "-" if r["size"] is None else f"{r['size']:,}"
         se = standard_error(r["test_accuracy"], r["test_rows"])
         lines.append(
-            f"| {r['budget']:,} | {r['method']} | {size} | {r['trainable']:,} | {r['frozen_not_counted']:,} "
+            f"| {r['budget']:,} | {r['method']} | {r['lr']:g} | {size} | {r['trainable']:,} | {r['frozen_not_counted']:,} "
             f"| {r['test_accuracy']:.2%} ± {se:.2%} | {r['test_macro_f1']:.4f} | {r['train_samples_per_second']:.1f} |"
         )
     lines += ["", "± is the binomial standard error of the accuracy on the test rows.", "", "Commands:", ""]
@@ -181,7 +188,16 @@ def main() -> None:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all six)")
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=2e-3, help="the same for every method (default 2e-3)")
+    parser.add_argument(
+        "--lr", type=float, default=DEFAULT_LR, help=f"the same for every method (default {DEFAULT_LR:g})"
+    )
+    parser.add_argument(
+        "--lr-for",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help="this learning rate for one method instead of --lr (repeatable), e.g. vera=1e-2",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--max-train-samples", type=int, help="fewer training rows (stratified), for a quick run"
@@ -197,12 +213,14 @@ def main() -> None:
     if not args.table:
         root = args.work or Path(tempfile.mkdtemp(prefix="budgetlora-methods-"))
         print(f"hardware: {hardware()}\nwork folder: {root}", flush=True)
+        lr_for = {m: float(v) for m, _, v in (item.partition("=") for item in args.lr_for)}
         for budget in (int(b) for b in args.budgets.split(",")):
             for method in args.methods.split(","):
-                path = result_path(args.model, budget, method)
+                lr = lr_for.get(method, args.lr)
+                path = result_path(args.model, budget, method, lr)
                 if path.is_file() and not args.again:
                     continue
-                result = run_one(method, budget, args, root)
+                result = run_one(method, budget, lr, args, root)
                 result["hardware"] = hardware()
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(result, indent=2) + "\n")

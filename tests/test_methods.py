@@ -32,7 +32,7 @@ from budgetlora.inference import inference_model, predict_logits
 from budgetlora.methods import METHODS, TITLES, size_cap
 from budgetlora.metrics import softmax
 from budgetlora.modeling import build_model
-from budgetlora.plan import MethodRow, format_method_plan, plan_methods
+from budgetlora.plan import RECOMMENDED_METHOD, MethodRow, format_method_plan, plan_methods
 from budgetlora.predict import load_run
 from budgetlora.runtime import make_runtime
 from budgetlora.train import train
@@ -409,6 +409,19 @@ def test_format_method_plan_styles(method_rows: dict[str, MethodRow]) -> None:
     assert json.loads(format_method_plan(rows, "json"))[0]["options"].startswith("--method lora")
     with pytest.raises(BudgetloraError, match="--format"):
         format_method_plan(rows, "html")  # type: ignore[arg-type]
+
+    # The method that measured best (RECOMMENDED_METHOD, from benchmarks/methods.py) is marked once.
+    recommended = [r.method for r in rows if r.recommended]
+    assert recommended == [RECOMMENDED_METHOD.method]
+    table = format_method_plan(rows)
+    marked = [line for line in table.splitlines() if line.endswith("<- recommended")]
+    assert len(marked) == 1 and marked[0].startswith(RECOMMENDED_METHOD.method + " ")
+    assert f"<- recommended: {RECOMMENDED_METHOD.why}" in table
+    assert f"| **{RECOMMENDED_METHOD.method}** (recommended) |" in markdown
+    assert [r["recommended"] for r in json.loads(format_method_plan(rows, "json"))] == [
+        r.method == RECOMMENDED_METHOD.method for r in rows
+    ]
+    assert "recommended" in csv_text[0].split(",")
 
 
 def test_plan_methods_refuses_bad_arguments(roberta_base_dir: Path) -> None:

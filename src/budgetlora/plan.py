@@ -29,8 +29,10 @@ __all__ = [
     "HEADS",
     "TARGET_SETS",
     "RECOMMENDED",
+    "RECOMMENDED_METHOD",
     "PlanRow",
     "Recommendation",
+    "MethodRecommendation",
     "plan",
     "format_plan",
     "MethodRow",
@@ -67,6 +69,24 @@ RECOMMENDED = Recommendation(
     why="the model's own head + LoRA on query,value (at r=8, lr 2e-3: budgetlora's defaults) measured best "
     "on all-mpnet-base-v2, a roberta-base-sized encoder; a linear head with LoRA on more modules did not beat "
     "it (benchmarks/results/quality_all-mpnet-base-v2.md)",
+)
+
+
+@dataclass(frozen=True)
+class MethodRecommendation:
+    """The adapter method that measured best in ``benchmarks/methods.py``, and the evidence."""
+
+    method: str
+    why: str
+
+
+# From benchmarks/results/methods_all-MiniLM-L6-v2.md: every method at its largest size under
+# the same exact budget, head, targets, split and epochs (one seed; not yet on MPNet).
+RECOMMENDED_METHOD = MethodRecommendation(
+    method="lora",
+    why="LoRA scored highest of the six methods at a budget of 1,000,000 on all-MiniLM-L6-v2 (91.2%; IA3 at "
+    "lr 1e-2 90.6% with 29,188 parameters, LoHa 90.3%, VeRA at lr 1e-2 89.8%, within one to two standard "
+    "errors) and tied LoHa at 100,000 (benchmarks/results/methods_all-MiniLM-L6-v2.md)",
 )
 
 
@@ -450,6 +470,11 @@ class MethodRow:
         return sum(n for g, n in self.groups.items() if g.startswith(f"{self.method}."))
 
     @property
+    def recommended(self) -> bool:
+        """The method of :data:`RECOMMENDED_METHOD`, when it fits."""
+        return self.fits and self.method == RECOMMENDED_METHOD.method
+
+    @property
     def options(self) -> str:
         """The ``budgetlora train`` options for this row (empty when it does not fit)."""
         if not self.fits:
@@ -485,6 +510,7 @@ class MethodRow:
             "fits": self.fits,
             "groups": dict(self.groups),
             "options": self.options,
+            "recommended": self.recommended,
         }
 
 
@@ -563,7 +589,7 @@ def format_method_plan(rows: Sequence[MethodRow], style: Style = "table") -> str
         return out.getvalue().rstrip("\n")
     body = [
         [
-            row.method,
+            f"**{row.method}** (recommended)" if row.recommended and style == "markdown" else row.method,
             row.size_key or "(none)",
             "-" if row.size is None else f"{row.size}{'*' if row.capped else ''}",
             f"{row.adapter_params:,}",
@@ -582,6 +608,8 @@ def format_method_plan(rows: Sequence[MethodRow], style: Style = "table") -> str
         notes.append(
             "frozen: tensors the method adds but never trains (VeRA's shared random matrices): not counted"
         )
+    if any(row.recommended for row in rows):
+        notes.append(f"<- recommended: {RECOMMENDED_METHOD.why}")
     right = set(_METHOD_COLUMNS) - {"method", "size knob"}
     if style == "markdown":
         lines = ["| " + " | ".join(_METHOD_COLUMNS) + " |"]
@@ -591,11 +619,13 @@ def format_method_plan(rows: Sequence[MethodRow], style: Style = "table") -> str
     if style != "table":
         raise BudgetloraError(f"invalid value for --format: {style!r} (allowed: table, markdown, csv, json)")
     widths = [max(len(c), *(len(cells[i]) for cells in body)) for i, c in enumerate(_METHOD_COLUMNS)]
+    marks = ["", *("  <- recommended" if row.recommended else "" for row in rows)]
     lines = [
         "  ".join(
             cell.rjust(w) if col in right else cell.ljust(w)
             for cell, w, col in zip(cells, widths, _METHOD_COLUMNS, strict=True)
         ).rstrip()
-        for cells in [list(_METHOD_COLUMNS), *body]
+        + mark
+        for cells, mark in zip([list(_METHOD_COLUMNS), *body], marks, strict=True)
     ]
     return "\n".join(lines + notes)
