@@ -78,8 +78,8 @@ def run_name(budget: int, method: str, lr: float) -> str:
     return f"{budget}-{method}" + ("" if lr == DEFAULT_LR else f"-lr{lr:g}")
 
 
-def result_path(model: str, budget: int, method: str, lr: float) -> Path:
-    return RESULTS / f"methods_{model_label(model)}" / f"{run_name(budget, method, lr)}.json"
+def result_path(results: Path, model: str, budget: int, method: str, lr: float) -> Path:
+    return results / f"methods_{model_label(model)}" / f"{run_name(budget, method, lr)}.json"
 
 
 def run_one(method: str, budget: int, lr: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -131,8 +131,8 @@ def run_one(method: str, budget: int, lr: float, args: argparse.Namespace, root:
     return out
 
 
-def table(model: str, note: str) -> str:
-    folder = RESULTS / f"methods_{model_label(model)}"
+def table(results_dir: Path, model: str, note: str) -> str:
+    folder = results_dir / f"methods_{model_label(model)}"
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     order = {m: i for i, m in enumerate(METHODS)}
     results.sort(key=lambda r: (-r["budget"], -(r.get("test_accuracy") or -1), order[r["method"]]))
@@ -176,6 +176,21 @@ def table(model: str, note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lr_for(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    """``--lr-for METHOD=LR`` options as {method: lr}; a bad one is a usage error (exit 2)."""
+    rates = {}
+    for item in items:
+        method, _, text = item.partition("=")
+        try:
+            rate = float(text)
+        except ValueError:
+            parser.error(f"--lr-for {item!r}: expected METHOD=LR, e.g. vera=1e-2")
+        if method not in METHODS or not rate > 0:
+            parser.error(f"--lr-for {item!r}: the method is one of {', '.join(METHODS)}, the rate > 0")
+        rates[method] = rate
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,18 +221,22 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, help="scratch folder for the split and runs (default: a temp dir)"
     )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where results go (default: %(default)s)"
+    )
     parser.add_argument("--again", action="store_true", help="re-run results already there")
     parser.add_argument("--table", action="store_true", help="only rebuild the table")
     args = parser.parse_args()
-    out_md = RESULTS / f"methods_{model_label(args.model)}.md"
+    lr_for = _lr_for(parser, args.lr_for)
+    out_md = args.results / f"methods_{model_label(args.model)}.md"
     if not args.table:
         root = args.work or Path(tempfile.mkdtemp(prefix="budgetlora-methods-"))
+        print("+", shlex.join([sys.executable, *sys.argv]))
         print(f"hardware: {hardware()}\nwork folder: {root}", flush=True)
-        lr_for = {m: float(v) for m, _, v in (item.partition("=") for item in args.lr_for)}
         for budget in (int(b) for b in args.budgets.split(",")):
             for method in args.methods.split(","):
                 lr = lr_for.get(method, args.lr)
-                path = result_path(args.model, budget, method, lr)
+                path = result_path(args.results, args.model, budget, method, lr)
                 if path.is_file() and not args.again:
                     continue
                 result = run_one(method, budget, lr, args, root)
@@ -225,8 +244,8 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(result, indent=2) + "\n")
                 print(json.dumps({k: v for k, v in result.items() if k != "command"}), flush=True)
-                out_md.write_text(table(args.model, args.note))
-    out_md.write_text(table(args.model, args.note))
+                out_md.write_text(table(args.results, args.model, args.note))
+    out_md.write_text(table(args.results, args.model, args.note))
     print(out_md.read_text())
 
 

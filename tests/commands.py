@@ -33,6 +33,13 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     )
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python benchmarks/SCRIPT ARGS`` from the repository root, as its docstring says to run it."""
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(repo / "benchmarks" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=900)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """``budgetlora ARGS`` in this process, as :func:`run_cli` reports it (exit code, stdout,
     stderr) without an interpreter start-up: the same ``main`` that ``python -m budgetlora`` calls."""

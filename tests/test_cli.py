@@ -447,6 +447,9 @@ def test_inference_and_search_options_are_checked_first(
     )
     _assert_refused(main_exit("distill", *student, *teacher, "--alpha", "2"), "distill.alpha: 2")
     _assert_refused(main_exit("distill", *student), "no teacher", "--teacher")
+    _assert_refused(main_exit("distill", *student, "--teacher", ""), "distill.teacher: ''")
+    resume_both = main_exit("distill", *student, *teacher, "--resume", "--compare-baseline")
+    _assert_refused(resume_both, "--resume continues the student only")
     refused = main_exit("train", *student, "--set", f"distill.teacher={cli_run}")
     _assert_refused(refused, "distill.teacher is set", "budgetlora distill")
     base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"

@@ -4,7 +4,6 @@ through the real CLI, results that resume, and the table assembled from them."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -14,15 +13,11 @@ import pytest
 
 from budgetlora.budget import measure
 from budgetlora.config import config_from_dict
+from commands import run_benchmark
 from conftest import AG_NEWS_SAMPLE, requires_shared
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [requires_shared, pytest.mark.slow]
-
-
-def run_quality(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(REPO / "benchmarks" / "quality.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
 
 
 def test_two_arms_on_one_split_resume_and_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -37,7 +32,7 @@ def test_two_arms_on_one_split_resume_and_rank(tiny_model_dir: Path, tmp_path: P
         "--results",
         str(results),
     ]
-    first = run_quality(*common, "--arm", "defaults", "--arm", "preset:adam-r4-lora-only")
+    first = run_benchmark("quality.py", *common, "--arm", "defaults", "--arm", "preset:adam-r4-lora-only")
     assert first.returncode == 0, first.stderr[-2000:]
 
     # The split: the release's own lines, disjoint, stratified 980 / 140 / 280 per class.
@@ -79,7 +74,7 @@ def test_two_arms_on_one_split_resume_and_rank(tiny_model_dir: Path, tmp_path: P
     )  # the recipe kept
 
     # A second call skips what is there and rebuilds the same table.
-    again = run_quality(*common, "--arm", "defaults")
+    again = run_benchmark("quality.py", *common, "--arm", "defaults")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "defaults seed 42: already in" in again.stdout
     rows = json.loads((results / f"quality_{tiny_model_dir.name}.json").read_text())
@@ -121,6 +116,8 @@ def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_rows() -> None:
 
 
 def test_an_unknown_arm_is_refused(tmp_path: Path) -> None:
-    out = run_quality("--arm", "no-such-arm", "--workdir", str(tmp_path), "--results", str(tmp_path))
+    out = run_benchmark(
+        "quality.py", "--arm", "no-such-arm", "--workdir", str(tmp_path), "--results", str(tmp_path)
+    )
     assert out.returncode != 0
     assert "unknown arm(s) no-such-arm" in out.stderr
