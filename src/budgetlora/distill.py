@@ -333,9 +333,8 @@ def distill(
         )
     if resume and compare_baseline:
         raise BudgetloraError("--resume continues the student only: leave out --compare-baseline")
-    cfg, splits, budget = prepare_run(
-        replace(student_cfg, distill=settings)
-    )  # an over-budget student fails first
+    # prepare_run checks the budget: an over-budget student fails before the teacher runs.
+    cfg, splits, budget = prepare_run(replace(student_cfg, distill=settings))
     run_dir = Path(cfg.output)
     baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
     check_output(run_dir, overwrite, resume)  # before the teacher runs: train() would refuse only after it

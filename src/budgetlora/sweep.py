@@ -348,7 +348,7 @@ def sweep(
             return False
 
         try:
-            if teacher is not None:
+            if cfg.distill.teacher is not None:  # the trial's own config says whether it distils
                 from budgetlora.distill import distill
 
                 result = distill(cfg, on_eval=on_eval).student
