@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# Offline for the whole session, set before anything imports huggingface_hub: it reads HF_HUB_OFFLINE
+# once, on import, so a fixture would come too late for the tests that run in this process. Without
+# it, each Hub id tried there waits about 23 s on five retries of a network that is not there.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 AG_NEWS_SAMPLE = SHARED / "data" / "ag_news" / "sample.csv"
@@ -57,11 +63,9 @@ def make_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
 
 
 @pytest.fixture(autouse=True)
-def _offline_and_isolated_cache(
+def _isolated_cache(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
@@ -199,6 +203,17 @@ def minilm_dir() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def roberta_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """roberta-base's shapes: a folder with config.json only (RobertaConfig() defaults), no weights."""
+    from transformers import RobertaConfig
+
+    folder = tmp_path_factory.mktemp("roberta-base-config")
+    RobertaConfig().save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    return folder
 
 
 requires_shared = pytest.mark.skipif(

@@ -16,14 +16,6 @@ from budgetlora.modeling import build_model, resolve_targets
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
 
-@pytest.fixture(scope="module")
-def roberta_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """roberta-base's shapes: a config.json only (RobertaConfig() defaults), no weights."""
-    folder = tmp_path_factory.mktemp("roberta-base-config")
-    RobertaConfig().save_pretrained(folder)
-    return folder
-
-
 def _cfg(path: Path, **lora: object) -> ModelConfig:
     return ModelConfig(str(path), lora=LoraSettings(**lora))  # type: ignore[arg-type]
 

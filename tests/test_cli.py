@@ -268,7 +268,8 @@ def test_bad_training_data_stops_before_any_work(
 
 
 def test_bad_input_exits_2_without_a_traceback(cli_run: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
-    """One real process per class of problem: labels, size, model limit, duplicates, options."""
+    """Bad data, size, model limit, options and duplicate IDs: one clear message, exit 2, nothing written.
+    A real process for one training and one inference refusal (what a shell sees); the rest in-process."""
     model = str(tiny_model_dir)
     out = tmp_path / "out"
     gaps = _labelled(tmp_path / "gaps.csv", [0, 1, 2, 3, 9] * 2)
@@ -277,14 +278,12 @@ def test_bad_input_exits_2_without_a_traceback(cli_run: Path, tmp_path: Path, ti
     )
     small = _labelled(tmp_path / "small.csv", [0, 1])
     _assert_user_error(
-        run_cli("train", "--model", model, "--data", str(small), "--output", str(out)), "small.csv"
+        cli("train", "--model", model, "--data", str(small), "--output", str(out)), "small.csv"
     )
     data = _labelled(tmp_path / "ok.csv", [0, 1, 2, 3] * 3)
-    long = run_cli(
-        "train", "--model", model, "--data", str(data), "--output", str(out), "--max-length", "2048"
-    )
+    long = cli("train", "--model", model, "--data", str(data), "--output", str(out), "--max-length", "2048")
     _assert_user_error(long, "data.max_length=2048", "at most 129 tokens", "pad_token_id + 1 = 2")
-    _assert_user_error(run_cli("train", "--data", str(data), "--output", str(out), "--lr", "nan"), "train.lr")
+    _assert_user_error(cli("train", "--data", str(data), "--output", str(out), "--lr", "nan"), "train.lr")
     assert not out.exists()
     ids = _csv(tmp_path / "ids.csv", "ID,text", ["1,market", "2,team", "1,chip"])
     submission = tmp_path / "sub.csv"
@@ -538,6 +537,10 @@ def _sample(key: str, annotation: Any, default: Any) -> tuple[list[str], Any]:
     return [flag, raw], value
 
 
+# Momentum is SGD's alone (the config refuses it with another optimizer).
+_NEEDS = {"train.momentum": {"train.optimizer": "sgd"}}
+
+
 def test_every_config_key_has_a_flag_that_sets_it() -> None:
     """Each leaf of the config tree, set through its own flag of `distill` (and of `train`, but for
     the distill.* keys), comes out in the resolved config."""
@@ -551,10 +554,12 @@ def test_every_config_key_has_a_flag_that_sets_it() -> None:
     for key, annotation in fields:
         default = _get(defaults, key)
         argv, expected = _sample(key, annotation, default)
+        needed = _NEEDS.get(key, {})  # a key that is refused without another one
+        argv += [arg for other, value in needed.items() for arg in (flag_of(other), value)]
         cfg = config_to_dict(config_from_args(parser.parse_args(["distill", *argv])))
         assert _get(cfg, key) == expected != default, (key, argv)
         changed = {k for k, _ in fields if _get(cfg, k) != _get(defaults, k)}
-        assert changed == {key}, (key, changed)  # that key and no other
+        assert changed == {key, *needed}, (key, changed)  # that key (and what it needs) and no other
         if not key.startswith("distill."):  # train has every flag but the teacher's
             assert config_from_args(parser.parse_args(["train", *argv])) == config_from_args(
                 parser.parse_args(["distill", *argv])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import RobertaConfig
 
 from budgetlora.batching import encode
 from budgetlora.budget import count_trainable, measure, resolve_size
@@ -44,14 +43,6 @@ DEFAULT_HEAD = HIDDEN * HIDDEN + HIDDEN + HIDDEN * 4 + 4  # dense + out_proj: 59
 LINEAR_HEAD = HIDDEN * 4 + 4  # 3,076
 # (in, out) of the modules "all" adapts in one layer: query, key, value, attn_out, ffn_in, ffn_out.
 ALL_SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(HIDDEN, FFN), (FFN, HIDDEN)]
-
-
-@pytest.fixture(scope="module")
-def roberta_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """roberta-base's shapes: a config.json only (RobertaConfig() defaults), no weights."""
-    folder = tmp_path_factory.mktemp("roberta-base-config")
-    RobertaConfig().save_pretrained(folder)
-    return folder
 
 
 def _model(

@@ -41,15 +41,6 @@ ROBERTA_HEADS = {"default": 768 * 768 + 768 + 768 * 4 + 4, "linear": 768 * 4 + 4
 
 
 @pytest.fixture(scope="module")
-def roberta_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """roberta-base's shapes: a folder with config.json only (RobertaConfig() defaults), no weights."""
-    folder = tmp_path_factory.mktemp("roberta-base-config")
-    RobertaConfig().save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
-    return folder
-
-
-@pytest.fixture(scope="module")
 def roberta_plan(roberta_base_dir: Path) -> list[PlanRow]:
     return plan(str(roberta_base_dir), BUDGET)
 
@@ -209,18 +200,23 @@ def test_format_plan_styles(roberta_plan: list[PlanRow]) -> None:
         format_plan(rows, "html")  # type: ignore[arg-type]
 
 
-def test_the_measured_recipe_is_the_one_recommended_row(roberta_base_dir: Path) -> None:
+def test_the_measured_recipe_is_the_one_recommended_row(
+    roberta_base_dir: Path, roberta_plan: list[PlanRow]
+) -> None:
     """The row of RECOMMENDED (the model's head, LoRA on query,value, every layer) is marked, and
     only where it fits the budget."""
     from budgetlora.plan import RECOMMENDED
 
-    marked = [r for r in plan(str(roberta_base_dir), BUDGET) if r.recommended]
+    marked = [r for r in roberta_plan if r.recommended]
     assert [(r.head, r.targets, r.layers) for r in marked] == [(RECOMMENDED.head, RECOMMENDED.targets, None)]
     assert "benchmarks/results/quality_" in RECOMMENDED.why
+    # The smaller budgets plan the recommended targets (and the attention set) only: the rows that change.
+    targets = [RECOMMENDED.targets, ("attention",)]
     # 750,000 leaves the model's own head (593,668) room for LoRA on query,value at rank 4 only.
-    assert [r.rank for r in plan(str(roberta_base_dir), 750_000) if r.recommended] == [4]
+    middle = plan(str(roberta_base_dir), 750_000, target_sets=targets)
+    assert [r.rank for r in middle if r.recommended] == [4]
     # Under the head's own size nothing with it fits: no row is recommended, the linear head's rows remain.
-    small = plan(str(roberta_base_dir), 500_000)
+    small = plan(str(roberta_base_dir), 500_000, target_sets=targets)
     assert small and not any(r.recommended for r in small) and "<- recommended" not in format_plan(small)
 
 

@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from transformers import RobertaConfig
 
 from budgetlora.budget import check_budget, measure
 from budgetlora.config import RunConfig, load_config
@@ -37,14 +36,6 @@ COUNTS = {
 # and the FFN's output.dense 2 * 16 * (768 + 3072) = 122,880; 12 layers = 2,654,208; biases of the
 # adapted modules 12 * (5 * 768 + 3072) = 82,944; + head = 3,330,820 ("about 3.3M").
 WIDE = 12 * (4 * 16 * QV + 2 * 16 * (768 + 3072)) + 12 * (5 * 768 + 3072) + HEAD
-
-
-@pytest.fixture(scope="module")
-def roberta_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """roberta-base's shapes: a config.json only (RobertaConfig() defaults), no weights."""
-    folder = tmp_path_factory.mktemp("roberta-base-config")
-    RobertaConfig().save_pretrained(folder)
-    return folder
 
 
 def _preset(name: str, model_dir: Path) -> RunConfig:

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from budgetlora.errors import BudgetloraError
 from budgetlora.metrics import classification_metrics
 from budgetlora.report import truncation_stats, write_report
 
@@ -244,12 +245,19 @@ def test_hub_ids_and_folders_are_told_apart(tmp_path: Path, monkeypatch: pytest.
         "~/roberta-base",
         "a/b/c",
         ".hidden",
+        "runs/my run",  # the Hub allows no spaces: a local path that is missing
+        "org/name--v2",
     ):
         assert not is_hub_id(name), name
     # A folder that exists here is a folder, even when its name could be a Hub id.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "model").mkdir(parents=True)
     assert not is_hub_id("org/model") and is_hub_id("org/other")
+    # so a mistyped folder is reported missing, with no Hub lookup and no download hint
+    from budgetlora.modeling import load_model_config
+
+    with pytest.raises(BudgetloraError, match="^model folder not found: org/my model$"):
+        load_model_config("org/my model")
 
 
 def test_a_lone_evaluation_gets_readable_axes() -> None:

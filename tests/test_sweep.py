@@ -150,3 +150,31 @@ def test_cli_sweep(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path) ->
     assert load_config(out / "best.yaml").model.lora.r == 1
     bad = cli("sweep", "--space", str(tmp_path / "nope.yaml"), "--output", str(out))
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_values_that_contradict_each_other_prune_their_trial(
+    tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    """Each value is valid alone; adamw with momentum is not: that trial is pruned with the reason,
+    and the sweep goes on (here every other trial is over budget: nothing trains)."""
+    space = {"lora.r": [64], "train.optimizer": ["adamw", "sgd"], "train.momentum": [0.0, 0.9]}
+    out = tmp_path / "contradicting"
+    result = sweep(base_cfg(tiny_model_dir, tiny_data_csv), space, n_trials=4, output=out, sampler="grid")
+    notes = {
+        (t.params["train.optimizer"], t.params["train.momentum"]): t.user_attrs["note"]
+        for t in result.study.trials
+    }
+    assert len(notes) == 4 and all(t.state == TrialState.PRUNED for t in result.study.trials)
+    assert notes.pop(("adamw", 0.9)) == (
+        "contradicting options: train.momentum=0.9 applies to train.optimizer=sgd only (it is adamw): "
+        "drop it or choose sgd"
+    )
+    assert all(note.startswith("over budget:") for note in notes.values()), notes
+    assert "contradicting options: train.momentum=0.9" in (out / "trials.md").read_text()
+    # with no sgd anywhere in the space, the momentum is refused before the sweep folder is made
+    lone = tmp_path / "lone"
+    with pytest.raises(
+        BudgetloraError, match=r"search space train.momentum: the value 0.9: train.momentum=0.9"
+    ):
+        sweep(base_cfg(tiny_model_dir, tiny_data_csv), {"train.momentum": [0.9]}, n_trials=1, output=lone)
+    assert not lone.exists()

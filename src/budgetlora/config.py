@@ -12,6 +12,7 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union
@@ -21,6 +22,7 @@ import yaml
 from budgetlora.errors import BudgetloraError
 
 __all__ = [
+    "ConfigError",
     "DataConfig",
     "LoraSettings",
     "VeraSettings",
@@ -45,8 +47,31 @@ __all__ = [
 ]
 
 
+class ConfigError(BudgetloraError):
+    """Every problem found in a config, one line each; the message is the problem itself when there is one."""
+
+    def __init__(self, problems: Sequence[str], source: str | Path | None = None) -> None:
+        self.problems = tuple(problems)
+        lines = [f"{len(self.problems)} problems in the config:", *(f"  - {p}" for p in self.problems)]
+        message = self.problems[0] if len(self.problems) == 1 else "\n".join(lines)
+        super().__init__(message if source is None else f"{source}: {message}")
+
+
+def _raise_all(problems: Sequence[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def _problems_of(err: BudgetloraError) -> tuple[str, ...]:
+    return err.problems if isinstance(err, ConfigError) else (str(err),)
+
+
+def _invalid(option: str, value: Any, allowed: str) -> str:
+    return f"invalid value for {option}: {value!r} ({allowed})"
+
+
 def _fail(option: str, value: Any, allowed: str) -> NoReturn:
-    raise BudgetloraError(f"invalid value for {option}: {value!r} ({allowed})")
+    raise BudgetloraError(_invalid(option, value, allowed))
 
 
 def union_members(annotation: Any) -> tuple[Any, ...]:
@@ -328,14 +353,17 @@ class ModelConfig:
         _check_choices(self, "model.")
         if self.method == "lora":
             return
-        for name, off in _LORA_ONLY:
-            if getattr(self.lora, name) != off:
-                _fail(f"lora.{name}", getattr(self.lora, name), f"LoRA only; model.method is {self.method}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self.lora, name):
-                _fail(f"lora.{name}", getattr(self.lora, name), f"LoRA only; model.method is {self.method}")
+        lora_only = [name for name, off in _LORA_ONLY if getattr(self.lora, name) != off]
+        lora_only += [name for name in ("rank_pattern", "alpha_pattern") if getattr(self.lora, name)]
+        problems = [
+            _invalid(f"lora.{name}", getattr(self.lora, name), f"LoRA only; model.method is {self.method}")
+            for name in lora_only
+        ]
         if self.lora.bias != "none" and self.method in ("ia3", "loha", "lokr"):
-            _fail("lora.bias", self.lora.bias, f"{self.method} trains no biases: only none")
+            problems.append(
+                _invalid("lora.bias", self.lora.bias, f"{self.method} trains no biases: only none")
+            )
+        _raise_all(problems)
 
 
 @dataclass(frozen=True)
@@ -426,6 +454,36 @@ class TrainSettings:
         _check_positive("train.checkpoint_every", self.checkpoint_every)
         _check_positive("train.num_workers", self.num_workers, allow_zero=True)
         _check_seed("train.seed", self.seed)
+        _raise_all(_contradictions(self))
+
+
+def _contradictions(t: TrainSettings) -> list[str]:
+    """Options of the loop that are each valid but cannot all be meant: every one found, not the first."""
+    problems = []
+    default_ratio = TrainSettings.warmup_ratio
+    if t.warmup_steps is not None and t.warmup_ratio != default_ratio:
+        problems.append(
+            f"train.warmup_steps={t.warmup_steps} and train.warmup_ratio={t.warmup_ratio} are both set "
+            "(the steps would win): set one of them"
+        )
+    if t.momentum and t.optimizer != "sgd":
+        problems.append(
+            f"train.momentum={t.momentum} applies to train.optimizer=sgd only (it is {t.optimizer}): "
+            "drop it or choose sgd"
+        )
+    never_evaluates = (
+        not t.eval_each_epoch
+        and t.eval_every is not None
+        and t.max_steps is not None
+        and t.eval_every > t.max_steps
+    )
+    if t.early_stopping_patience is not None and never_evaluates:
+        problems.append(
+            f"train.early_stopping_patience={t.early_stopping_patience} needs evaluations, and none would run: "
+            f"train.eval_every={t.eval_every} is past train.max_steps={t.max_steps} and train.eval_each_epoch "
+            "is off"
+        )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -468,10 +526,12 @@ class RunConfig:
     """The run folder."""
 
     def __post_init__(self) -> None:
+        problems = []
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
-            _fail("budget", self.budget, "a positive integer number of parameters")
+            problems.append(_invalid("budget", self.budget, "a positive integer number of parameters"))
         if not self.output:
-            _fail("output", self.output, "a folder path")
+            problems.append(_invalid("output", self.output, "a folder path"))
+        _raise_all(problems)
 
 
 # --- dict / YAML form -------------------------------------------------------------
@@ -559,21 +619,33 @@ def _convert(value: Any, annotation: Any, option: str) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """``cls`` from plain values, or one :class:`ConfigError` with every problem found: unknown keys,
+    each field's value, and the section's own checks (run with defaults for the fields that failed)."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    problems: list[str] = []
     unknown = sorted(set(values) - names)
     if unknown:
-        raise BudgetloraError(
+        problems.append(
             f"unknown config key{'s' if len(unknown) > 1 else ''} "
             + ", ".join(prefix + k for k in unknown)
             + f"; {prefix.rstrip('.') or 'the top level'} takes: "
             + ", ".join(sorted(names))
         )
-    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in values.items()}
+    kwargs = {}
+    for key in sorted(set(values) & names, key=list(hints).index):
+        try:
+            kwargs[key] = _convert(values[key], hints[key], prefix + key)
+        except BudgetloraError as err:
+            problems.extend(_problems_of(err))
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except TypeError as err:
         raise BudgetloraError(f"bad config at {prefix or 'top level'}: {err}") from err
+    except BudgetloraError as err:
+        problems.extend(_problems_of(err))
+    _raise_all(problems)
+    return built
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
@@ -594,6 +666,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise BudgetloraError(f"cannot parse config file {path}: {err}") from err
     try:
         return config_from_dict(values)
+    except ConfigError as err:
+        raise ConfigError(err.problems, source=path) from err
     except BudgetloraError as err:
         raise BudgetloraError(f"{path}: {err}") from err
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import (
@@ -142,11 +143,15 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def is_hub_id(name: str) -> bool:
     """Whether a model (or dataset) name means a Hub id, "name" or "org/name", rather than a
-    local folder: nothing of that name exists here, and it has no path prefix (/ . ~) and no
-    deeper slashes."""
+    local folder: nothing of that name exists here, and the Hub's own rules accept it as a
+    repo id (no path prefix such as / . ~, no deeper slashes, no spaces, at most 96 characters)."""
     if Path(name).expanduser().exists():
         return False
-    return not name.startswith(("/", ".", "~")) and name.rstrip("/").count("/") <= 1
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 # --- heads ------------------------------------------------------------------------

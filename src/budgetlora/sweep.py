@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import time
@@ -27,7 +28,14 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from budgetlora.config import RunConfig, config_from_dict, config_to_dict, save_config, with_overrides
+from budgetlora.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+    with_overrides,
+)
 from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
 from budgetlora.train import prepare_run, train
@@ -160,6 +168,27 @@ def load_space(path: str | Path) -> dict[str, Any]:
         raise BudgetloraError(f"cannot parse search space {path}: {err}") from err
 
 
+def _candidates(p: SearchParam) -> list[Any]:
+    """The values of ``p`` that are checked up front: its choices, or a range's bounds."""
+    if p.kind in ("int", "float"):
+        kind = int if p.kind == "int" else float
+        return [kind(p.low or 0), kind(p.high or 0)]
+    return list(p.choices)
+
+
+def _valid_beside(base_cfg: RunConfig, key: str, value: Any, candidates: dict[str, list[Any]]) -> bool:
+    """Whether ``key: value`` makes a valid config with some values of the other searched keys: a
+    momentum is refused with the base config's adamw, not in a space that also searches sgd."""
+    others = [k for k in candidates if k != key]
+    for combination in itertools.islice(itertools.product(*(candidates[k] for k in others)), 1000):
+        try:
+            with_overrides(base_cfg, {key: value, **dict(zip(others, combination, strict=True))})
+        except BudgetloraError:
+            continue
+        return True
+    return False
+
+
 def _check_before_writing(base_cfg: RunConfig, params: Sequence[SearchParam]) -> None:
     """What can be checked before the sweep folder is made: every bound and choice of the
     space as a config value, and the base config's data and max length (unless the space
@@ -167,16 +196,14 @@ def _check_before_writing(base_cfg: RunConfig, params: Sequence[SearchParam]) ->
     from budgetlora.data import load_splits
     from budgetlora.modeling import check_max_length
 
+    candidates = {p.key: _candidates(p) for p in params}
     for p in params:
-        values: Sequence[Any] = p.choices
-        if p.kind in ("int", "float"):
-            kind = int if p.kind == "int" else float
-            values = [kind(p.low or 0), kind(p.high or 0)]
-        for value in values:
+        for value in candidates[p.key]:
             try:
                 with_overrides(base_cfg, {p.key: value})
             except BudgetloraError as err:
-                raise BudgetloraError(f"search space {p.key}: the value {value!r}: {err}") from None
+                if not (isinstance(err, ConfigError) and _valid_beside(base_cfg, p.key, value, candidates)):
+                    raise BudgetloraError(f"search space {p.key}: the value {value!r}: {err}") from None
     searched = {p.key for p in params}
     if not any(key.startswith("data.") for key in searched) and "model.name_or_path" not in searched:
         check_max_length(base_cfg.model, base_cfg.data.max_length)
@@ -325,9 +352,13 @@ def sweep(
         trial_dir = _trial_dir(out, study, trial.number)
         start = time.perf_counter()
         try:
-            cfg, _splits, budget = prepare_run(
-                with_overrides(replace(base_cfg, output=str(trial_dir)), overrides)
-            )
+            trial_cfg = with_overrides(replace(base_cfg, output=str(trial_dir)), overrides)
+        except ConfigError as err:
+            # Each value passed alone (_check_before_writing); together these contradict each other.
+            trial.set_user_attr("note", "contradicting options: " + "; ".join(err.problems))
+            raise optuna.TrialPruned(str(err)) from None
+        try:
+            cfg, _splits, budget = prepare_run(trial_cfg)
         except OverBudgetError as err:
             reason = str(err).splitlines()[0]
             trial.set_user_attr("note", reason)
