@@ -4,8 +4,6 @@ roberta-base (or its refusal), and a short CPU run of each on the tiny model."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from budgetlora.budget import check_budget, measure
 from budgetlora.config import RunConfig, load_config
 from budgetlora.errors import OverBudgetError
 from budgetlora.train import train
+from commands import cli
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -134,10 +133,11 @@ def test_qv_r4_cosine_runs_as_it_is_from_the_command_line(
     # The preset's own fp16 on a CPU-only machine: accelerate takes it without error and trains
     # in fp32 (no autocast, no gradient scaler); only --model/--data and the caps are given.
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "budgetlora", "train", "--config", str(PRESETS / "qv-r4-cosine.yaml")]
-    command += ["--model", str(tiny_model_dir), "--data", str(tiny_data_csv), "--output", str(output)]
-    command += ["--max-steps", "6", "--max-length", "32", "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = cli(
+        "train", "--config", str(PRESETS / "qv-r4-cosine.yaml"), "--model", str(tiny_model_dir),
+        "--data", str(tiny_data_csv), "--output", str(output), "--max-steps", "6", "--max-length", "32",
+        "--no-progress",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     metrics = json.loads((output / "metrics.json").read_text())
     cfg = load_config(output / "config.yaml")
