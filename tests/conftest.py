@@ -63,9 +63,7 @@ def make_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
