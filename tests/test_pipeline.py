@@ -64,7 +64,7 @@ def test_the_tiny_task_is_learned_and_recorded(trained) -> None:  # type: ignore
     evals = [h for h in history if h["type"] == "eval"]
     # 288 training rows / batch 16 = 18 steps an epoch: evaluated each epoch and every 20 steps.
     assert [e["step"] for e in evals] == [18, 20, 36, 40, 54, 60, 72]
-    best = max(evals, key=lambda e: e["accuracy"])
+    best = min(evals, key=lambda e: e["loss"])  # kept by default: the lowest validation loss
     assert metrics["best_step"] == best["step"]
     # Where the run's time went, phase by phase, in the order they ran.
     phases = metrics["timing"]["phases"]
@@ -76,10 +76,29 @@ def test_the_tiny_task_is_learned_and_recorded(trained) -> None:  # type: ignore
     assert phases["train (with evaluations)"] >= metrics["timing"]["train_seconds"] > 0
     assert "| Time: train (with evaluations) |" in (trained.run_dir / "report.md").read_text()
     assert metrics["validation"]["accuracy"] == pytest.approx(best["accuracy"])
+    assert metrics["validation"]["loss"] == pytest.approx(best["loss"], rel=1e-4)
     report = (trained.run_dir / "report.md").read_text()
     assert (
         f"{metrics['test']['accuracy']:.2%}" in report and "Sci/Tech" not in report
     )  # labels come from the data
+
+
+def _evaluations(run_dir: Path) -> list[dict]:
+    history = (json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines())
+    return [h for h in history if h["type"] == "eval"]
+
+
+def test_best_metric_accuracy_keeps_the_most_accurate_step(trained, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = train(tiny_config(tmp_path / "by-accuracy", best_metric="accuracy"))
+    evals = _evaluations(result.run_dir)
+    first_best = max(evals, key=lambda e: e["accuracy"])  # max() keeps the first of equals, as training does
+    assert result.metrics["best_step"] == first_best["step"]
+    assert result.metrics["validation"]["accuracy"] == pytest.approx(first_best["accuracy"])
+    # The shared run trained the same way (the same losses at each evaluation) and kept the lowest loss:
+    # accuracy saturates before the loss stops falling, so accuracy kept an earlier step.
+    by_loss = _evaluations(trained.run_dir)
+    assert [e["loss"] for e in by_loss] == pytest.approx([e["loss"] for e in evals], rel=1e-5)
+    assert first_best["step"] < json.loads((trained.run_dir / "metrics.json").read_text())["best_step"]
 
 
 def test_reloaded_run_predicts_exactly_as_the_trained_model(trained, tiny_data_csv: Path) -> None:  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -35,7 +36,15 @@ def base_cfg(model: Path, data: Path) -> RunConfig:
     return RunConfig(
         model=ModelConfig(str(model), lora=LoraSettings(r=4, alpha=8, target_modules=("query", "value"))),
         data=DataConfig(source=str(data), validation_size=0.2, test_size=0.2, max_length=32),
-        train=TrainSettings(epochs=1, lr=1e-2, batch_size=16, progress=False, log_every=5, eval_every=9),
+        train=TrainSettings(
+            epochs=1,
+            lr=1e-2,
+            batch_size=16,
+            progress=False,
+            log_every=5,
+            eval_every=9,
+            best_metric="accuracy",
+        ),  # maximised; test_a_sweep_on_the_validation_loss_minimises_it sweeps the default, the loss
         budget=5000,
         output="ignored",
     )
@@ -178,3 +187,23 @@ def test_values_that_contradict_each_other_prune_their_trial(
     ):
         sweep(base_cfg(tiny_model_dir, tiny_data_csv), {"train.momentum": [0.9]}, n_trials=1, output=lone)
     assert not lone.exists()
+
+
+def test_a_sweep_on_the_validation_loss_minimises_it(
+    tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    base = base_cfg(tiny_model_dir, tiny_data_csv)
+    cfg = replace(base, train=replace(base.train, best_metric=TrainSettings().best_metric))
+    assert cfg.train.best_metric == "loss"
+    out = tmp_path / "by-loss"
+    result = sweep(cfg, {"train.lr": [1e-2, 1e-4]}, n_trials=2, output=out, sampler="grid")
+    losses = {t.params["train.lr"]: float(t.value or "nan") for t in result.study.trials}
+    assert losses[1e-2] < losses[1e-4]  # at 1e-4 nothing is learned in one epoch
+    assert result.best_value == losses[1e-2]
+    assert result.best_config is not None and result.best_config.train.lr == 1e-2
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [float(r["train.lr"]) for r in rows] == [1e-2, 1e-4]  # the lowest loss first
+    for t in result.study.trials:  # the trial's value is its kept run's validation loss
+        metrics = json.loads((out / f"trial-{t.number:04d}" / "metrics.json").read_text())
+        assert metrics["validation"]["loss"] == t.value
+    assert "Objective: validation loss (minimised)." in (out / "trials.md").read_text()

@@ -135,3 +135,8 @@ def score(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) ->
     metrics = classification_metrics(labels, np.asarray(logits).argmax(axis=1), label_names)
     metrics["loss"] = mean_cross_entropy(logits, labels)
     return metrics
+
+
+def as_score(metric: str, value: float) -> float:
+    """A validation ``metric``'s value as a score where higher is better: the loss negated."""
+    return -float(value) if metric == "loss" else float(value)

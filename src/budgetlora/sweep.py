@@ -37,6 +37,7 @@ from budgetlora.config import (
     with_overrides,
 )
 from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.metrics import as_score
 from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
 from budgetlora.train import prepare_run, train
 
@@ -296,7 +297,8 @@ def sweep(
 ) -> SweepResult:
     """Search ``space`` around ``base_cfg`` until the study holds ``n_trials`` finished or
     pruned trials (a resumed study runs only what is missing). Maximises the validation
-    ``train.best_metric``; writes trials.csv, trials.md, best.yaml and plots into ``output``.
+    ``train.best_metric`` (minimises ``loss``); writes trials.csv, trials.md, best.yaml and plots
+    into ``output``.
     With ``base_cfg.distill.teacher`` set, every trial distils from that teacher (and the
     space may search ``distill.alpha`` and ``distill.temperature``)."""
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
@@ -320,7 +322,7 @@ def sweep(
         study = optuna.create_study(
             storage=storage,
             study_name=study_name or out.resolve().name,
-            direction="maximize",
+            direction="minimize" if metric == "loss" else "maximize",
             sampler=_make_sampler(sampler, params, seed),
             pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
             load_if_exists=True,
@@ -415,7 +417,7 @@ def sweep(
     note = _plot_importances(out / "param_importances.png", study)
     rows = _write_tables(study, out, params, metric, storage, teacher, note=note)
     best_config = None
-    best = max(completed, key=lambda t: t.value or 0.0) if completed else None
+    best = max(completed, key=lambda t: as_score(metric, t.value or 0.0)) if completed else None
     if best is not None:
         best_config = replace(config_from_dict(best.user_attrs["config"]), output=str(out / "best"))
         save_config(best_config, out / "best.yaml")
@@ -440,11 +442,11 @@ def _row(t: FrozenTrial, params: Sequence[SearchParam]) -> dict[str, Any]:
     return row
 
 
-def _sort_key(t: FrozenTrial) -> tuple[int, float, int]:
+def _sort_key(t: FrozenTrial, metric: str) -> tuple[int, float, int]:
     if t.state == TrialState.COMPLETE:
-        return (0, -(t.value or 0.0), t.number)
+        return (0, -as_score(metric, t.value or 0.0), t.number)
     last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
-    return (1 if last is not None else 2, -(last or 0.0), t.number)
+    return (1 if last is not None else 2, -as_score(metric, last or 0.0), t.number)
 
 
 def _write_tables(
@@ -457,7 +459,7 @@ def _write_tables(
     note: str | None,
 ) -> list[dict[str, Any]]:
     """trials.csv and trials.md, best first (then pruned trials by their last score)."""
-    rows = [_row(t, params) for t in sorted(study.trials, key=_sort_key)]
+    rows = [_row(t, params) for t in sorted(study.trials, key=lambda t: _sort_key(t, metric))]
     header = list(rows[0]) if rows else ["trial", "state", "value"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, header, lineterminator="\n")
@@ -475,8 +477,8 @@ def _write_tables(
     lines = [
         f"# Sweep {study.study_name}",
         "",
-        f"Objective: validation {metric} (maximised). Storage: `{storage}`."
-        + (f" Teacher: `{teacher}`." if teacher else ""),
+        f"Objective: validation {metric} ({'minimised' if metric == 'loss' else 'maximised'})."
+        f" Storage: `{storage}`." + (f" Teacher: `{teacher}`." if teacher else ""),
         "Trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".",
         "",
     ]
@@ -514,7 +516,7 @@ def _plot_history(path: Path, trials: Sequence[FrozenTrial], metric: str) -> Non
     values = [float(t.value or 0.0) for t in done]
     ax.scatter([t.number for t in done], values, color="#4c72b0", label="completed", zorder=3)
     if done:
-        best = [max(values[: i + 1]) for i in range(len(done))]
+        best = [max(values[: i + 1], key=lambda v: as_score(metric, v)) for i in range(len(done))]
         ax.step([t.number for t in done], best, where="post", color="#dd8452", label="best so far")
     cut = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     last = [t.intermediate_values[max(t.intermediate_values)] for t in cut]

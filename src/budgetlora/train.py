@@ -48,7 +48,7 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, predict_logits
 from budgetlora.losses import LossFn, cross_entropy_loss
 from budgetlora.methods import TITLES, size_of, with_size
-from budgetlora.metrics import score
+from budgetlora.metrics import as_score, score
 from budgetlora.modeling import build_model, check_max_length, display_name, load_tokenizer
 from budgetlora.report import write_report
 from budgetlora.roles import is_head_parameter
@@ -202,7 +202,7 @@ class _Progress:
     samples: int = 0
     train_seconds: float = 0.0
     running_count: int = 0  # micro-batches since the last log step
-    best_value: float = -1.0
+    best_value: float = -math.inf  # as_score(): the validation loss negated
     best_step: int = 0
     stale: int = 0  # evaluations since the best one
 
@@ -574,7 +574,7 @@ def _evaluate(
         "type": "eval", "step": progress.step, "epoch": round(epoch, 4), "split": "validation",
         "loss": metrics["loss"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
     })  # fmt: skip
-    value = metrics[settings.best_metric]
+    value = as_score(settings.best_metric, metrics[settings.best_metric])
     if value > progress.best_value:
         progress.best_value, progress.best_step, progress.stale = value, progress.step, 0
         best.state = trainable_state(session.bare)
