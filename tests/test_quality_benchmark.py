@@ -55,6 +55,7 @@ def test_two_arms_on_one_split_resume_and_rank(tiny_model_dir: Path, tmp_path: P
         assert record["test_rows"] == 1120 and record["epochs"] == 0.02
         cfg = config_from_dict(record["config"])
         assert cfg.data.source.endswith("split") and cfg.train.epochs == 0.02
+        assert cfg.train.best_metric == "accuracy"  # pinned: these arms' results were recorded with it
         # The recorded count is the skeleton's count of the config the run wrote.
         assert (
             record["trainable"]
