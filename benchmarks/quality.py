@@ -14,8 +14,9 @@ real `budgetlora train` (or `budgetlora distill`) process with its command recor
 validation four times per run plus at each epoch's end, the best validation checkpoint kept and scored
 once on the test rows. "Best" is by validation accuracy, as when the benchmark first ran (accuracy was
 budgetlora's default then; commands recorded before the arms passed --best-metric ran with it); the
-`-loss` and `+loss` arms keep the lowest validation loss instead, today's default. Presets keep everything of their recipe except the epochs (and max_steps), the
-data and the model, so that all arms see the same rows for as long.
+`-loss` and `+loss` arms keep the lowest validation loss instead, today's default. Presets keep
+everything of their recipe except the epochs (and max_steps), the data and the model, so that all
+arms see the same rows for as long.
 
 Each arm's result goes to benchmarks/results/quality_<model>/<arm>-seed<seed>.json as soon as it
 finishes, so a long benchmark can run one arm at a time, be split up and resumed (an arm already

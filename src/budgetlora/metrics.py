@@ -137,6 +137,11 @@ def score(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) ->
     return metrics
 
 
+def lower_is_better(metric: str) -> bool:
+    """True for the loss; accuracy and macro-F1 are better higher."""
+    return metric == "loss"
+
+
 def as_score(metric: str, value: float) -> float:
     """A validation ``metric``'s value as a score where higher is better: the loss negated."""
-    return -float(value) if metric == "loss" else float(value)
+    return -float(value) if lower_is_better(metric) else float(value)

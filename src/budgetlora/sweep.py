@@ -37,7 +37,7 @@ from budgetlora.config import (
     with_overrides,
 )
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.metrics import as_score
+from budgetlora.metrics import as_score, lower_is_better
 from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
 from budgetlora.train import prepare_run, train
 
@@ -322,7 +322,7 @@ def sweep(
         study = optuna.create_study(
             storage=storage,
             study_name=study_name or out.resolve().name,
-            direction="minimize" if metric == "loss" else "maximize",
+            direction="minimize" if lower_is_better(metric) else "maximize",
             sampler=_make_sampler(sampler, params, seed),
             pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
             load_if_exists=True,
@@ -477,7 +477,7 @@ def _write_tables(
     lines = [
         f"# Sweep {study.study_name}",
         "",
-        f"Objective: validation {metric} ({'minimised' if metric == 'loss' else 'maximised'})."
+        f"Objective: validation {metric} ({'minimised' if lower_is_better(metric) else 'maximised'})."
         f" Storage: `{storage}`." + (f" Teacher: `{teacher}`." if teacher else ""),
         "Trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".",
         "",
