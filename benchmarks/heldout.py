@@ -1,0 +1,223 @@
+"""budgetlora's default recipe as a user runs it, scored on rows it never trained on: K-fold
+cross-validation over all of ../shared/data/ag_news/sample.csv.
+
+    python benchmarks/heldout.py --model minilm                 # 5 folds, one after the other
+    python benchmarks/heldout.py --model minilm --fold 0        # one fold (the rest resume later)
+    python benchmarks/heldout.py --model minilm --name epochs1 --flag=--epochs --flag=1   # a variant
+    python benchmarks/heldout.py --model minilm --table         # the table of the folds so far
+
+The 5,600 rows (1,400 per class) are cut into K stratified folds (seed 42). Fold i's run is
+`budgetlora train --model MODEL --data FOLD_i --output RUNS/<name>-fold<i>` and nothing else (plus
+any --flag): budgetlora's defaults decide the epochs, learning rate, adapter, head, the validation
+rows it holds out of train (data.validation_size) and the checkpoint it keeps. FOLD_i is a folder in
+the release's own format: train.csv (the other K-1 folds), test.csv (fold i) and classes.txt. The
+kept checkpoint is scored once on fold i. Every row is held out exactly once, so the pooled accuracy
+is over all 5,600 rows (binomial SE about 0.37 points at 92%), and each run trains on
+(K-1)/K of them: 4,256 training rows at K = 5, after the defaults hold 5% out for validation.
+
+Each fold's result goes to benchmarks/results/heldout_<model>/<name>-fold<i>.json as soon as it
+finishes (a fold already there is skipped unless --again); the table (benchmarks/results/
+heldout_<model>.md) is rebuilt from every result there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fetch_mpnet import default_cache  # noqa: E402
+from quality import CLASSES, RESULTS, SAMPLE, label_of, model_folder, model_label, standard_error  # noqa: E402
+from speed import REPO, hardware  # noqa: E402
+
+SPLIT_SEED = 42
+
+
+def folds(k: int) -> tuple[list[str], list[list[int]]]:
+    """The release's lines and, for each of k stratified folds, its line numbers in file order."""
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)
+    labels = np.array([label_of(line) for line in lines])
+    rng = np.random.RandomState(SPLIT_SEED)
+    parts: list[list[int]] = [[] for _ in range(k)]
+    for label in sorted(set(labels.tolist())):
+        for i, chunk in enumerate(np.array_split(rng.permutation(np.flatnonzero(labels == label)), k)):
+            parts[i].extend(chunk.tolist())
+    return lines, [sorted(part) for part in parts]
+
+
+def make_fold(root: Path, k: int, i: int) -> Path:
+    """Fold i of k as a data folder: train.csv (the other folds), test.csv (fold i), classes.txt."""
+    folder = root / f"folds{k}" / f"fold{i}"
+    if (folder / "test.csv").is_file():
+        return folder
+    lines, parts = folds(k)
+    scratch = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    train = sorted(row for j, part in enumerate(parts) if j != i for row in part)
+    (scratch / "train.csv").write_text("".join(lines[r] for r in train), encoding="utf-8")
+    (scratch / "test.csv").write_text("".join(lines[r] for r in parts[i]), encoding="utf-8")
+    shutil.copy(CLASSES, scratch / "classes.txt")
+    scratch.rename(folder)
+    return folder
+
+
+def result_path(results: Path, model: str, name: str, i: int) -> Path:
+    return results / f"heldout_{model_label(model)}" / f"{name}-fold{i}.json"
+
+
+def run_fold(model: str, k: int, i: int, name: str, flags: list[str], root: Path) -> dict[str, Any]:
+    folder, data = model_folder(model), make_fold(root, k, i)
+    run_dir = root / "runs" / f"{name}-fold{i}"
+    command = [sys.executable, "-m", "budgetlora", "train", "--model", str(folder), "--data", str(data)]
+    command += ["--output", str(run_dir), "--no-progress", *flags]
+    shown = shlex.join(["budgetlora", *command[3:]])
+    shown = (
+        shown.replace(str(folder), "MODEL").replace(str(data), f"FOLD{i}").replace(str(root / "runs"), "RUNS")
+    )
+    print("+", shown, flush=True)
+    out: dict[str, Any] = {"name": name, "fold": i, "folds": k, "model": model_label(model), "command": shown}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (root / "logs").mkdir(exist_ok=True)
+    log = root / "logs" / f"{run_dir.name}.log"
+    start = time.perf_counter()
+    with log.open("w") as sink:
+        proc = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    out["process_seconds"] = round(time.perf_counter() - start, 1)
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-3:]
+        out.update(status="failed", message=" ".join(tail)[:600])
+        return out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = metrics["test"]
+    out.update(
+        status="ok",
+        test_rows=test["n"],
+        test_correct=round(test["accuracy"] * test["n"]),
+        test_accuracy=test["accuracy"],
+        test_macro_f1=test["macro_f1"],
+        train_rows=metrics["data"]["train"],
+        trainable=metrics["budget"]["trainable"],
+        best_step=metrics["best_step"],
+        steps=metrics["steps"],
+        train_seconds=metrics["timing"]["train_seconds"],
+        train_samples_per_second=metrics["timing"]["train_samples_per_second"],
+        config=yaml.safe_load((run_dir / "config.yaml").read_text()),
+    )
+    return out
+
+
+def table(results: Path, model: str) -> str:
+    folder = results / f"heldout_{model_label(model)}"
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_name.setdefault(record["name"], []).append(record)
+    lines = [
+        f"# Held-out accuracy: {model_label(model)}, budgetlora's defaults, K-fold cross-validation",
+        "",
+        f"All of `sample.csv` ({SAMPLE.name}: 5,600 rows of the official AG News test split) in K stratified"
+        f" folds (seed {SPLIT_SEED}); each fold's run trains on the other folds with nothing but --model,"
+        " --data and --output (and the variant's flags), and is scored once on its own fold. Pooled: the"
+        " rows right over every row held out; SE: its binomial standard error.",
+        "",
+        "| name | folds done | held-out rows | pooled accuracy | SE | each fold | mean macro-F1 | trainable | train s (mean) | samples/s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, runs in by_name.items():
+        ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["fold"])
+        if not ok:
+            lines.append(f"| {name} | failed: {runs[0].get('message', '')[:160]} | | | | | | | | |")
+            continue
+        rows = sum(r["test_rows"] for r in ok)
+        accuracy = sum(r["test_correct"] for r in ok) / rows
+        each = " / ".join(f"{r['test_accuracy'] * 100:.2f}" for r in ok)
+        lines.append(
+            f"| {name} | {len(ok)} of {ok[0]['folds']} | {rows:,} | **{accuracy * 100:.2f}%** |"
+            f" {standard_error(accuracy, rows) * 100:.2f} | {each} |"
+            f" {np.mean([r['test_macro_f1'] for r in ok]) * 100:.2f}% | {ok[0]['trainable']:,} |"
+            f" {np.mean([r['train_seconds'] for r in ok]):.0f} |"
+            f" {np.mean([r['train_samples_per_second'] for r in ok]):.1f} |"
+        )
+    lines += ["", "## Commands", ""]
+    for name, runs in by_name.items():
+        lines.append(f"- **{name}**: `{runs[0]['command']}`")
+    hosts = sorted({r.get("hardware", "") for r in records} - {""})
+    lines += ["", f"Hardware: {'; '.join(hosts)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="minilm", help="minilm, mpnet (see fetch_mpnet.py) or a model folder"
+    )
+    parser.add_argument("--folds", type=int, default=5, help="K (default %(default)s)")
+    parser.add_argument("--fold", type=int, action="append", help="run only these folds (repeatable)")
+    parser.add_argument("--name", default="defaults", help="the results' name (default %(default)s)")
+    parser.add_argument(
+        "--flag",
+        action="append",
+        default=[],
+        help="an option for budgetlora train (repeatable: --flag=--epochs --flag=1)",
+    )
+    parser.add_argument("--workdir", type=Path, help="folds, runs and logs (default: a folder in the cache)")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where results go (default: %(default)s)"
+    )
+    parser.add_argument("--again", action="store_true", help="rerun folds that already have a result")
+    parser.add_argument(
+        "--table", action="store_true", help="only print and write the table of the results so far"
+    )
+    args = parser.parse_args()
+    if args.folds < 2:
+        parser.error(f"--folds {args.folds}: at least 2")
+    bad = [i for i in args.fold or () if not 0 <= i < args.folds]
+    if bad:
+        parser.error(f"--fold {bad[0]}: folds are 0..{args.folds - 1}")
+    print("+", shlex.join([sys.executable, *sys.argv]))
+    print("hardware:", hardware(), flush=True)
+    if not args.table:
+        root = args.workdir or default_cache() / f"heldout-{model_label(args.model)}"
+        for i in args.fold or range(args.folds):
+            path = result_path(args.results, args.model, args.name, i)
+            if path.is_file() and not args.again:
+                print(f"{args.name} fold {i}: already in {path}", flush=True)
+                continue
+            result = run_fold(args.model, args.folds, i, args.name, args.flag, root)
+            result["hardware"] = hardware()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            shown = (
+                f"held-out accuracy {result['test_accuracy']:.4f}"
+                if result["status"] == "ok"
+                else result["message"]
+            )
+            print(f"{args.name} fold {i}: {result['status']}, {shown}", flush=True)
+            write_table(args.results, args.model)
+    print(write_table(args.results, args.model))
+
+
+def write_table(results: Path, model: str) -> str:
+    text = table(results, model)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"heldout_{model_label(model)}.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

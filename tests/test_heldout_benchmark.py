@@ -1,0 +1,71 @@
+"""benchmarks/heldout.py end to end on the tiny model: K stratified folds of the real AG News rows,
+budgetlora's defaults through the real CLI on each, every row held out once, results that resume,
+and the pooled table."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from budgetlora.config import TrainSettings
+from commands import run_benchmark
+from conftest import AG_NEWS_SAMPLE, requires_shared
+
+pytestmark = [requires_shared, pytest.mark.slow]
+
+
+def test_two_folds_hold_out_every_row_once_and_pool(tiny_model_dir: Path, tmp_path: Path) -> None:
+    results, work = tmp_path / "results", tmp_path / "work"
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--folds",
+        "2",
+        "--workdir",
+        str(work),
+        "--results",
+        str(results),
+    ]
+    common += ["--name", "short", "--flag=--max-steps", "--flag=2"]
+    first = run_benchmark("heldout.py", *common)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    # The folds: the release's own lines, each held out once, stratified (700 per class each).
+    original = AG_NEWS_SAMPLE.read_text(encoding="utf-8").splitlines()
+    folds = [work / "folds2" / f"fold{i}" for i in range(2)]
+    held_out = [(f / "test.csv").read_text(encoding="utf-8").splitlines() for f in folds]
+    assert sorted(held_out[0] + held_out[1]) == sorted(original)
+    for i, fold in enumerate(folds):
+        assert Counter(line.split(",", 1)[0] for line in held_out[i]) == {f'"{c}"': 700 for c in "1234"}
+        assert (fold / "train.csv").read_text(encoding="utf-8").splitlines() == held_out[1 - i]
+
+    records = [
+        json.loads((results / f"heldout_{tiny_model_dir.name}" / f"short-fold{i}.json").read_text())
+        for i in range(2)
+    ]
+    for i, record in enumerate(records):
+        assert record["status"] == "ok" and record["fold"] == i and record["test_rows"] == 2800
+        # budgetlora's defaults held 5% of the fold's training rows out for validation.
+        assert record["train_rows"] == 2800 - 140 and record["steps"] == 2
+        assert record["config"]["data"]["source"].endswith(f"fold{i}")
+        assert record["config"]["train"]["epochs"] == TrainSettings().epochs  # nothing else was passed
+        assert record["command"].startswith(
+            f"budgetlora train --model MODEL --data FOLD{i} --output RUNS/short-fold{i}"
+        )
+
+    pooled = sum(r["test_correct"] for r in records) / 5600
+    table = (results / f"heldout_{tiny_model_dir.name}.md").read_text()
+    assert f"| short | 2 of 2 | 5,600 | **{pooled * 100:.2f}%** |" in table
+
+    # A second call skips what is there.
+    again = run_benchmark("heldout.py", *common, "--fold", "1")
+    assert again.returncode == 0 and "short fold 1: already in" in again.stdout
+
+
+def test_a_fold_out_of_range_is_refused(tmp_path: Path) -> None:
+    out = run_benchmark("heldout.py", "--folds", "3", "--fold", "3", "--results", str(tmp_path))
+    assert out.returncode == 2 and "--fold 3: folds are 0..2" in out.stderr
+    assert not any(tmp_path.iterdir())
