@@ -14,6 +14,8 @@ the release's own format: train.csv (the other K-1 folds), test.csv (fold i) and
 kept checkpoint is scored once on fold i. Every row is held out exactly once, so the pooled accuracy
 is over all 5,600 rows (binomial SE about 0.37 points at 92%), and each run trains on
 (K-1)/K of them: 4,256 training rows at K = 5, after the defaults hold 5% out for validation.
+At K = 5 the last fold is exactly the 1,120 test rows of benchmarks/quality.py (the same seeded
+permutation of each class), so the two benchmarks meet on those rows.
 
 Each fold's result goes to benchmarks/results/heldout_<model>/<name>-fold<i>.json as soon as it
 finishes (a fold already there is skipped unless --again); the table (benchmarks/results/
@@ -127,7 +129,7 @@ def table(results: Path, model: str) -> str:
     lines = [
         f"# Held-out accuracy: {model_label(model)}, budgetlora's defaults, K-fold cross-validation",
         "",
-        f"All of `sample.csv` ({SAMPLE.name}: 5,600 rows of the official AG News test split) in K stratified"
+        f"All of `{SAMPLE.name}` (5,600 rows of the official AG News test split) in K stratified"
         f" folds (seed {SPLIT_SEED}); each fold's run trains on the other folds with nothing but --model,"
         " --data and --output (and the variant's flags), and is scored once on its own fold. Pooled: the"
         " rows right over every row held out; SE: its binomial standard error.",

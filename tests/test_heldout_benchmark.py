@@ -5,6 +5,7 @@ and the pooled table."""
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +15,22 @@ from budgetlora.config import TrainSettings
 from commands import run_benchmark
 from conftest import AG_NEWS_SAMPLE, requires_shared
 
-pytestmark = [requires_shared, pytest.mark.slow]
+pytestmark = [requires_shared]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def test_the_last_of_five_folds_is_the_quality_benchmarks_test_set() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from heldout import folds
+    from quality import split_rows
+
+    lines, parts = folds(5)
+    assert sorted(len(part) for part in parts) == [1120] * 5
+    assert sorted(row for part in parts for row in part) == list(range(len(lines)))  # each row once
+    assert parts[4] == split_rows()[1]["test"]
+
+
+@pytest.mark.slow
 def test_two_folds_hold_out_every_row_once_and_pool(tiny_model_dir: Path, tmp_path: Path) -> None:
     results, work = tmp_path / "results", tmp_path / "work"
     common = [

@@ -370,8 +370,8 @@ class ModelConfig:
 class TrainSettings:
     """The optimisation loop."""
 
-    epochs: float = 1.0
-    """Passes over the training data (ignored when max_steps is set)."""
+    epochs: float = 3.0
+    """Passes over the training data (ignored when max_steps is set); 3, as the Trainer's default."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     lr: float = 2e-3
