@@ -40,20 +40,24 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_mpnet import default_cache  # noqa: E402
-from quality import CLASSES, RESULTS, SAMPLE, label_of, model_folder, model_label, standard_error  # noqa: E402
+from quality import (  # noqa: E402
+    RESULTS,
+    SAMPLE,
+    class_orders,
+    model_folder,
+    model_label,
+    standard_error,
+    write_release_folder,
+)
 from speed import REPO, hardware  # noqa: E402
-
-SPLIT_SEED = 42
 
 
 def folds(k: int) -> tuple[list[str], list[list[int]]]:
     """The release's lines and, for each of k stratified folds, its line numbers in file order."""
-    lines = SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)
-    labels = np.array([label_of(line) for line in lines])
-    rng = np.random.RandomState(SPLIT_SEED)
+    lines, orders = class_orders()
     parts: list[list[int]] = [[] for _ in range(k)]
-    for label in sorted(set(labels.tolist())):
-        for i, chunk in enumerate(np.array_split(rng.permutation(np.flatnonzero(labels == label)), k)):
+    for rows in orders:
+        for i, chunk in enumerate(np.array_split(rows, k)):
             parts[i].extend(chunk.tolist())
     return lines, [sorted(part) for part in parts]
 
@@ -64,15 +68,8 @@ def make_fold(root: Path, k: int, i: int) -> Path:
     if (folder / "test.csv").is_file():
         return folder
     lines, parts = folds(k)
-    scratch = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
     train = sorted(row for j, part in enumerate(parts) if j != i for row in part)
-    (scratch / "train.csv").write_text("".join(lines[r] for r in train), encoding="utf-8")
-    (scratch / "test.csv").write_text("".join(lines[r] for r in parts[i]), encoding="utf-8")
-    shutil.copy(CLASSES, scratch / "classes.txt")
-    scratch.rename(folder)
-    return folder
+    return write_release_folder(folder, lines, {"train": train, "test": parts[i]})
 
 
 def result_path(results: Path, model: str, name: str, i: int) -> Path:
@@ -130,7 +127,7 @@ def table(results: Path, model: str) -> str:
         f"# Held-out accuracy: {model_label(model)}, budgetlora's defaults, K-fold cross-validation",
         "",
         f"All of `{SAMPLE.name}` (5,600 rows of the official AG News test split) in K stratified"
-        f" folds (seed {SPLIT_SEED}); each fold's run trains on the other folds with nothing but --model,"
+        f" folds (seed 42); each fold's run trains on the other folds with nothing but --model,"
         " --data and --output (and the variant's flags), and is scored once on its own fold. Pooled: the"
         " rows right over every row held out; SE: its binomial standard error.",
         "",

@@ -168,15 +168,21 @@ def model_label(model: str) -> str:
     return {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}.get(model, Path(model).name)
 
 
-def split_rows() -> tuple[list[str], dict[str, list[int]]]:
-    """The release's lines and, for each part of the split, its line numbers in file order
-    (stratified, seed 42: the same every time)."""
+def class_orders() -> tuple[list[str], list[np.ndarray]]:
+    """The release's lines and each class's line numbers in one seeded order (seed 42, the classes
+    in index order): every split of the sample (this benchmark's, heldout.py's folds) cuts these."""
     lines = SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)
     labels = np.array([label_of(line) for line in lines])
     rng = np.random.RandomState(42)
+    return lines, [rng.permutation(np.flatnonzero(labels == label)) for label in sorted(set(labels.tolist()))]
+
+
+def split_rows() -> tuple[list[str], dict[str, list[int]]]:
+    """The release's lines and, for each part of the split, its line numbers in file order
+    (stratified, seed 42: the same every time)."""
+    lines, orders = class_orders()
     parts: dict[str, list[int]] = {split: [] for split in SPLIT}
-    for label in sorted(set(labels.tolist())):
-        rows = rng.permutation(np.flatnonzero(labels == label))
+    for rows in orders:
         start = 0
         for split, n in SPLIT.items():
             parts[split].extend(rows[start : start + n].tolist())
@@ -200,12 +206,17 @@ def make_split(root: Path) -> Path:
     folder = root / "split"
     if (folder / "test.csv").is_file():
         return folder
-    lines, parts = split_rows()
-    scratch = root / "split.partial"
+    return write_release_folder(folder, *split_rows())
+
+
+def write_release_folder(folder: Path, lines: list[str], parts: dict[str, list[int]]) -> Path:
+    """Each part as <part>.csv of the release's own lines, and classes.txt, in folder: all of them
+    or, if interrupted, none."""
+    scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    for split, rows in parts.items():
-        (scratch / f"{split}.csv").write_text("".join(lines[i] for i in rows), encoding="utf-8")
+    for part, rows in parts.items():
+        (scratch / f"{part}.csv").write_text("".join(lines[i] for i in rows), encoding="utf-8")
     shutil.copy(CLASSES, scratch / "classes.txt")
     scratch.rename(folder)
     return folder
