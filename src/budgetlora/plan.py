@@ -70,8 +70,8 @@ RECOMMENDED = Recommendation(
     why="the model's own head + LoRA on query,value (at r=8, lr 2e-3: budgetlora's defaults) is in the top "
     "group on all-mpnet-base-v2, a roberta-base-sized encoder, and no recipe beat it beyond noise in four seeds "
     "(DoRA on attention with a linear head: +0.36 points on average, at 1.6x the training time); over "
-    "3 epochs, both kept by validation loss, it beat the best course preset (adam-r4-lora-only) on both "
-    "seeds measured, by 0.62 and 0.71 points on the same test rows (paired p 0.32 and 0.36) "
+    "3 epochs, both kept by validation loss, it beat the best course preset (adam-r4-lora-only) on all "
+    "three seeds measured, by 0.62, 0.71 and 0.80 points on the same test rows (paired p 0.32, 0.36, 0.26) "
     "(benchmarks/results/quality_all-mpnet-base-v2.md, benchmarks/results/quality_3_epochs/)",
 )
 
