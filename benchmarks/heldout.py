@@ -7,8 +7,8 @@ cross-validation over all of ../shared/data/ag_news/sample.csv.
     python benchmarks/heldout.py --model minilm --table         # the table of the folds so far
 
 The 5,600 rows (1,400 per class) are cut into K stratified folds (seed 42). Fold i's run is
-`budgetlora train --model MODEL --data FOLD_i --output RUNS/<name>-fold<i>` and nothing else (plus
-any --flag): budgetlora's defaults decide the epochs, learning rate, adapter, head, the validation
+`budgetlora train --model MODEL --data FOLD_i --output RUNS/<name>-fold<i> --no-progress` and nothing
+else (plus any --flag): budgetlora's defaults decide the epochs, learning rate, adapter, head, the validation
 rows it holds out of train (data.validation_size) and the checkpoint it keeps. FOLD_i is a folder in
 the release's own format: train.csv (the other K-1 folds), test.csv (fold i) and classes.txt. The
 kept checkpoint is scored once on fold i. Every row is held out exactly once, so the pooled accuracy
@@ -128,7 +128,7 @@ def table(results: Path, model: str) -> str:
         "",
         f"All of `{SAMPLE.name}` (5,600 rows of the official AG News test split) in K stratified"
         f" folds (seed 42); each fold's run trains on the other folds with nothing but --model,"
-        " --data and --output (and the variant's flags), and is scored once on its own fold. Pooled: the"
+        " --data, --output and --no-progress (and the variant's flags), and is scored once on its own fold. Pooled: the"
         " rows right over every row held out; SE: its binomial standard error.",
         "",
         "| name | folds done | held-out rows | pooled accuracy | SE | each fold | mean macro-F1 | trainable | train s (mean) | samples/s |",
