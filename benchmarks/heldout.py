@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_mpnet import default_cache  # noqa: E402
@@ -46,6 +45,7 @@ from quality import (  # noqa: E402
     class_orders,
     model_folder,
     model_label,
+    resolved_run_config,
     standard_error,
     write_release_folder,
 )
@@ -112,7 +112,7 @@ def run_fold(model: str, k: int, i: int, name: str, flags: list[str], root: Path
         steps=metrics["steps"],
         train_seconds=metrics["timing"]["train_seconds"],
         train_samples_per_second=metrics["timing"]["train_samples_per_second"],
-        config=yaml.safe_load((run_dir / "config.yaml").read_text()),
+        config=resolved_run_config(run_dir),
     )
     return out
 
