@@ -125,27 +125,28 @@ def test_the_default_export_is_the_merged_model_with_a_model_card(trained, tmp_p
     assert "onnxruntime" not in card.split("## How to load")[1].split("Or serve")[0]
 
 
-@pytest.fixture(scope="module")
-def linear_head_run(tiny_config, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["linear", "mean"])
+def own_head_run(request, tiny_config, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    cfg = tiny_config(tmp_path_factory.mktemp("runs") / "linear", max_steps=6, eval_every=6)
-    return train(replace(cfg, model=replace(cfg.model, head="linear")))
+    cfg = tiny_config(tmp_path_factory.mktemp("runs") / request.param, max_steps=6, eval_every=6)
+    return train(replace(cfg, model=replace(cfg.model, head=request.param)))
 
 
-def test_linear_head_exports_to_onnx_but_not_merged(linear_head_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "linear"
-    code, stderr = main_exit("export", str(linear_head_run.run_dir), str(out), "--format", "merged")
+def test_own_heads_export_to_onnx_but_not_merged(own_head_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    head = own_head_run.cfg.model.head
+    out = tmp_path / head
+    code, stderr = main_exit("export", str(own_head_run.run_dir), str(out), "--format", "merged")
     assert code == 2, stderr
-    assert "model.head='linear', which no transformers class reproduces" in stderr
+    assert f"model.head='{head}', which no transformers class reproduces" in stderr
     assert "--format onnx" in stderr and "Traceback" not in stderr
     assert not out.exists()
-    code, stderr = main_exit("export", str(linear_head_run.run_dir), str(out), "--format", "onnx")
+    code, stderr = main_exit("export", str(own_head_run.run_dir), str(out), "--format", "onnx")
     assert code == 0, stderr
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     batch = AutoTokenizer.from_pretrained(out)(TEXTS[:8], padding=True, return_tensors="np")
     (logits,) = session.run(None, {k: v.astype(np.int64) for k, v in batch.items()})
-    reference = load_run(linear_head_run.run_dir, mixed_precision="no").logits(TEXTS[:8], use_cache=False)
+    reference = load_run(own_head_run.run_dir, mixed_precision="no").logits(TEXTS[:8], use_cache=False)
     np.testing.assert_allclose(logits, reference, atol=1e-4)
 
 

@@ -330,8 +330,9 @@ class ModelConfig:
 
     name_or_path: str = "roberta-base"
     """Hub model id or a local save_pretrained folder of a sequence-classification encoder."""
-    head: Literal["default", "linear", "pooler"] = "default"
-    """Classifier head: the model's own, one linear layer on the first token, or the frozen pretrained pooler + a linear layer."""
+    head: Literal["default", "linear", "mean", "pooler"] = "default"
+    """Classifier head: the model's own, one linear layer on the first token, one linear layer on the mean
+    of the real tokens (how sentence-transformers pool), or the frozen pretrained pooler + a linear layer."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Model config fields to override, e.g. {hidden_dropout_prob: 0.07, classifier_dropout: 0.2}."""
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -40,8 +40,8 @@ from budgetlora.rundir import (
 __all__ = ["FORMATS", "ExportResult", "export", "model_card"]
 
 FORMATS = ("merged", "onnx")
-# Heads that a stock transformers class reproduces exactly (needed by the merged form); budgetlora's own linear head
-# (a linear layer on the first token, no dense + tanh) has no transformers class.
+# Heads that a stock transformers class reproduces exactly (needed by the merged form); budgetlora's own heads
+# (one linear layer on the first token or on the mean of the tokens, no dense + tanh) have no transformers class.
 _TRANSFORMERS_HEADS = ("default", "pooler")
 # Texts of different lengths: the check batch is padded, so the mask is exercised too.
 _CHECK_TEXTS = (
@@ -132,7 +132,7 @@ def export(
     if "merged" in chosen and cfg.model.head not in _TRANSFORMERS_HEADS:
         raise BudgetloraError(
             f"--format merged: the run {run_dir} uses model.head={cfg.model.head!r}, which no "
-            "transformers class reproduces (a linear layer on the first token); export it with "
+            "transformers class reproduces (budgetlora's own linear layer); export it with "
             "--format onnx, or train with --head default"
         )
     _check_output(output, overwrite)

@@ -177,6 +177,30 @@ class FirstToken(nn.Module):
         return hidden_states[:, 0]
 
 
+def mean_of_real_tokens(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of each sequence's final hidden states over its real (unpadded) tokens."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # (batch, seq, 1)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def _pool_mean(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook of the encoder for ``--head mean``: where the classifier reads the first token
+    (or BERT's pooled output), it reads the mean over the real tokens instead, as sentence-transformers pool."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    hidden = output[0]
+    mean = mean_of_real_tokens(hidden, mask)
+    if getattr(output, "pooler_output", None) is not None:  # BERT style: the classifier reads this
+        output["pooler_output"] = mean
+        return output
+    hidden = torch.cat([mean.unsqueeze(1), hidden[:, 1:]], dim=1)
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    output["last_hidden_state"] = hidden
+    return output
+
+
 def _encoder(model: PreTrainedModel) -> nn.Module:
     return getattr(model, model.base_model_prefix)  # type: ignore[no-any-return]
 
@@ -188,7 +212,9 @@ def _head_dropout(config: Any) -> float:
 
 def head_module_name(model: nn.Module) -> list[str]:
     """Names of the modules that make up the classification head (trained, saved with the adapter)."""
-    names = [n for n in HEAD_MODULES if isinstance(getattr(model, n, None), nn.Module)]
+    modules = {name: getattr(model, name, None) for name in HEAD_MODULES}
+    # a parameter-free stand-in (FirstToken in DeBERTa's pooler's place) has nothing to train
+    names = [n for n, m in modules.items() if isinstance(m, nn.Module) and list(m.parameters())]
     if not names:
         raise BudgetloraError(f"{type(model).__name__} has no classifier/score module this tool knows")
     return names
@@ -209,14 +235,20 @@ def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
                 f"{config.model_type} has none: use --head linear or --head default"
             )
         return  # BERT's own head is already a frozen pooler + one trained linear layer
-    # head == "linear"
+    # head == "linear" or "mean": one linear layer on the first token, where "mean" puts the
+    # mean of the real tokens (a forward hook of the encoder, which sees the attention mask)
     if has_pooler and isinstance(classifier, nn.Linear):
         encoder.pooler = FirstToken()
-        return
-    if isinstance(classifier, nn.Module) and hasattr(classifier, "out_proj") and hasattr(classifier, "dense"):
+    elif isinstance(getattr(model, "pooler", None), nn.Module) and isinstance(classifier, nn.Linear):
+        model.pooler = FirstToken()  # DeBERTa: its pooler is the dense layer of its own head
+    elif (
+        isinstance(classifier, nn.Module) and hasattr(classifier, "out_proj") and hasattr(classifier, "dense")
+    ):
         model.classifier = FirstTokenLinear(config.hidden_size, num_labels, _head_dropout(config))
-        return
-    raise BudgetloraError(f"--head linear is not supported for {config.model_type}; use --head default")
+    else:
+        raise BudgetloraError(f"--head {head} is not supported for {config.model_type}; use --head default")
+    if head == "mean":
+        encoder.register_forward_hook(_pool_mean, with_kwargs=True)
 
 
 # --- LoRA targets -------------------------------------------------------------------

@@ -73,8 +73,10 @@ def short_name(name: str) -> str:
 
 # The classification head: these attributes of a sequence-classification model (BERT's
 # classifier, RoBERTa's and MPNet's classifier.dense + classifier.out_proj, DistilBERT's
-# pre_classifier + classifier, score in decoder-style models).
-HEAD_MODULES = ("pre_classifier", "classifier", "score")
+# pre_classifier + classifier, DeBERTa's pooler (a dense layer that its checkpoints do not
+# ship) + classifier, score in decoder-style models). BERT's pretrained pooler sits inside
+# the encoder (bert.pooler), not here.
+HEAD_MODULES = ("pre_classifier", "pooler", "classifier", "score")
 
 
 def is_head_parameter(name: str) -> bool:
