@@ -14,10 +14,14 @@ from transformers import (
     BertForSequenceClassification,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
+    DistilBertConfig,
+    MPNetConfig,
+    MPNetForSequenceClassification,
 )
 
 from budgetlora.budget import count_trainable, measure
 from budgetlora.config import ModelConfig
+from budgetlora.errors import BudgetloraError
 from budgetlora.modeling import build_model
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -88,3 +92,27 @@ def test_each_head_trains_what_the_budget_counts(
         assert counted.groups == count_trainable(model, 10**6).groups, head
         trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
         assert sum(p.numel() for n, p in model.named_parameters() if n in trained) == size, head
+
+
+def test_mean_head_without_a_mask_or_a_return_dict(tmp_path: Path) -> None:
+    # MPNet's classification model passes return_dict on to its encoder, so the hook sees a tuple
+    torch.manual_seed(0)
+    MPNetForSequenceClassification(MPNetConfig(**_SMALL, pad_token_id=PAD)).save_pretrained(tmp_path)
+    model = build_model(ModelConfig(str(tmp_path), head="mean"), LABELS).eval()
+    ids = torch.randint(5, 90, (2, 7))
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+        as_tuple = model(input_ids=ids, attention_mask=torch.ones_like(ids), return_dict=False)[0]
+        hidden = AutoModel.from_pretrained(tmp_path).eval()(input_ids=ids).last_hidden_state
+        expected = model.base_model.model.classifier(hidden.mean(1, keepdim=True))
+    torch.testing.assert_close(unmasked, expected)
+    torch.testing.assert_close(as_tuple, unmasked)
+
+
+def test_a_head_the_architecture_cannot_take_is_a_clear_error(tmp_path: Path) -> None:
+    # DistilBERT's own head is pre_classifier + classifier, with no pooler to stand in for
+    DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)
+    with pytest.raises(
+        BudgetloraError, match="--head mean is not supported for distilbert; use --head default"
+    ):
+        build_model(ModelConfig(str(tmp_path), head="mean"), LABELS, weights=False)
