@@ -25,7 +25,7 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.modeling import build_model
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-PAD = 1  # the tiny RoBERTa's <pad>; the tiny BERT and DeBERTa are given the same pad id
+PAD = 1  # the tiny RoBERTa's <pad>; the other tiny models are given the same pad id
 _SMALL = {
     "vocab_size": 100,
     "hidden_size": 32,

@@ -177,7 +177,7 @@ class FirstToken(nn.Module):
         return hidden_states[:, 0]
 
 
-def mean_of_real_tokens(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _mean_of_real_tokens(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The mean of each sequence's final hidden states over its real (unpadded) tokens."""
     if attention_mask is None:
         return hidden_states.mean(dim=1)
@@ -190,7 +190,7 @@ def _pool_mean(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     (or BERT's pooled output), it reads the mean over the real tokens instead, as sentence-transformers pool."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     hidden = output[0]
-    mean = mean_of_real_tokens(hidden, mask)
+    mean = _mean_of_real_tokens(hidden, mask)
     if getattr(output, "pooler_output", None) is not None:  # BERT style: the classifier reads this
         output["pooler_output"] = mean
         return output
