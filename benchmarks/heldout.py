@@ -20,7 +20,12 @@ permutation of each class), so the two benchmarks meet on those rows.
 
 Each fold's result goes to benchmarks/results/heldout_<model>/<name>-fold<i>.json as soon as it
 finishes (a fold already there is skipped unless --again); the table (benchmarks/results/
-heldout_<model>.md) is rebuilt from every result there.
+heldout_<model>.md) is rebuilt from every result there. Each result keeps the run's label for every
+held-out row (`budgetlora predict` on the kept run; a result from before that gets them when its fold
+is asked for again and the run is still in the workdir), so that the table compares each variant
+with the defaults on the same rows, and the defaults with another encoder's (every other
+heldout_<model> folder) on the folds both ran: the difference, the rows only one of the two gets
+right, and the exact McNemar p-value over them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +49,15 @@ from fetch_mpnet import default_cache  # noqa: E402
 from quality import (  # noqa: E402
     RESULTS,
     SAMPLE,
+    add_predictions,
     class_orders,
+    label_of,
+    mcnemar,
     model_folder,
     model_label,
     resolved_run_config,
     standard_error,
+    test_predictions,
     write_release_folder,
 )
 from speed import REPO, hardware  # noqa: E402
@@ -71,6 +81,17 @@ def make_fold(root: Path, k: int, i: int) -> Path:
     lines, parts = folds(k)
     train = sorted(row for j, part in enumerate(parts) if j != i for row in part)
     return write_release_folder(folder, lines, {"train": train, "test": parts[i]})
+
+
+def fold_labels(k: int, i: int) -> list[int]:
+    """The class index of every row of fold i's test.csv, in its order."""
+    lines, parts = folds(k)
+    return [label_of(lines[row]) for row in parts[i]]
+
+
+def fold_test_set(root: Path, k: int, i: int) -> tuple[Path, list[int]]:
+    """Fold i's test.csv (made if need be) and its labels."""
+    return make_fold(root, k, i) / "test.csv", fold_labels(k, i)
 
 
 def result_path(results: Path, model: str, name: str, i: int) -> Path:
@@ -101,6 +122,9 @@ def run_fold(model: str, k: int, i: int, name: str, flags: list[str], root: Path
         return out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     test = metrics["test"]
+    out["test_predictions"] = test_predictions(
+        run_dir, folder, data / "test.csv", fold_labels(k, i), test["accuracy"]
+    )
     out.update(
         status="ok",
         test_rows=test["n"],
@@ -118,41 +142,87 @@ def run_fold(model: str, k: int, i: int, name: str, flags: list[str], root: Path
     return out
 
 
+def by_name(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """The results in one model's folder, by name, in file order."""
+    named: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = json.loads(path.read_text())
+        named.setdefault(record["name"], []).append(record)
+    return named
+
+
+def paired(mine: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> str:
+    """Mine against theirs on the rows both held out (the folds both ran, at the same K, with test
+    predictions): the accuracy difference, the rows only mine / only theirs gets right, and the exact
+    McNemar p-value; "-" where they share no fold."""
+
+    def predicted(runs: list[dict[str, Any]]) -> dict[tuple[int, int], str]:
+        return {(r["folds"], r["fold"]): r["test_predictions"] for r in runs if "test_predictions" in r}
+
+    a, b = predicted(mine), predicted(theirs)
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return "-"
+    labels = [y for k, i in common for y in fold_labels(k, i)]
+    only_mine, only_theirs, p = mcnemar(
+        "".join(a[key] for key in common), "".join(b[key] for key in common), labels
+    )
+    cell = f"{(only_mine - only_theirs) / len(labels) * 100:+.2f} ({only_mine}/{only_theirs}, p={p:.2g})"
+    if len(common) < common[0][0]:  # not every fold: say which
+        cell += f" on fold{'s' if len(common) > 1 else ''} {', '.join(str(i) for _, i in common)}"
+    return cell
+
+
 def table(results: Path, model: str) -> str:
-    folder = results / f"heldout_{model_label(model)}"
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        by_name.setdefault(record["name"], []).append(record)
+    named = by_name(results / f"heldout_{model_label(model)}")
+    records = [record for runs in named.values() for record in runs]
     lines = [
         f"# Held-out accuracy: {model_label(model)}, budgetlora's defaults, K-fold cross-validation",
         "",
         f"All of `{SAMPLE.name}` (5,600 rows of the official AG News test split) in K stratified"
         f" folds (seed 42); each fold's run trains on the other folds with nothing but --model,"
         " --data, --output and --no-progress (and the variant's flags), and is scored once on its own fold. Pooled: the"
-        " rows right over every row held out; SE: its binomial standard error.",
+        " rows right over every row held out; SE: its binomial standard error; vs defaults: the"
+        " difference from the defaults on the same held-out rows, the rows only this / only the defaults"
+        " gets right, and the exact McNemar p-value (paired, two-sided).",
         "",
-        "| name | folds done | held-out rows | pooled accuracy | SE | each fold | mean macro-F1 | trainable | train rows | train s (mean) | samples/s |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| name | folds done | held-out rows | pooled accuracy | SE | vs defaults | each fold | mean macro-F1 | trainable | train rows | train s (mean) | samples/s |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, runs in by_name.items():
+    for name, runs in named.items():
         ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["fold"])
         if not ok:
-            lines.append(f"| {name} | failed: {runs[0].get('message', '')[:160]} | | | | | | | | | |")
+            lines.append(f"| {name} | failed: {runs[0].get('message', '')[:160]} | | | | | | | | | | |")
             continue
         rows = sum(r["test_rows"] for r in ok)
         accuracy = sum(r["test_correct"] for r in ok) / rows
         each = " / ".join(f"{r['test_accuracy'] * 100:.2f}" for r in ok)
         lines.append(
             f"| {name} | {len(ok)} of {ok[0]['folds']} | {rows:,} | **{accuracy * 100:.2f}%** |"
-            f" {standard_error(accuracy, rows) * 100:.2f} | {each} |"
+            f" {standard_error(accuracy, rows) * 100:.2f} |"
+            f" {'(reference)' if name == 'defaults' else paired(ok, named.get('defaults', []))} | {each} |"
             f" {np.mean([r['test_macro_f1'] for r in ok]) * 100:.2f}% | {ok[0]['trainable']:,} |"
             f" {np.mean([r['train_rows'] for r in ok]):,.0f} |"
             f" {np.mean([r['train_seconds'] for r in ok]):.0f} |"
             f" {np.mean([r['train_samples_per_second'] for r in ok]):.1f} |"
         )
+    others = {
+        folder.name.removeprefix("heldout_"): by_name(folder).get("defaults", [])
+        for folder in sorted(results.glob("heldout_*"))
+        if folder.is_dir() and folder.name != f"heldout_{model_label(model)}"
+    }
+    pairs = {other: paired(named.get("defaults", []), runs) for other, runs in others.items()}
+    if any(cell != "-" for cell in pairs.values()):
+        lines += [
+            "",
+            "## The defaults against another encoder's, on the same held-out rows",
+            "",
+            "| other encoder | this one's defaults minus the other's (rows only this / only the other right, p) |",
+            "|---|---|",
+        ]
+        lines += [f"| {other} | {cell} |" for other, cell in pairs.items() if cell != "-"]
     lines += ["", "## Commands", ""]
-    for name, runs in by_name.items():
+    for name, runs in named.items():
         lines.append(f"- **{name}**: `{runs[0]['command']}`")
     hosts = sorted({r.get("hardware", "") for r in records} - {""})
     lines += ["", f"Hardware: {'; '.join(hosts)}."]
@@ -197,6 +267,12 @@ def main() -> None:
             path = result_path(args.results, args.model, args.name, i)
             if path.is_file() and not args.again:
                 print(f"{args.name} fold {i}: already in {path}", flush=True)
+                add_predictions(
+                    path,
+                    model_folder(args.model),
+                    root / "runs" / path.stem,
+                    partial(fold_test_set, root, args.folds, i),
+                )
                 continue
             result = run_fold(args.model, args.folds, i, args.name, args.flag, root)
             result["hardware"] = hardware()

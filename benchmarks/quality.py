@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,7 +335,9 @@ def run_arm(arm: Arm, model: str, epochs: float, seed: int, root: Path) -> dict[
         return out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = resolved_run_config(run_dir)
-    out["test_predictions"] = test_predictions(run_dir, folder, split, metrics["test"]["accuracy"])
+    out["test_predictions"] = test_predictions(
+        run_dir, folder, split / "test.csv", test_labels(), metrics["test"]["accuracy"]
+    )
     out.update(
         status="ok",
         trainable=metrics["budget"]["trainable"],
@@ -354,16 +357,15 @@ def run_arm(arm: Arm, model: str, epochs: float, seed: int, root: Path) -> dict[
     return out
 
 
-def test_predictions(run_dir: Path, folder: Path, split: Path, accuracy: float) -> str:
-    """The run's label for every test row, one digit per row (from `budgetlora predict`); checked
-    against the test accuracy that training recorded."""
+def test_predictions(run_dir: Path, folder: Path, test_csv: Path, labels: list[int], accuracy: float) -> str:
+    """The run's label for every row of test_csv, one digit per row (from `budgetlora predict`);
+    checked against the rows' labels and the test accuracy that training recorded."""
     out = run_dir / "test-predictions.csv"
-    command = [sys.executable, "-m", "budgetlora", "predict", str(run_dir), str(split / "test.csv")]
+    command = [sys.executable, "-m", "budgetlora", "predict", str(run_dir), str(test_csv)]
     command += ["--model", str(folder), "--output", str(out)]
     subprocess.run(command, check=True, capture_output=True, cwd=REPO)
     lines = out.read_text().splitlines()[1:]
     predictions = [int(line.rsplit(",", 1)[1]) for line in lines]
-    labels = test_labels()
     right = sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
     if abs(right - accuracy) > 1e-9:
         raise RuntimeError(f"{run_dir.name}: predict scores {right:.4f}, training recorded {accuracy:.4f}")
@@ -503,15 +505,16 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
     best["paired"] = "(best preset)"
 
 
-def add_predictions(path: Path, model: str, root: Path) -> None:
-    """Give a result from before the benchmark kept test predictions its run's, if the run is still there."""
+def add_predictions(
+    path: Path, folder: Path, run_dir: Path, test_set: Callable[[], tuple[Path, list[int]]]
+) -> None:
+    """Give a result from before the benchmark kept test predictions its run's, if the run is still
+    there: test_set() gives the test.csv the run was scored on and that file's labels."""
     result = json.loads(path.read_text())
-    run_dir = root / "runs" / path.stem
     if result["status"] != "ok" or "test_predictions" in result or not (run_dir / "metrics.json").is_file():
         return
-    result["test_predictions"] = test_predictions(
-        run_dir, model_folder(model), make_split(root), result["test_accuracy"]
-    )
+    test_csv, labels = test_set()
+    result["test_predictions"] = test_predictions(run_dir, folder, test_csv, labels, result["test_accuracy"])
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"  + its test predictions, from {run_dir}", flush=True)
 
@@ -560,7 +563,12 @@ def main() -> None:
                 path = result_path(args.results, args.model, arm.name, seed)
                 if path.is_file() and not args.again:
                     print(f"{arm.name} seed {seed}: already in {path}", flush=True)
-                    add_predictions(path, args.model, root)
+                    add_predictions(
+                        path,
+                        model_folder(args.model),
+                        root / "runs" / path.stem,
+                        lambda: (make_split(root) / "test.csv", test_labels()),
+                    )
                     continue
                 result = run_arm(arm, args.model, args.epochs, seed, root)
                 result["hardware"] = hardware()

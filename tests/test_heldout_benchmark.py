@@ -5,6 +5,7 @@ and the pooled table."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -70,13 +71,54 @@ def test_two_folds_hold_out_every_row_once_and_pool(tiny_model_dir: Path, tmp_pa
             f"budgetlora train --model MODEL --data FOLD{i} --output RUNS/short-fold{i}"
         )
 
+        # A label for every held-out row, in test.csv's order: they score what training recorded.
+        labels = [int(line.split(",", 1)[0].strip('"')) - 1 for line in held_out[i]]
+        predictions = [int(c) for c in record["test_predictions"]]
+        assert len(predictions) == 2800
+        assert record["test_correct"] == sum(p == y for p, y in zip(predictions, labels, strict=True))
+
     pooled = sum(r["test_correct"] for r in records) / 5600
     table = (results / f"heldout_{tiny_model_dir.name}.md").read_text()
     assert f"| short | 2 of 2 | 5,600 | **{pooled * 100:.2f}%** |" in table
 
-    # A second call skips what is there.
+    # A second call skips what is there, and gives a result recorded without test predictions
+    # the predictions of its run, which is still there.
+    path = results / f"heldout_{tiny_model_dir.name}" / "short-fold1.json"
+    path.write_text(json.dumps({k: v for k, v in records[1].items() if k != "test_predictions"}))
     again = run_benchmark("heldout.py", *common, "--fold", "1")
     assert again.returncode == 0 and "short fold 1: already in" in again.stdout
+    assert json.loads(path.read_text())["test_predictions"] == records[1]["test_predictions"]
+
+    # The defaults on fold 0 only: "short" is compared with them on that fold's rows.
+    defaults = run_benchmark("heldout.py", *common[:-4], "--fold", "0", "--flag=--max-steps", "--flag=1")
+    assert defaults.returncode == 0, defaults.stderr[-2000:]
+    reference = json.loads((results / f"heldout_{tiny_model_dir.name}" / "defaults-fold0.json").read_text())
+    labels = [int(line.split(",", 1)[0].strip('"')) - 1 for line in held_out[0]]
+    mine, theirs = records[0]["test_predictions"], reference["test_predictions"]
+    only_mine = sum(a == str(y) != b for a, b, y in zip(mine, theirs, labels, strict=True))
+    only_theirs = sum(b == str(y) != a for a, b, y in zip(mine, theirs, labels, strict=True))
+    assert only_mine - only_theirs == records[0]["test_correct"] - reference["test_correct"]
+    table = (results / f"heldout_{tiny_model_dir.name}.md").read_text()
+    delta = (only_mine - only_theirs) / 2800 * 100
+    assert f"| {delta:+.2f} ({only_mine}/{only_theirs}, p=" in table and " on fold 0 |" in table
+    assert "| defaults | 1 of 2 | 2,800 |" in table and "| (reference) |" in table
+
+    # Another encoder (a copy of the tiny model under another name) on the same fold: each
+    # model's table compares its defaults with the other's on those rows.
+    other = tmp_path / "tiny-other"
+    shutil.copytree(tiny_model_dir, other)
+    second = run_benchmark(
+        "heldout.py",
+        *("--model", str(other), "--folds", "2", "--workdir", str(tmp_path / "work-other")),
+        *("--results", str(results), "--fold", "0", "--flag=--max-steps", "--flag=2"),
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    rebuilt = run_benchmark(
+        "heldout.py", "--model", str(tiny_model_dir), "--folds", "2", "--results", str(results), "--table"
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert "## The defaults against another encoder's" in rebuilt.stdout
+    assert "| tiny-other | " in rebuilt.stdout and " on fold 0 |" in rebuilt.stdout.split("tiny-other")[1]
 
 
 def test_a_fold_out_of_range_is_refused(tmp_path: Path) -> None:
