@@ -269,7 +269,7 @@ def main() -> None:
                 print(f"{args.name} fold {i}: already in {path}", flush=True)
                 add_predictions(
                     path,
-                    model_folder(args.model),
+                    args.model,
                     root / "runs" / path.stem,
                     partial(fold_test_set, root, args.folds, i),
                 )

@@ -506,7 +506,7 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
 
 
 def add_predictions(
-    path: Path, folder: Path, run_dir: Path, test_set: Callable[[], tuple[Path, list[int]]]
+    path: Path, model: str, run_dir: Path, test_set: Callable[[], tuple[Path, list[int]]]
 ) -> None:
     """Give a result from before the benchmark kept test predictions its run's, if the run is still
     there: test_set() gives the test.csv the run was scored on and that file's labels."""
@@ -514,7 +514,9 @@ def add_predictions(
     if result["status"] != "ok" or "test_predictions" in result or not (run_dir / "metrics.json").is_file():
         return
     test_csv, labels = test_set()
-    result["test_predictions"] = test_predictions(run_dir, folder, test_csv, labels, result["test_accuracy"])
+    result["test_predictions"] = test_predictions(
+        run_dir, model_folder(model), test_csv, labels, result["test_accuracy"]
+    )
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"  + its test predictions, from {run_dir}", flush=True)
 
@@ -565,7 +567,7 @@ def main() -> None:
                     print(f"{arm.name} seed {seed}: already in {path}", flush=True)
                     add_predictions(
                         path,
-                        model_folder(args.model),
+                        args.model,
                         root / "runs" / path.stem,
                         lambda: (make_split(root) / "test.csv", test_labels()),
                     )
