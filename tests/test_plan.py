@@ -127,8 +127,8 @@ def test_bert_pooler_head_is_folded_into_default(tmp_path: Path) -> None:
     assert [(r.head, r.same_heads) for r in rows] == [
         ("default", ("pooler",)),
         ("default", ("pooler",)),
-        ("linear", ()),
-        ("linear", ()),
+        ("linear", ("mean",)),
+        ("linear", ("mean",)),
     ]
     pooler = measure(
         ModelConfig(str(tmp_path), head="pooler", lora=LoraSettings(target_modules=("query", "value"))),
@@ -137,7 +137,16 @@ def test_bert_pooler_head_is_folded_into_default(tmp_path: Path) -> None:
         rank=rows[0].rank,
     )
     assert pooler.groups == rows[0].groups and rows[0].head_params == 32 * 4 + 4
-    assert format_plan(rows).splitlines()[1].startswith("default = pooler  query,value")
+    mean = measure(
+        ModelConfig(str(tmp_path), head="mean", lora=LoraSettings(target_modules=("query", "value"))),
+        LABELS,
+        5_000,
+        rank=rows[2].rank,
+    )
+    assert mean.groups == rows[2].groups and rows[2].head_params == 32 * 4 + 4
+    table = format_plan(rows).splitlines()
+    assert table[1].startswith("default = pooler  query,value") and table[3].startswith("linear = mean")
+    assert "a = b: these --head values train the same parameters" in table[-2]
 
 
 def test_rows_that_do_not_fit_are_marked(roberta_base_dir: Path) -> None:

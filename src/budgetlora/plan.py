@@ -40,7 +40,7 @@ __all__ = [
     "format_method_plan",
 ]
 
-HEADS: tuple[str, ...] = ("default", "linear", "pooler")
+HEADS: tuple[str, ...] = ("default", "linear", "mean", "pooler")
 # Target sets from the cheapest to the widest, each as --target-modules takes it.
 TARGET_SETS: tuple[tuple[str, ...], ...] = (
     ("query", "value"),
@@ -385,7 +385,9 @@ def _footnotes(rows: Sequence[PlanRow]) -> list[str]:
     if any(not row.fits for row in rows):
         notes.append("does not fit: not even at rank 1 (trainable shows the count at rank 1)")
     if any(row.same_heads for row in rows):
-        notes.append("a = b: the two --head values build the same model")
+        notes.append(
+            "a = b: these --head values train the same parameters (linear reads the first token, mean all)"
+        )
     if any(row.recommended for row in rows):
         notes.append(f"<- recommended: {RECOMMENDED.why}")
     return notes
