@@ -125,3 +125,41 @@ def test_a_fold_out_of_range_is_refused(tmp_path: Path) -> None:
     out = run_benchmark("heldout.py", "--folds", "3", "--fold", "3", "--results", str(tmp_path))
     assert out.returncode == 2 and "--fold 3: folds are 0..2" in out.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_variants_vote_row_by_row() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from heldout import fold_labels, together
+
+    labels = [fold_labels(2, i) for i in range(2)]
+    truth = "".join(str(y) for fold in labels for y in fold)
+    wrong = {c: str((int(c) + 1) % 4) for c in "0123"}
+
+    def variant(name: str, misses: range, budget: int = 1_000_000, trainable: int = 1_000) -> list[dict]:
+        """A variant that gets every row right but those in ``misses`` (over both folds, in order)."""
+        text = "".join(wrong[c] if n in misses else c for n, c in enumerate(truth))
+        folds = [text[:2800], text[2800:]]
+        return [
+            {"name": name, "folds": 2, "fold": i, "status": "ok", "test_predictions": folds[i]}
+            | {"trainable": trainable, "config": {"budget": budget}}
+            for i in range(2)
+        ]
+
+    named = {"defaults": variant("defaults", range(0, 600)), "a": variant("a", range(500, 1000))}
+    assert together(named) is None  # two variants: no majority to speak of
+    named["b"] = variant("b", range(900, 1300))
+    named["over"] = variant("over", range(0, 5600), trainable=2_000_000)  # over the budget: left out
+    named["half"] = variant("half", range(0, 0))[:1]  # one fold of two: left out
+    combined = together(named)
+    assert combined is not None
+    names, voted, anyone = combined
+    assert names == ["b", "a", "defaults"]  # 400, 500 and 600 rows wrong
+    # Rows 500-599 and 900-999 are wrong in two variants, each the same wrong label: the vote loses them.
+    assert voted == (5600 - 200) / 5600 and anyone == 1.0
+    # Three different labels on a row: the most accurate variant's wins.
+    named["b"] = variant("b", range(0, 0))
+    named["a"] = [
+        r | {"test_predictions": r["test_predictions"].translate(str.maketrans("0123", "2301"))}
+        for r in named["a"]
+    ]  # every row wrong, and wrong otherwise than the defaults
+    assert together(named) == (["b", "defaults", "a"], 1.0, 1.0)
