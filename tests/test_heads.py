@@ -1,20 +1,25 @@
-"""The heads on the three head layouts: BERT's pretrained pooler + classifier, RoBERTa's dense +
-out_proj, DeBERTa's untrained pooler + classifier. The mean head reads the mean of the real
-tokens, so padding changes nothing; every head trains exactly what the budget counts."""
+"""The heads on the four head layouts: BERT's pretrained pooler + classifier, RoBERTa's dense +
+out_proj, DeBERTa's untrained pooler + classifier, DistilBERT's pre_classifier + inline ReLU +
+classifier. The mean head reads the mean of the real tokens, so padding changes nothing; every head
+trains exactly what the budget counts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
     AutoModel,
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
     DistilBertConfig,
+    DistilBertForSequenceClassification,
+    ModernBertConfig,
     MPNetConfig,
     MPNetForSequenceClassification,
 )
@@ -23,6 +28,9 @@ from budgetlora.budget import count_trainable, measure
 from budgetlora.config import ModelConfig
 from budgetlora.errors import BudgetloraError
 from budgetlora.modeling import build_model
+from budgetlora.predict import evaluate
+from budgetlora.train import train
+from conftest import _pretrain
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 PAD = 1  # the tiny RoBERTa's <pad>; the other tiny models are given the same pad id
@@ -41,6 +49,11 @@ def _folder(arch: str, tiny_model_dir: Path, tmp_path: Path) -> Path:
     torch.manual_seed(0)
     if arch == "bert":
         BertForSequenceClassification(BertConfig(**_SMALL, pad_token_id=PAD)).save_pretrained(tmp_path)
+    elif arch == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, pad_token_id=PAD
+        )
+        DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
     else:
         DebertaV2ForSequenceClassification(DebertaV2Config(**_SMALL, pad_token_id=PAD)).save_pretrained(
             tmp_path
@@ -48,7 +61,7 @@ def _folder(arch: str, tiny_model_dir: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("arch", ["roberta", "bert", "deberta"])
+@pytest.mark.parametrize("arch", ["roberta", "bert", "deberta", "distilbert"])
 def test_mean_head_classifies_the_mean_of_the_real_tokens(
     arch: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -67,7 +80,12 @@ def test_mean_head_classifies_the_mean_of_the_real_tokens(
         )
         means = torch.stack([hidden[0].mean(0), hidden[1, :4].mean(0)])
         classifier = model.base_model.model.classifier
-        expected = classifier(means.unsqueeze(1)) if arch == "roberta" else classifier(means)
+        if arch == "roberta":
+            expected = classifier(means.unsqueeze(1))
+        elif arch == "distilbert":  # through the sign split and the inline ReLU: one linear layer on the mean
+            expected = classifier.out_proj(means)
+        else:
+            expected = classifier(means)
     torch.testing.assert_close(logits, expected)
     torch.testing.assert_close(alone, logits[1:])  # the padding is not averaged in
 
@@ -78,6 +96,7 @@ def test_mean_head_classifies_the_mean_of_the_real_tokens(
         ("roberta", 32 * 32 + 32 + 32 * 4 + 4),  # classifier.dense + classifier.out_proj
         ("bert", 32 * 4 + 4),  # the pretrained pooler stays frozen
         ("deberta", 32 * 32 + 32 + 32 * 4 + 4),  # pooler.dense (not in the checkpoints) + classifier
+        ("distilbert", 32 * 32 + 32 + 32 * 4 + 4),  # pre_classifier + classifier
     ],
 )
 def test_each_head_trains_what_the_budget_counts(
@@ -110,9 +129,44 @@ def test_mean_head_without_a_mask_or_a_return_dict(tmp_path: Path) -> None:
 
 
 def test_a_head_the_architecture_cannot_take_is_a_clear_error(tmp_path: Path) -> None:
-    # DistilBERT's own head is pre_classifier + classifier, with no pooler to stand in for
-    DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)
+    # ModernBERT's own head is a pretrained dense + norm (`head`) under the classifier: not one of the four
+    ModernBertConfig(
+        **_SMALL, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2
+    ).save_pretrained(tmp_path)
     with pytest.raises(
-        BudgetloraError, match="--head mean is not supported for distilbert; use --head default"
+        BudgetloraError, match="--head mean is not supported for modernbert; use --head default"
     ):
         build_model(ModelConfig(str(tmp_path), head="mean"), LABELS, weights=False)
+    with pytest.raises(
+        BudgetloraError, match="--head pooler needs a model whose classifier sits on a pretrained pooler"
+    ):
+        build_model(ModelConfig(str(tmp_path), head="pooler"), LABELS, weights=False)
+
+
+def test_distilbert_linear_head_trains_and_reloads(tiny_model_dir: Path, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A tiny DistilBERT, "pretrained" as the tiny RoBERTa is, with its tokenizer: the sign split,
+    # DistilBERT's inline ReLU and the split linear layer learn, and the run folder rebuilds that head.
+    folder = tmp_path / "distilbert"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=4,
+    )
+    model = DistilBertForSequenceClassification(config)
+    _pretrain(model, tokenizer)
+    model.save_pretrained(folder)
+    cfg = tiny_config(tmp_path / "run", max_steps=40, eval_every=20)
+    cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(folder), head="linear"))
+    result = train(cfg)
+    assert result.budget.groups["head"] == 32 * 4 + 4
+    assert result.metrics["test"]["accuracy"] > 0.9  # 4 classes: it learned
+    again = evaluate(result.run_dir, split="test", output=tmp_path / "eval")
+    assert again["accuracy"] == result.metrics["test"]["accuracy"]
+    assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]

@@ -170,6 +170,27 @@ class FirstTokenLinear(nn.Module):
         return self.out_proj(self.dropout(features[:, 0]))
 
 
+class SignSplit(nn.Module):
+    """x -> [x, -x]: in DistilBERT's pre_classifier's place, so that the ReLU its head applies
+    inline (not a module to replace) keeps all of x, as relu(x) and relu(-x)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features, -features], dim=-1)
+
+
+class SplitLinear(nn.Module):
+    """One linear layer on x, read from [relu(x), relu(-x)] as their difference: after SignSplit,
+    the same hidden*labels + labels parameters as a linear layer on x."""
+
+    def __init__(self, hidden_size: int, num_labels: int) -> None:
+        super().__init__()
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        positive, negative = features.chunk(2, dim=-1)
+        return self.out_proj(positive - negative)
+
+
 class FirstToken(nn.Module):
     """A parameter-free stand-in for a BERT pooler: the first token's hidden state, untouched."""
 
@@ -245,6 +266,10 @@ def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
         isinstance(classifier, nn.Module) and hasattr(classifier, "out_proj") and hasattr(classifier, "dense")
     ):
         model.classifier = FirstTokenLinear(config.hidden_size, num_labels, _head_dropout(config))
+    elif isinstance(getattr(model, "pre_classifier", None), nn.Linear) and isinstance(classifier, nn.Linear):
+        # DistilBERT: first token -> pre_classifier -> ReLU -> dropout -> classifier
+        model.pre_classifier = SignSplit()
+        model.classifier = SplitLinear(config.hidden_size, num_labels)
     else:
         raise BudgetloraError(f"--head {head} is not supported for {config.model_type}; use --head default")
     if head == "mean":
