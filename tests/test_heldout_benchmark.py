@@ -94,6 +94,7 @@ def test_two_folds_hold_out_every_row_once_and_pool(tiny_model_dir: Path, tmp_pa
     assert defaults.returncode == 0, defaults.stderr[-2000:]
     reference = json.loads((results / f"heldout_{tiny_model_dir.name}" / "defaults-fold0.json").read_text())
     labels = [int(line.split(",", 1)[0].strip('"')) - 1 for line in held_out[0]]
+    labels_1 = [int(line.split(",", 1)[0].strip('"')) - 1 for line in held_out[1]]
     mine, theirs = records[0]["test_predictions"], reference["test_predictions"]
     only_mine = sum(a == str(y) != b for a, b, y in zip(mine, theirs, labels, strict=True))
     only_theirs = sum(b == str(y) != a for a, b, y in zip(mine, theirs, labels, strict=True))
@@ -102,6 +103,20 @@ def test_two_folds_hold_out_every_row_once_and_pool(tiny_model_dir: Path, tmp_pa
     delta = (only_mine - only_theirs) / 2800 * 100
     assert f"| {delta:+.2f} ({only_mine}/{only_theirs}, p=" in table and " on fold 0 |" in table
     assert "| defaults | 1 of 2 | 2,800 |" in table and "| (reference) |" in table
+
+    # The bag of words, on every row of both folds, and against the defaults on fold 0's rows.
+    sys.path.insert(0, str(BENCHMARKS))
+    from heldout import bag_of_words
+
+    baseline = bag_of_words(2)
+    words = baseline[0]["test_predictions"] + baseline[1]["test_predictions"]
+    right = sum(p == str(y) for p, y in zip(words, labels + labels_1, strict=True))
+    fold0 = baseline[0]["test_predictions"]
+    only_mine = sum(a == str(y) != b for a, b, y in zip(theirs, fold0, labels, strict=True))
+    only_words = sum(b == str(y) != a for a, b, y in zip(theirs, fold0, labels, strict=True))
+    assert f"(K = 2): **{right / 5600 * 100:.2f}%** held out over all 5,600 rows." in table
+    delta = (only_mine - only_words) / 2800 * 100
+    assert f"The defaults minus it: {delta:+.2f} ({only_mine}/{only_words}, p=" in table
 
     # Another encoder (a copy of the tiny model under another name) on the same fold: each
     # model's table compares its defaults with the other's on those rows.
@@ -125,6 +140,23 @@ def test_a_fold_out_of_range_is_refused(tmp_path: Path) -> None:
     out = run_benchmark("heldout.py", "--folds", "3", "--fold", "3", "--results", str(tmp_path))
     assert out.returncode == 2 and "--fold 3: folds are 0..2" in out.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_bag_of_words_learns_the_topics_from_the_other_folds_only() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from heldout import bag_of_words, fold_labels
+
+    baseline = bag_of_words(2)
+    assert [(r["folds"], r["fold"]) for r in baseline] == [(2, 0), (2, 1)]
+    for record in baseline:
+        labels = fold_labels(2, record["fold"])
+        predictions = [int(c) for c in record["test_predictions"]]
+        assert len(predictions) == len(labels) == 2800
+        # Real topics from real words: far above the 25% of chance, and below the 96% it scores
+        # on a fold when that fold is among its training rows.
+        accuracy = sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
+        assert 0.8 < accuracy < 0.93
+        assert Counter(predictions).keys() == {0, 1, 2, 3}
 
 
 def test_the_variants_vote_row_by_row() -> None:
