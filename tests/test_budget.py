@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, DistilBertConfig, MPNetConfig, RobertaConfig
+from transformers import (
+    AlbertConfig,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DistilBertConfig,
+    FunnelConfig,
+    MPNetConfig,
+    RobertaConfig,
+)
 
 from budgetlora.budget import check_budget, count_trainable, measure, resolve_rank
 from budgetlora.config import LoraSettings, ModelConfig
@@ -146,6 +154,39 @@ def test_unknown_target_lists_the_model_names(tiny_model_dir: Path) -> None:
         BudgetloraError, match="role names it has: .*query.*module names: .*attention.self.query"
     ):
         measure(ModelConfig(str(tiny_model_dir), lora=LoraSettings(target_modules=("qkv",))), LABELS, 10**6)
+
+
+def test_albert_roles_adapt_the_one_layer_its_layers_share(tmp_path: Path) -> None:
+    # ALBERT runs the same layer (one layer group) num_hidden_layers times: one adapter per role
+    AlbertConfig(**_SMALL, embedding_size=16).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(AlbertConfig(**_SMALL, embedding_size=16))
+    shared = "albert.encoder.albert_layer_groups.0.albert_layers.0."
+    leaves = ["attention.query", "attention.key", "attention.value", "attention.dense", "ffn", "ffn_output"]
+    assert resolve_targets(model, ["all"]) == [shared + leaf for leaf in leaves]
+    assert resolve_targets(model, ["query", "value"], layers=[0]) == [
+        shared + "attention.query",
+        shared + "attention.value",
+    ]
+    budget = measure(_cfg(tmp_path, r=2, target_modules=("all",)), LABELS, 10**6)
+    # 2 * (32 + 32) for each attention matrix, 2 * (32 + 64) for each feed-forward one; the head: classifier only
+    assert budget.trainable == 4 * 2 * 64 + 2 * 2 * 96 + 32 * 4 + 4
+
+
+def test_a_model_without_known_roles_lists_its_module_names(tmp_path: Path) -> None:
+    FunnelConfig(
+        vocab_size=100, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1]
+    ).save_pretrained(tmp_path)
+    with pytest.raises(
+        BudgetloraError,
+        match="no role names are known for its modules: name them; module names: .*attention.q_head",
+    ):
+        measure(_cfg(tmp_path), LABELS, 10**6)
+    # a raw module name, as in peft, works there
+    assert (
+        measure(_cfg(tmp_path, r=2, target_modules=("q_head",)), LABELS, 10**6).groups["lora.q_head"]
+        == 2 * 2 * 64
+    )
 
 
 def test_layer_out_of_range(tiny_model_dir: Path) -> None:

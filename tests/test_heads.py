@@ -1,6 +1,7 @@
-"""The heads on the four head layouts: BERT's pretrained pooler + classifier, RoBERTa's dense +
+"""The heads on the six head layouts: BERT's pretrained pooler + classifier, RoBERTa's dense +
 out_proj, DeBERTa's untrained pooler + classifier, DistilBERT's pre_classifier + inline ReLU +
-classifier. The mean head reads the mean of the real tokens, so padding changes nothing; every head
+classifier, ModernBERT's pretrained head (dense, norm) + classifier, ALBERT's pooler (handed the
+first token) + tanh + classifier. The mean head reads the mean of the real tokens, so padding changes nothing; every head
 trains exactly what the budget counts."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
     AutoModel,
     AutoTokenizer,
     BertConfig,
@@ -19,7 +22,9 @@ from transformers import (
     DebertaV2ForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    FunnelConfig,
     ModernBertConfig,
+    ModernBertForSequenceClassification,
     MPNetConfig,
     MPNetForSequenceClassification,
 )
@@ -54,6 +59,21 @@ def _folder(arch: str, tiny_model_dir: Path, tmp_path: Path) -> Path:
             vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, pad_token_id=PAD
         )
         DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    elif arch == "modernbert":
+        # its checkpoints pool by the mean of the tokens; linear and mean set their own pooling
+        config = ModernBertConfig(
+            **_SMALL,
+            pad_token_id=PAD,
+            bos_token_id=0,
+            eos_token_id=2,
+            cls_token_id=0,
+            sep_token_id=2,
+            classifier_pooling="mean",
+        )
+        ModernBertForSequenceClassification(config).save_pretrained(tmp_path)
+    elif arch == "albert":
+        config = AlbertConfig(**_SMALL, embedding_size=16, pad_token_id=PAD)
+        AlbertForSequenceClassification(config).save_pretrained(tmp_path)
     else:
         DebertaV2ForSequenceClassification(DebertaV2Config(**_SMALL, pad_token_id=PAD)).save_pretrained(
             tmp_path
@@ -61,7 +81,7 @@ def _folder(arch: str, tiny_model_dir: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("arch", ["roberta", "bert", "deberta", "distilbert"])
+@pytest.mark.parametrize("arch", ["roberta", "bert", "deberta", "distilbert", "modernbert", "albert"])
 def test_mean_head_classifies_the_mean_of_the_real_tokens(
     arch: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -97,6 +117,8 @@ def test_mean_head_classifies_the_mean_of_the_real_tokens(
         ("bert", 32 * 4 + 4),  # the pretrained pooler stays frozen
         ("deberta", 32 * 32 + 32 + 32 * 4 + 4),  # pooler.dense (not in the checkpoints) + classifier
         ("distilbert", 32 * 32 + 32 + 32 * 4 + 4),  # pre_classifier + classifier
+        ("modernbert", 32 * 4 + 4),  # the pretrained head (dense, norm) stays frozen
+        ("albert", 32 * 4 + 4),  # the pretrained pooler stays frozen
     ],
 )
 def test_each_head_trains_what_the_budget_counts(
@@ -129,18 +151,20 @@ def test_mean_head_without_a_mask_or_a_return_dict(tmp_path: Path) -> None:
 
 
 def test_a_head_the_architecture_cannot_take_is_a_clear_error(tmp_path: Path) -> None:
-    # ModernBERT's own head is a pretrained dense + norm (`head`) under the classifier: not one of the four
+    # Funnel's head is its own two layers (linear_hidden, linear_out): not one of the six layouts
+    funnel, modernbert = tmp_path / "funnel", tmp_path / "modernbert"
+    FunnelConfig(
+        vocab_size=100, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1]
+    ).save_pretrained(funnel)
+    with pytest.raises(BudgetloraError, match="--head mean is not supported for funnel; use --head default"):
+        build_model(ModelConfig(str(funnel), head="mean"), LABELS, weights=False)
     ModernBertConfig(
         **_SMALL, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2
-    ).save_pretrained(tmp_path)
-    with pytest.raises(
-        BudgetloraError, match="--head mean is not supported for modernbert; use --head default"
-    ):
-        build_model(ModelConfig(str(tmp_path), head="mean"), LABELS, weights=False)
+    ).save_pretrained(modernbert)
     with pytest.raises(
         BudgetloraError, match="--head pooler needs a model whose classifier sits on a pretrained pooler"
     ):
-        build_model(ModelConfig(str(tmp_path), head="pooler"), LABELS, weights=False)
+        build_model(ModelConfig(str(modernbert), head="pooler"), LABELS, weights=False)
 
 
 def test_distilbert_linear_head_trains_and_reloads(tiny_model_dir: Path, tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

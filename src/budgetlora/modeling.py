@@ -258,7 +258,11 @@ def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
         return  # BERT's own head is already a frozen pooler + one trained linear layer
     # head == "linear" or "mean": one linear layer on the first token, where "mean" puts the
     # mean of the real tokens (a forward hook of the encoder, which sees the attention mask)
-    if has_pooler and isinstance(classifier, nn.Linear):
+    if has_pooler and isinstance(classifier, nn.Linear) and hasattr(encoder, "pooler_activation"):
+        # ALBERT: its pooler is handed the first token and followed by a tanh
+        encoder.pooler = nn.Identity()
+        encoder.pooler_activation = nn.Identity()
+    elif has_pooler and isinstance(classifier, nn.Linear):
         encoder.pooler = FirstToken()
     elif isinstance(getattr(model, "pooler", None), nn.Module) and isinstance(classifier, nn.Linear):
         model.pooler = FirstToken()  # DeBERTa: its pooler is the dense layer of its own head
@@ -266,6 +270,11 @@ def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
         isinstance(classifier, nn.Module) and hasattr(classifier, "out_proj") and hasattr(classifier, "dense")
     ):
         model.classifier = FirstTokenLinear(config.hidden_size, num_labels, _head_dropout(config))
+    elif isinstance(getattr(model, "head", None), nn.Module) and hasattr(config, "classifier_pooling"):
+        # ModernBERT: pooled (its config says how) -> head (pretrained dense, act, norm) -> dropout
+        # -> classifier; the classifier reads the first token itself, or the mean the hook puts there
+        model.head = nn.Identity()
+        config.classifier_pooling = "cls"
     elif isinstance(getattr(model, "pre_classifier", None), nn.Linear) and isinstance(classifier, nn.Linear):
         # DistilBERT: first token -> pre_classifier -> ReLU -> dropout -> classifier
         model.pre_classifier = SignSplit()
@@ -303,12 +312,16 @@ def resolve_targets(
         else:
             found = [n for n in linears if n == target or n.endswith("." + target)]
         if not found:
-            leaves = sorted({short_name(n) for n in layer_linears})
+            leaves = sorted({short_name(n) for n in layer_linears or linears})
             available = sorted({r for n in layer_linears if (r := role_of(n)) is not None})
+            roles_known = (
+                f"role names it has: {', '.join(available)}, groups: attention, all"
+                if available
+                else "no role names are known for its modules: name them"
+            )
             raise BudgetloraError(
                 f"lora.target_modules: {target!r} matches no module of this model; "
-                f"role names it has: {', '.join(available)}, groups: attention, all; "
-                f"module names: {', '.join(leaves)}"
+                f"{roles_known}; module names: {', '.join(leaves)}"
             )
         chosen.extend(n for n in found if n not in chosen)
     if layers is not None:

@@ -20,34 +20,57 @@ __all__ = [
 
 # Role name -> regexes over full module names, one per architecture family:
 # BERT/RoBERTa/ELECTRA/DeBERTa-v2 (attention.self.query[_proj]), MPNet (attention.attn.q),
-# DistilBERT (attention.q_lin), ModernBERT (attn.Wqkv: query, key and value are one matrix).
+# DistilBERT (attention.q_lin), ModernBERT (attn.Wqkv: query, key and value are one matrix),
+# ALBERT (albert_layers.0.attention.query; its ffn and ffn_output sit beside the attention).
 ROLES: dict[str, tuple[str, ...]] = {
     "query": (
         r"attention\.self\.query(_proj)?$",
         r"attention\.attn\.q$",
         r"attention\.q_lin$",
         r"attn\.Wqkv$",
+        r"albert_layers\.\d+\.attention\.query$",
     ),
-    "key": (r"attention\.self\.key(_proj)?$", r"attention\.attn\.k$", r"attention\.k_lin$", r"attn\.Wqkv$"),
+    "key": (
+        r"attention\.self\.key(_proj)?$",
+        r"attention\.attn\.k$",
+        r"attention\.k_lin$",
+        r"attn\.Wqkv$",
+        r"albert_layers\.\d+\.attention\.key$",
+    ),
     "value": (
         r"attention\.self\.value(_proj)?$",
         r"attention\.attn\.v$",
         r"attention\.v_lin$",
         r"attn\.Wqkv$",
+        r"albert_layers\.\d+\.attention\.value$",
     ),
-    "attn_out": (r"attention\.output\.dense$", r"attention\.attn\.o$", r"attention\.out_lin$", r"attn\.Wo$"),
-    "ffn_in": (r"intermediate\.dense$", r"ffn\.lin1$", r"mlp\.Wi$"),
-    "ffn_out": (r"layers?\.\d+\.output\.dense$", r"ffn\.lin2$", r"mlp\.Wo$"),
+    "attn_out": (
+        r"attention\.output\.dense$",
+        r"attention\.attn\.o$",
+        r"attention\.out_lin$",
+        r"attn\.Wo$",
+        r"albert_layers\.\d+\.attention\.dense$",
+    ),
+    "ffn_in": (r"intermediate\.dense$", r"ffn\.lin1$", r"mlp\.Wi$", r"albert_layers\.\d+\.ffn$"),
+    "ffn_out": (
+        r"layers?\.\d+\.output\.dense$",
+        r"ffn\.lin2$",
+        r"mlp\.Wo$",
+        r"albert_layers\.\d+\.ffn_output$",
+    ),
 }
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("query", "key", "value", "attn_out"),
     "all": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
 }
-_LAYER = re.compile(r"\.(?:layer|layers)\.(\d+)\.")
+# ALBERT's layers share their weights: each of its layer groups (one in albert-base-v2) is a
+# single set of modules that every layer of the group runs, so its group is its "layer".
+_LAYER = re.compile(r"\.(?:layer|layers|albert_layer_groups)\.(\d+)\.")
 
 
 def layer_index(module_name: str) -> int | None:
-    """The encoder layer a module belongs to, from its dotted name (None outside the layers)."""
+    """The encoder layer a module belongs to, from its dotted name (None outside the layers;
+    ALBERT's layer group)."""
     match = _LAYER.search(module_name)
     return int(match.group(1)) if match else None
 
