@@ -146,7 +146,10 @@ def test_bert_pooler_head_is_folded_into_default(tmp_path: Path) -> None:
     assert mean.groups == rows[2].groups and rows[2].head_params == 32 * 4 + 4
     table = format_plan(rows).splitlines()
     assert table[1].startswith("default = pooler  query,value") and table[3].startswith("linear = mean")
-    assert "a = b: these --head values train the same parameters" in table[-2]
+    assert table[-2] == (
+        "a = b: these --head values train the same parameters (linear reads the first token, mean the mean "
+        "of the tokens; the model's own head is its frozen pretrained pooler + one linear layer)"
+    )
 
 
 def test_rows_that_do_not_fit_are_marked(roberta_base_dir: Path) -> None:

@@ -329,6 +329,13 @@ def plan(
     return [replace(row, recommended=_is_recommended(row)) for row in rows]
 
 
+# Why a head is folded into another's rows, for the table's footnote.
+_WHY_SAME = {
+    "mean": "linear reads the first token, mean the mean of the tokens",
+    "pooler": "the model's own head is its frozen pretrained pooler + one linear layer",
+}
+
+
 def _is_recommended(row: PlanRow) -> bool:
     heads = (row.head, *row.same_heads)
     return (
@@ -384,10 +391,10 @@ def _footnotes(rows: Sequence[PlanRow]) -> list[str]:
         )
     if any(not row.fits for row in rows):
         notes.append("does not fit: not even at rank 1 (trainable shows the count at rank 1)")
-    if any(row.same_heads for row in rows):
-        notes.append(
-            "a = b: these --head values train the same parameters (linear reads the first token, mean all)"
-        )
+    folded = sorted({head for row in rows for head in row.same_heads})
+    if folded:
+        why = "; ".join(_WHY_SAME[head] for head in folded if head in _WHY_SAME)
+        notes.append("a = b: these --head values train the same parameters" + (f" ({why})" if why else ""))
     if any(row.recommended for row in rows):
         notes.append(f"<- recommended: {RECOMMENDED.why}")
     return notes
