@@ -96,6 +96,48 @@ def _pretrain(model, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model.classifier.apply(model._init_weights)
 
 
+def pretrained_tiny(arch: str, tokenizer_dir: Path, folder: Path) -> Path:
+    """A tiny DistilBERT, ModernBERT or ALBERT (4 labels), "pretrained" as the tiny RoBERTa is,
+    saved in ``folder`` with the tokenizer of ``tokenizer_dir``; for the heads that replace theirs."""
+    import torch
+    from transformers import (
+        AlbertConfig,
+        AlbertForSequenceClassification,
+        AutoTokenizer,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        ModernBertConfig,
+        ModernBertForSequenceClassification,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "num_labels": 4}
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    model: torch.nn.Module
+    if arch == "distilbert":
+        model = DistilBertForSequenceClassification(
+            DistilBertConfig(**ids, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+        )
+    elif arch == "modernbert":  # its checkpoints pool by the mean of the tokens
+        special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id")}
+        config = ModernBertConfig(
+            **small,
+            **ids,
+            **special,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            classifier_pooling="mean",
+        )
+        model = ModernBertForSequenceClassification(config)
+    else:
+        model = AlbertForSequenceClassification(AlbertConfig(**small, **ids, embedding_size=16))
+    _pretrain(model, tokenizer)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A save_pretrained folder: a tiny "pretrained" RoBERTa (head untrained) + its own byte-level BPE tokenizer."""

@@ -20,7 +20,7 @@ from budgetlora.metrics import softmax
 from budgetlora.predict import classify, load_run
 from budgetlora.train import train
 from commands import cli, main_exit
-from conftest import make_rows
+from conftest import make_rows, pretrained_tiny
 
 EXPORT_FILES = {
     "config.json",
@@ -148,6 +148,36 @@ def test_own_heads_export_to_onnx_but_not_merged(own_head_run, tmp_path: Path) -
     (logits,) = session.run(None, {k: v.astype(np.int64) for k, v in batch.items()})
     reference = load_run(own_head_run.run_dir, mixed_precision="no").logits(TEXTS[:8], use_cache=False)
     np.testing.assert_allclose(logits, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("arch", "head", "form"), [("albert", "default", "all"), ("modernbert", "mean", "onnx")]
+)
+def test_other_architectures_export(  # type: ignore[no-untyped-def]
+    arch: str, head: str, form: str, tiny_model_dir: Path, tiny_config, tmp_path: Path
+) -> None:
+    # ALBERT's own head (pooler + tanh + classifier) merges into a stock transformers model;
+    # ModernBERT's mean head, with its pretrained head set aside, exports to ONNX
+    from dataclasses import replace
+
+    folder = pretrained_tiny(arch, tiny_model_dir, tmp_path / arch)
+    cfg = tiny_config(tmp_path / "run", max_steps=6, eval_every=6)
+    run = train(replace(cfg, model=replace(cfg.model, name_or_path=str(folder), head=head)))
+    out = tmp_path / "export"
+    code, stderr = main_exit("export", str(run.run_dir), str(out), "--format", form)
+    assert code == 0, stderr
+    reference = load_run(run.run_dir, mixed_precision="no").logits(TEXTS[:8], use_cache=False)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    batch = AutoTokenizer.from_pretrained(out)(TEXTS[:8], padding=True, return_tensors="np")
+    (logits,) = session.run(None, {k: v.astype(np.int64) for k, v in batch.items() if k in wanted})
+    np.testing.assert_allclose(logits, reference, atol=1e-4)
+    if form == "all":  # the merged folder, through the real pipeline
+        got = pipeline("text-classification", model=str(out), device="cpu")(
+            TEXTS[:8], top_k=None, truncation=True
+        )
+        for scores, row in zip(got, classify(run.run_dir, TEXTS[:8]), strict=True):
+            assert {s["label"]: pytest.approx(s["score"], abs=1e-5) for s in scores} == row["probabilities"]
 
 
 def test_bad_input_exits_2_before_any_work_and_writes_nothing(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,6 @@ from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
     AutoModel,
-    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     DebertaV2Config,
@@ -35,7 +34,7 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.modeling import build_model
 from budgetlora.predict import evaluate
 from budgetlora.train import train
-from conftest import _pretrain
+from conftest import pretrained_tiny
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 PAD = 1  # the tiny RoBERTa's <pad>; the other tiny models are given the same pad id
@@ -167,27 +166,6 @@ def test_a_head_the_architecture_cannot_take_is_a_clear_error(tmp_path: Path) ->
         build_model(ModelConfig(str(modernbert), head="pooler"), LABELS, weights=False)
 
 
-def _pretrained_elsewhere(arch: str, tokenizer, folder: Path) -> None:  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "num_labels": 4}
-    if arch == "distilbert":
-        config = DistilBertConfig(**ids, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
-        model = DistilBertForSequenceClassification(config)
-    elif arch == "modernbert":
-        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        config = ModernBertConfig(
-            **{**_SMALL, **ids, **special},
-            cls_token_id=tokenizer.cls_token_id,
-            sep_token_id=tokenizer.sep_token_id,
-            classifier_pooling="mean",
-        )
-        model = ModernBertForSequenceClassification(config)
-    else:
-        model = AlbertForSequenceClassification(AlbertConfig(**{**_SMALL, **ids}, embedding_size=16))
-    _pretrain(model, tokenizer)
-    model.save_pretrained(folder)
-
-
 @pytest.mark.parametrize(
     ("arch", "head"), [("distilbert", "linear"), ("modernbert", "mean"), ("albert", "linear")]
 )
@@ -197,10 +175,7 @@ def test_a_replaced_head_trains_and_reloads(  # type: ignore[no-untyped-def]
     # A tiny model, "pretrained" as the tiny RoBERTa is, with its tokenizer: DistilBERT's sign split,
     # inline ReLU and split linear layer, ModernBERT's classifier without its head, ALBERT's without
     # its pooler and tanh learn, and the run folder rebuilds that head.
-    folder = tmp_path / arch
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.save_pretrained(folder)
-    _pretrained_elsewhere(arch, tokenizer, folder)
+    folder = pretrained_tiny(arch, tiny_model_dir, tmp_path / arch)
     cfg = tiny_config(tmp_path / "run", max_steps=40, eval_every=20)
     cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(folder), head=head))
     result = train(cfg)
