@@ -96,14 +96,19 @@ def _pretrain(model, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model.classifier.apply(model._init_weights)
 
 
-def pretrained_tiny(arch: str, tokenizer_dir: Path, folder: Path) -> Path:
-    """A tiny DistilBERT, ModernBERT or ALBERT (4 labels), "pretrained" as the tiny RoBERTa is,
-    saved in ``folder`` with the tokenizer of ``tokenizer_dir``; for the heads that replace theirs."""
+def tiny_model(arch: str, tokenizer_dir: Path, folder: Path, *, pretrain: bool = True) -> Path:
+    """A tiny BERT, DeBERTa-v2, DistilBERT, ModernBERT or ALBERT (4 labels, 32 wide, 2 layers) with
+    the tokenizer of ``tokenizer_dir``, saved in ``folder``; "pretrained" as the tiny RoBERTa is,
+    unless ``pretrain=False`` (random weights, for tests of structure)."""
     import torch
     from transformers import (
         AlbertConfig,
         AlbertForSequenceClassification,
         AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
         DistilBertConfig,
         DistilBertForSequenceClassification,
         ModernBertConfig,
@@ -116,7 +121,11 @@ def pretrained_tiny(arch: str, tokenizer_dir: Path, folder: Path) -> Path:
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "num_labels": 4}
     small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     model: torch.nn.Module
-    if arch == "distilbert":
+    if arch == "bert":
+        model = BertForSequenceClassification(BertConfig(**small, **ids))
+    elif arch == "deberta":
+        model = DebertaV2ForSequenceClassification(DebertaV2Config(**small, **ids))
+    elif arch == "distilbert":
         model = DistilBertForSequenceClassification(
             DistilBertConfig(**ids, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
         )
@@ -131,9 +140,12 @@ def pretrained_tiny(arch: str, tokenizer_dir: Path, folder: Path) -> Path:
             classifier_pooling="mean",
         )
         model = ModernBertForSequenceClassification(config)
-    else:
+    elif arch == "albert":
         model = AlbertForSequenceClassification(AlbertConfig(**small, **ids, embedding_size=16))
-    _pretrain(model, tokenizer)
+    else:
+        raise ValueError(f"no tiny {arch}")
+    if pretrain:
+        _pretrain(model, tokenizer)
     model.save_pretrained(folder)
     return folder
 

@@ -20,7 +20,7 @@ from budgetlora.metrics import softmax
 from budgetlora.predict import classify, load_run
 from budgetlora.train import train
 from commands import cli, main_exit
-from conftest import make_rows, pretrained_tiny
+from conftest import make_rows, tiny_model
 
 EXPORT_FILES = {
     "config.json",
@@ -160,7 +160,7 @@ def test_other_architectures_export(  # type: ignore[no-untyped-def]
     # ModernBERT's mean head, with its pretrained head set aside, exports to ONNX
     from dataclasses import replace
 
-    folder = pretrained_tiny(arch, tiny_model_dir, tmp_path / arch)
+    folder = tiny_model(arch, tiny_model_dir, tmp_path / arch)
     cfg = tiny_config(tmp_path / "run", max_steps=6, eval_every=6)
     run = train(replace(cfg, model=replace(cfg.model, name_or_path=str(folder), head=head)))
     out = tmp_path / "export"

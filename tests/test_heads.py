@@ -12,18 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    AlbertConfig,
-    AlbertForSequenceClassification,
     AutoModel,
-    BertConfig,
-    BertForSequenceClassification,
-    DebertaV2Config,
-    DebertaV2ForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
     FunnelConfig,
     ModernBertConfig,
-    ModernBertForSequenceClassification,
     MPNetConfig,
     MPNetForSequenceClassification,
 )
@@ -34,10 +25,10 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.modeling import build_model
 from budgetlora.predict import evaluate
 from budgetlora.train import train
-from conftest import pretrained_tiny
+from conftest import tiny_model
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-PAD = 1  # the tiny RoBERTa's <pad>; the other tiny models are given the same pad id
+PAD = 1  # the tiny RoBERTa's <pad>: the other tiny models use its tokenizer, or are given the same id
 _SMALL = {
     "vocab_size": 100,
     "hidden_size": 32,
@@ -50,34 +41,7 @@ _SMALL = {
 def _folder(arch: str, tiny_model_dir: Path, tmp_path: Path) -> Path:
     if arch == "roberta":
         return tiny_model_dir
-    torch.manual_seed(0)
-    if arch == "bert":
-        BertForSequenceClassification(BertConfig(**_SMALL, pad_token_id=PAD)).save_pretrained(tmp_path)
-    elif arch == "distilbert":
-        config = DistilBertConfig(
-            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, pad_token_id=PAD
-        )
-        DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
-    elif arch == "modernbert":
-        # its checkpoints pool by the mean of the tokens; linear and mean set their own pooling
-        config = ModernBertConfig(
-            **_SMALL,
-            pad_token_id=PAD,
-            bos_token_id=0,
-            eos_token_id=2,
-            cls_token_id=0,
-            sep_token_id=2,
-            classifier_pooling="mean",
-        )
-        ModernBertForSequenceClassification(config).save_pretrained(tmp_path)
-    elif arch == "albert":
-        config = AlbertConfig(**_SMALL, embedding_size=16, pad_token_id=PAD)
-        AlbertForSequenceClassification(config).save_pretrained(tmp_path)
-    else:
-        DebertaV2ForSequenceClassification(DebertaV2Config(**_SMALL, pad_token_id=PAD)).save_pretrained(
-            tmp_path
-        )
-    return tmp_path
+    return tiny_model(arch, tiny_model_dir, tmp_path, pretrain=False)
 
 
 @pytest.mark.parametrize("arch", ["roberta", "bert", "deberta", "distilbert", "modernbert", "albert"])
@@ -175,7 +139,7 @@ def test_a_replaced_head_trains_and_reloads(  # type: ignore[no-untyped-def]
     # A tiny model, "pretrained" as the tiny RoBERTa is, with its tokenizer: DistilBERT's sign split,
     # inline ReLU and split linear layer, ModernBERT's classifier without its head, ALBERT's without
     # its pooler and tanh learn, and the run folder rebuilds that head.
-    folder = pretrained_tiny(arch, tiny_model_dir, tmp_path / arch)
+    folder = tiny_model(arch, tiny_model_dir, tmp_path / arch)
     cfg = tiny_config(tmp_path / "run", max_steps=40, eval_every=20)
     cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(folder), head=head))
     result = train(cfg)
