@@ -134,6 +134,19 @@ def test_errors_are_one_clear_message_and_exit_2(
         "Hub",
         "--model",
     )
+    # a checkpoint that needs its own code (auto_map): refused, not asked about on stdin
+    custom = tmp_path / "custom-code"
+    custom.mkdir()
+    (custom / "config.json").write_text(
+        json.dumps({"model_type": "gte-new", "auto_map": {"AutoConfig": "configuration.NewConfig"}})
+    )
+    _assert_user_error(
+        run_cli("train", "--model", str(custom), "--data", data, "--output", out),
+        f"{custom} needs its own Python code to load (an auto_map in its config.json)",
+    )
+    _assert_user_error(
+        cli("plan", "--model", str(custom), "--budget", "1000000"), "needs its own Python code"
+    )
     _assert_user_error(
         cli("train", "--model", model, "--data", data, "--output", out, "--text-column", "body"),
         "body",

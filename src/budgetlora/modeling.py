@@ -63,15 +63,22 @@ def load_model_config(name_or_path: str, **overrides: Any) -> PretrainedConfig:
     if not is_hub_id(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise BudgetloraError(f"model folder not found: {name_or_path}")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        # never ask on stdin whether to run a checkpoint's own code: budgetlora does not run it
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise BudgetloraError(
+                f"{name_or_path} needs its own Python code to load (an auto_map in its config.json): "
+                "budgetlora runs only the architectures that transformers ships (BERT, RoBERTa, DeBERTa-v2, "
+                "MPNet, DistilBERT, ModernBERT, ALBERT, ELECTRA, ...)"
+            ) from err
         if Path(name_or_path).is_dir():
             raise BudgetloraError(f"cannot read a model config from {name_or_path}: {err}") from err
         raise BudgetloraError(_hub_hint(name_or_path)) from err
     if not overrides:
         return config
     try:
-        return AutoConfig.from_pretrained(name_or_path, **overrides)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **overrides)
     except Exception as err:  # each config class checks its fields in its own way
         raise BudgetloraError(
             f"the config of {name_or_path!r} refuses a value of model.config_overrides: {_first_line(err)}"
