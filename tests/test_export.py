@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,6 @@ def test_the_default_export_is_the_merged_model_with_a_model_card(trained, tmp_p
 
 @pytest.fixture(scope="module", params=["linear", "mean"])
 def own_head_run(request, tiny_config, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from dataclasses import replace
-
     cfg = tiny_config(tmp_path_factory.mktemp("runs") / request.param, max_steps=6, eval_every=6)
     return train(replace(cfg, model=replace(cfg.model, head=request.param)))
 
@@ -158,8 +157,6 @@ def test_other_architectures_export(  # type: ignore[no-untyped-def]
 ) -> None:
     # ALBERT's own head (pooler + tanh + classifier) merges into a stock transformers model;
     # ModernBERT's mean head, with its pretrained head set aside, exports to ONNX
-    from dataclasses import replace
-
     folder = tiny_model(arch, tiny_model_dir, tmp_path / arch)
     cfg = tiny_config(tmp_path / "run", max_steps=6, eval_every=6)
     run = train(replace(cfg, model=replace(cfg.model, name_or_path=str(folder), head=head)))

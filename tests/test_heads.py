@@ -1,8 +1,8 @@
 """The heads on the six head layouts: BERT's pretrained pooler + classifier, RoBERTa's dense +
 out_proj, DeBERTa's untrained pooler + classifier, DistilBERT's pre_classifier + inline ReLU +
 classifier, ModernBERT's pretrained head (dense, norm) + classifier, ALBERT's pooler (handed the
-first token) + tanh + classifier. The mean head reads the mean of the real tokens, so padding changes nothing; every head
-trains exactly what the budget counts."""
+first token) + tanh + classifier. The mean head reads the mean of the real tokens, so padding
+changes nothing; every head trains exactly what the budget counts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from transformers import (
     AutoModel,
     FunnelConfig,
-    ModernBertConfig,
     MPNetConfig,
     MPNetForSequenceClassification,
 )
@@ -113,17 +112,15 @@ def test_mean_head_without_a_mask_or_a_return_dict(tmp_path: Path) -> None:
     torch.testing.assert_close(as_tuple, unmasked)
 
 
-def test_a_head_the_architecture_cannot_take_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_head_the_architecture_cannot_take_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Funnel's head is its own two layers (linear_hidden, linear_out): not one of the six layouts
-    funnel, modernbert = tmp_path / "funnel", tmp_path / "modernbert"
+    funnel = tmp_path / "funnel"
     FunnelConfig(
         vocab_size=100, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1]
     ).save_pretrained(funnel)
     with pytest.raises(BudgetloraError, match="--head mean is not supported for funnel; use --head default"):
         build_model(ModelConfig(str(funnel), head="mean"), LABELS, weights=False)
-    ModernBertConfig(
-        **_SMALL, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2
-    ).save_pretrained(modernbert)
+    modernbert = tiny_model("modernbert", tiny_model_dir, tmp_path / "modernbert", pretrain=False)
     with pytest.raises(
         BudgetloraError, match="--head pooler needs a model whose classifier sits on a pretrained pooler"
     ):

@@ -265,12 +265,12 @@ def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
         return  # BERT's own head is already a frozen pooler + one trained linear layer
     # head == "linear" or "mean": one linear layer on the first token, where "mean" puts the
     # mean of the real tokens (a forward hook of the encoder, which sees the attention mask)
-    if has_pooler and isinstance(classifier, nn.Linear) and hasattr(encoder, "pooler_activation"):
-        # ALBERT: its pooler is handed the first token and followed by a tanh
-        encoder.pooler = nn.Identity()
-        encoder.pooler_activation = nn.Identity()
-    elif has_pooler and isinstance(classifier, nn.Linear):
-        encoder.pooler = FirstToken()
+    if has_pooler and isinstance(classifier, nn.Linear):
+        if hasattr(encoder, "pooler_activation"):  # ALBERT: its pooler is handed the first token, then a tanh
+            encoder.pooler = nn.Identity()
+            encoder.pooler_activation = nn.Identity()
+        else:
+            encoder.pooler = FirstToken()
     elif isinstance(getattr(model, "pooler", None), nn.Module) and isinstance(classifier, nn.Linear):
         model.pooler = FirstToken()  # DeBERTa: its pooler is the dense layer of its own head
     elif (
