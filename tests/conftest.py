@@ -7,6 +7,7 @@ import importlib.util
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,32 +69,50 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def _pretrain(model, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """Stand-in for pretraining: a random encoder maps all texts to nearly one first-token
-    state, so nothing downstream could learn. A short full fine-tune on other fixture text
-    gives it topic-aware features; the head is then re-initialised, so a run under test
-    still has to learn its own head and adapter."""
+def _pretrained(build, tokenizer):  # type: ignore[no-untyped-def]
+    """``build()``'s model after a stand-in for pretraining: a random encoder maps all texts to
+    nearly one first-token state, so nothing downstream could learn. A short full fine-tune on
+    other fixture text gives it topic-aware features; the head is then re-initialised, so a run
+    under test still has to learn its own head and adapter.
+
+    The fine-tune runs 12 passes, then goes on pass by pass until the held-out rows score above
+    0.95 (at most 40 passes). Some starts never get there: from about one random init in two, the
+    tiny ALBERT settles on two of the four classes (0.5), and which inits do depends on the CPU's
+    float kernels (on some Intel CPUs seed 0 did, where it learned on AMD). Such a start is drawn
+    again from the next seed (at most 10 starts: 16 of 16 seeds tried learned within 2); a model
+    that still has not learned fails the fixture."""
     import torch
 
-    rows = make_rows(256, seed=7)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    model.train()
-    for start in range(0, 12 * len(rows), 32):
-        chunk = [rows[i % len(rows)] for i in range(start, start + 32)]
-        batch = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt")
-        loss = model(**batch, labels=torch.tensor([y for _, y in chunk])).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    held_out = make_rows(200, seed=9)
-    with torch.no_grad():
-        logits = model(**tokenizer([t for t, _ in held_out], padding=True, return_tensors="pt")).logits
-    accuracy = (logits.argmax(1) == torch.tensor([y for _, y in held_out])).float().mean().item()
-    assert accuracy > 0.95, (
-        f"fixture pretraining failed ({accuracy:.2f}): the tests below would be meaningless"
+    rows, held_out = make_rows(256, seed=7), make_rows(200, seed=9)
+    held_out_batch = tokenizer([t for t, _ in held_out], padding=True, return_tensors="pt")
+    held_out_labels = torch.tensor([y for _, y in held_out])
+    accuracies = []
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = build()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        for passes in range(1, 41):
+            model.train()
+            for start in range(0, len(rows), 32):
+                chunk = rows[start : start + 32]
+                batch = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt")
+                model(**batch, labels=torch.tensor([y for _, y in chunk])).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            if passes < 12:
+                continue
+            model.eval()
+            with torch.no_grad():
+                predicted = model(**held_out_batch).logits.argmax(1)
+            accuracy = (predicted == held_out_labels).float().mean().item()
+            if accuracy > 0.95:
+                model.classifier.apply(model._init_weights)
+                return model
+        accuracies.append(f"{accuracy:.2f}")
+    raise AssertionError(
+        f"fixture pretraining failed (held-out accuracy {', '.join(accuracies)} from {len(accuracies)} starts):"
+        " the tests below would be meaningless"
     )
-    model.classifier.apply(model._init_weights)
 
 
 def tiny_model(arch: str, tokenizer_dir: Path, folder: Path, *, pretrain: bool = True) -> Path:
@@ -117,20 +136,19 @@ def tiny_model(arch: str, tokenizer_dir: Path, folder: Path, *, pretrain: bool =
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "num_labels": 4}
     small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-    model: torch.nn.Module
+    model_class: Any
     if arch == "bert":
-        model = BertForSequenceClassification(BertConfig(**small, **ids))
+        model_class, config = BertForSequenceClassification, BertConfig(**small, **ids)
     elif arch == "deberta":
-        model = DebertaV2ForSequenceClassification(DebertaV2Config(**small, **ids))
+        model_class, config = DebertaV2ForSequenceClassification, DebertaV2Config(**small, **ids)
     elif arch == "distilbert":
-        model = DistilBertForSequenceClassification(
-            DistilBertConfig(**ids, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
-        )
+        model_class = DistilBertForSequenceClassification
+        config = DistilBertConfig(**ids, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
     elif arch == "modernbert":  # its checkpoints pool by the mean of the tokens
         special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id")}
+        model_class = ModernBertForSequenceClassification
         config = ModernBertConfig(
             **small,
             **ids,
@@ -139,13 +157,15 @@ def tiny_model(arch: str, tokenizer_dir: Path, folder: Path, *, pretrain: bool =
             sep_token_id=tokenizer.sep_token_id,
             classifier_pooling="mean",
         )
-        model = ModernBertForSequenceClassification(config)
     elif arch == "albert":
-        model = AlbertForSequenceClassification(AlbertConfig(**small, **ids, embedding_size=16))
+        model_class, config = AlbertForSequenceClassification, AlbertConfig(**small, **ids, embedding_size=16)
     else:
         raise ValueError(f"no tiny {arch}")
     if pretrain:
-        _pretrain(model, tokenizer)
+        model = _pretrained(lambda: model_class(config), tokenizer)
+    else:
+        torch.manual_seed(0)
+        model = model_class(config)
     model.save_pretrained(folder)
     return folder
 
@@ -192,11 +212,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         num_labels=4,
     )
-    import torch
-
-    torch.manual_seed(0)
-    model = RobertaForSequenceClassification(config)
-    _pretrain(model, tokenizer)
+    model = _pretrained(lambda: RobertaForSequenceClassification(config), tokenizer)
     model.save_pretrained(folder)
     return folder
 
