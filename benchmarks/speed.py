@@ -141,8 +141,10 @@ def run_trainer_arm(args: argparse.Namespace) -> dict:
         Rows(splits.validation.texts, splits.validation.labels),
     )
     torch.manual_seed(args.seed)
+    # float32 whatever the checkpoint's stored dtype (a notebook loads roberta-base in float32; the
+    # GPU carry's MiniLM is stored in fp16, where the Trainer's fp16 loss scaler refuses fp16 weights).
     model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=4, ignore_mismatched_sizes=True
+        args.model, num_labels=4, ignore_mismatched_sizes=True, dtype=torch.float32
     )
     model = get_peft_model(
         model,
