@@ -19,7 +19,18 @@ from budgetlora.cli import flag_of
 from budgetlora.config import RunConfig
 from commands import cli, main_exit, run_cli
 
-COMMANDS = ["train", "evaluate", "predict", "classify", "plan", "distill", "sweep", "export", "serve"]
+COMMANDS = [
+    "train",
+    "evaluate",
+    "predict",
+    "shift",
+    "classify",
+    "plan",
+    "distill",
+    "sweep",
+    "export",
+    "serve",
+]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

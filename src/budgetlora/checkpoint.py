@@ -14,6 +14,7 @@ be on a filesystem they all share (checked when training starts).
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from budgetlora.errors import BudgetloraError
 from budgetlora.runtime import Runtime, rng_state
 
 __all__ = [
     "save_checkpoint",
     "latest_checkpoint",
+    "checkpoints",
+    "load_newest_readable",
     "load_checkpoint",
     "trainable_state",
     "load_trainable_state",
@@ -88,8 +92,37 @@ def save_checkpoint(
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder of a run, or None."""
-    found = sorted((run_dir / "checkpoints").glob(f"{_PREFIX}*"))
+    found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run's checkpoint folders, oldest first (each complete when it appeared: renamed in whole)."""
+    return sorted((run_dir / "checkpoints").glob(f"{_PREFIX}*"))
+
+
+def load_newest_readable(
+    run_dir: Path, process_index: int
+) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """(folder, run state, this process's state) of the newest checkpoint whose files can be
+    read, saying which were skipped and why; None where the run has no checkpoint. A folder
+    can be complete and its files still damaged (a disk that lost the last writes before a
+    crash, a copy cut short): only reading them tells."""
+    found = checkpoints(run_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            return (path, *load_checkpoint(path, process_index))
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
+            problems.append(f"{path}: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}")
+            print(f"checkpoint {path} cannot be read ({problems[-1]}); trying an older one", flush=True)
+    if found:
+        raise BudgetloraError(
+            f"no checkpoint of {run_dir} can be read: "
+            + "; ".join(problems)
+            + ". Start the run again without --resume (or with --overwrite)"
+        )
+    return None
 
 
 def load_checkpoint(path: Path, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -99,6 +132,9 @@ def load_checkpoint(path: Path, process_index: int) -> tuple[dict[str, Any], dic
     saved with) gets process 0's.
     """
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    for key in ("config", "trainable", "optimizer", "scheduler", "progress", "best_state", "history"):
+        if key not in state:
+            raise KeyError(f"state.pt holds no {key!r}")
     own = path / f"process-{process_index}.pt"
     if not own.is_file():
         own = path / "process-0.pt"

@@ -48,7 +48,9 @@ ALIASES: dict[str, str] = {
     "distill.alpha": "--alpha",
     "distill.temperature": "--temperature",
 }
-_NAMED_BLOCKS = ("model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr")
+_NAMED_BLOCKS = (
+    "model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr", "augment", "self_training", "tapt",
+)  # fmt: skip
 _GROUPS = {
     "": "run",
     "data": "data",
@@ -60,6 +62,9 @@ _GROUPS = {
     "model.lokr": "model.lokr (--method lokr)",
     "train": "train",
     "distill": "distill",
+    "augment": "augment (training-time augmentation)",
+    "self_training": "self_training (with --unlabelled)",
+    "tapt": "tapt (masked-LM steps before training; needs the checkpoint's MLM head)",
 }
 
 
@@ -260,9 +265,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         model=args.model,
         batch_size=args.batch_size,
+        shift=args.shift,
+        prior_correction=args.prior_correction,
     )
     if _is_main_process():
         print(f"wrote {path} and {path.with_suffix('.probs.csv')}")
+    return 0
+
+
+def cmd_shift(args: argparse.Namespace) -> int:
+    from budgetlora.shift import shift
+
+    report = shift(
+        args.run_dir,
+        args.data,
+        output=args.output,
+        text_column=args.text_column,
+        allow_pickle=args.allow_pickle,
+        model=args.model,
+        batch_size=args.batch_size,
+    )
+    if _is_main_process():
+        out = args.output or Path(args.run_dir) / f"shift-{Path(args.data).stem}"
+        print("\n".join(report.lines()))
+        print(f"wrote {Path(out) / 'shift.md'} (shift.json, shift_rows.csv, plots)")
     return 0
 
 
@@ -433,6 +459,15 @@ def _add_inference_common(parser: argparse.ArgumentParser, *, export: bool = Fal
     )
 
 
+def _add_text_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-column", default="text", help="text column name (default text)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a pickled input (unpickling runs code: trusted files only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="budgetlora",
@@ -473,13 +508,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_common(p, export=True)
     p.add_argument("input", metavar="INPUT", help="file of texts to label")
     p.add_argument("--output", default="submission.csv", help="submission path (default submission.csv)")
-    p.add_argument("--text-column", default="text", help="text column name (default text)")
+    _add_text_input_options(p)
     p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow a pickled input (unpickling runs code: trusted files only)",
+        "--shift",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also print the shift report's summary and write it whole to <output>.shift.json "
+        "(default on; a run folder only)",
+    )
+    p.add_argument(
+        "--prior-correction",
+        choices=("none", "em"),
+        default="none",
+        help="em: label the rows under the class shares that EM re-estimates on them (calibrated on the "
+        "run's validation rows; for a test set whose classes are not balanced as the training rows are). "
+        "Default none",
     )
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "shift",
+        help="how texts differ from a run's training rows, and the accuracy to expect on them",
+        description="Compare DATA (any input predict reads) with the run's training rows: lengths and "
+        "truncation, repeated texts and texts shared with the training rows, a domain classifier "
+        "(TF-IDF + logistic regression) that tells them apart, the model's class shares and confidences, "
+        "and the accuracy to expect without labels (estimators fitted on the validation rows). Writes "
+        "shift.md with plots, shift.json and shift_rows.csv.",
+    )
+    _add_inference_common(p)
+    p.add_argument("data", metavar="DATA", help="file of texts (as predict's INPUT)")
+    p.add_argument("--output", help="output folder (default RUN_DIR/shift-<DATA's name>)")
+    _add_text_input_options(p)
+    p.set_defaults(func=cmd_shift)
 
     p = sub.add_parser("classify", help="label a few texts given on the command line")
     _add_inference_common(p, export=True)

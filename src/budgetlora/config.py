@@ -33,6 +33,9 @@ __all__ = [
     "ModelConfig",
     "TrainSettings",
     "DistillSettings",
+    "AugmentSettings",
+    "SelfTrainingSettings",
+    "TaptSettings",
     "RunConfig",
     "load_config",
     "save_config",
@@ -164,6 +167,8 @@ class DataConfig:
     """Drop rows with empty or whitespace-only text (with a count) instead of failing."""
     allow_pickle: bool = False
     """Allow reading pickled datasets (unpickling runs code: only for files you trust)."""
+    unlabelled: str | None = None
+    """Unlabelled texts of the domain the model will score (any input predict reads): self-training adapts to them, and the run's shift report compares them with the training rows."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -511,6 +516,73 @@ class DistillSettings:
 
 
 @dataclass(frozen=True)
+class AugmentSettings:
+    """Training-time augmentation against cues a shifted test set may lack: each training text is
+    replaced by its altered form with the given probability (drawn once, from train.seed)."""
+
+    markers: float = 0.0
+    """Probability that a training text loses its source markers ((Reuters), AP -, AFP) and HTML entities (#39;, &lt;b&gt;)."""
+    lowercase: float = 0.0
+    """Probability that a training text is lowercased and loses its punctuation."""
+    word_dropout: float = 0.0
+    """Probability that each word of each training text is dropped (0: none)."""
+
+    def __post_init__(self) -> None:
+        for name in ("markers", "lowercase", "word_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                _fail(f"augment.{name}", value, "a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SelfTrainingSettings:
+    """Self-training on data.unlabelled: a model labels them, its most confident labels (balanced by
+    class) join the training rows, and a fresh model trains on both; repeated for each round."""
+
+    rounds: int = 0
+    """Rounds of pseudo-labelling with data.unlabelled (0: none)."""
+    share: float = 0.5
+    """Share of the unlabelled rows pseudo-labelled in the last round (round r of R takes r/R of it)."""
+    balance: bool = True
+    """Keep as many pseudo-labelled rows of each class (the most confident of each)."""
+    teacher: str | None = None
+    """A finished run folder that labels the first round (default: a run of this config without the unlabelled rows, trained first)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            _fail("self_training.rounds", self.rounds, "a whole number >= 0")
+        if (
+            isinstance(self.share, bool)
+            or not isinstance(self.share, (int, float))
+            or not 0 < self.share <= 1
+        ):
+            _fail("self_training.share", self.share, "a fraction in (0, 1]")
+        if self.teacher is not None and not self.teacher:
+            _fail("self_training.teacher", self.teacher, "a finished run folder")
+
+
+@dataclass(frozen=True)
+class TaptSettings:
+    """Task-adaptive pretraining: masked-LM steps on the training (and unlabelled) texts through the
+    same adapter before the classifier trains; the checkpoint's pretrained MLM head is frozen and
+    nothing is added to the budget."""
+
+    steps: int = 0
+    """Masked-LM optimizer steps before classification training (0: none)."""
+    mask_probability: float = 0.15
+    """Share of tokens masked (BERT's 80/10/10 replacement)."""
+    lr: float | None = None
+    """Peak learning rate of the masked-LM steps (default: train.lr)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            _fail("tapt.steps", self.steps, "a whole number >= 0")
+        if not 0 < self.mask_probability < 1:
+            _fail("tapt.mask_probability", self.mask_probability, "a fraction in (0, 1)")
+        _check_positive("tapt.lr", self.lr)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run: model, data, optimisation, the budget and where it goes."""
 
@@ -522,6 +594,12 @@ class RunConfig:
     """The optimisation loop."""
     distill: DistillSettings = field(default_factory=DistillSettings)
     """The teacher and the loss mix of a distillation (unused without a teacher)."""
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    """Training-time augmentation of the training texts."""
+    self_training: SelfTrainingSettings = field(default_factory=SelfTrainingSettings)
+    """Self-training on data.unlabelled."""
+    tapt: TaptSettings = field(default_factory=TaptSettings)
+    """Masked-LM steps before classification training."""
     budget: int = 1_000_000
     """Hard cap on trainable parameters, classifier head included."""
     output: str = "runs/run"
@@ -533,6 +611,10 @@ class RunConfig:
             problems.append(_invalid("budget", self.budget, "a positive integer number of parameters"))
         if not self.output:
             problems.append(_invalid("output", self.output, "a folder path"))
+        if self.self_training.rounds and self.data.unlabelled is None:
+            problems.append(
+                f"self_training.rounds={self.self_training.rounds} needs unlabelled texts: set data.unlabelled"
+            )
         _raise_all(problems)
 
 

@@ -21,7 +21,15 @@ from budgetlora.config import DataConfig
 from budgetlora.errors import BudgetloraError
 from budgetlora.formats import RawTable, classic_agnews_label_names, read_raw, read_source
 
-__all__ = ["TextTable", "Splits", "read_table", "load_splits", "classic_agnews_label_names"]
+__all__ = [
+    "TextTable",
+    "Splits",
+    "read_table",
+    "read_unlabelled",
+    "concat_tables",
+    "load_splits",
+    "classic_agnews_label_names",
+]
 
 _SHOWN = 5  # rows listed in a message
 _MAX_CLASSES = 100_000  # an integer label above this is a data error, not a class index
@@ -563,6 +571,41 @@ def _read_splits(raws: dict[str, RawTable], cfg: DataConfig) -> tuple[dict[str, 
             if split != "train":
                 _check_known(table, len(names), train, raws["train"].classic)
     return {split: replace(table, label_names=names) for split, table in tables.items()}, given, n_empty
+
+
+def read_unlabelled(cfg: DataConfig) -> TextTable:
+    """The texts of ``data.unlabelled`` (labels there, if any, are ignored), checked as
+    ``predict`` checks its input; errors name the option."""
+    assert cfg.unlabelled is not None
+    try:
+        table = read_table(
+            cfg.unlabelled,
+            text_column=cfg.text_column,
+            require_labels=False,
+            allow_pickle=cfg.allow_pickle,
+            drop_empty=cfg.drop_empty,
+        )
+    except BudgetloraError as err:
+        raise BudgetloraError(f"data.unlabelled: {err}") from err
+    return replace(table, labels=None)
+
+
+def concat_tables(first: TextTable, second: TextTable) -> TextTable:
+    """The rows of ``first`` then ``second`` (both labelled, or both not), ``first``'s names and source."""
+    labels = (
+        None
+        if first.labels is None or second.labels is None
+        else np.concatenate([first.labels, second.labels])
+    )
+    assert first.rows is not None and second.rows is not None
+    return TextTable(
+        texts=first.texts + second.texts,
+        labels=labels,
+        ids=None,
+        label_names=first.label_names,
+        source=first.source,
+        rows=np.concatenate([first.rows, second.rows]),
+    )
 
 
 def load_rows(cfg: DataConfig) -> TextTable:

@@ -47,7 +47,7 @@ from budgetlora.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
-from budgetlora.runtime import Runtime, make_runtime
+from budgetlora.runtime import Runtime, make_runtime, writer_lock
 from budgetlora.train import EvalCallback, TrainResult, prepare_run, train
 
 __all__ = [
@@ -340,6 +340,24 @@ def distill(
     check_output(run_dir, overwrite, resume)  # before the teacher runs: train() would refuse only after it
     if compare_baseline:
         check_output(baseline_dir, overwrite)
+    with writer_lock(run_dir):  # the teacher's logits, the student and the summary: one writer throughout
+        return _distill(cfg, budget, splits, overwrite, resume, compare_baseline, on_eval)
+
+
+def _distill(
+    cfg: RunConfig,
+    budget: Any,
+    splits: Any,
+    overwrite: bool,
+    resume: bool,
+    compare_baseline: bool,
+    on_eval: EvalCallback | None,
+) -> DistillResult:
+    """:func:`distill` once the student's folder is checked and locked."""
+    settings = cfg.distill
+    assert settings.teacher is not None
+    run_dir = Path(cfg.output)
+    baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
     soft = teacher_logits(settings.teacher, splits, cfg.data.max_length)
     loss_fn = distillation_loss_fn(
         soft.logits["train"], settings.alpha, settings.temperature, cfg.train.label_smoothing

@@ -31,6 +31,7 @@ from budgetlora.rundir import (
     check_output_path,
     headline_metrics,
     is_finished,
+    output_lock,
     read_budget,
     replace_dir_atomic,
     write_json_atomic,
@@ -107,7 +108,7 @@ def export(
     ``model`` replaces the base model path recorded in the run. Every input is checked
     before any weights load; a failure leaves ``output`` as it was (absent or the old export).
     """
-    from budgetlora.inference import load_run, read_run_config
+    from budgetlora.inference import read_run_config
     from budgetlora.modeling import load_model_config
 
     run_dir, output = Path(run_dir), Path(output)
@@ -136,6 +137,13 @@ def export(
             "--format onnx, or train with --head default"
         )
     _check_output(output, overwrite)
+    with output_lock(output):
+        return _export(run_dir, cfg, output, chosen, opset)
+
+
+def _export(run_dir: Path, cfg: Any, output: Path, chosen: tuple[str, ...], opset: int) -> ExportResult:
+    """:func:`export` once every input is checked and the output locked."""
+    from budgetlora.inference import load_run
 
     # float32 on the CPU whatever the run trained in: both forms are meant for any machine.
     run = load_run(run_dir, cfg=cfg, mixed_precision="no")

@@ -30,7 +30,14 @@ from budgetlora.modeling import check_max_length, load_base_model, load_tokenize
 from budgetlora.rundir import CONFIG, check_run_dir, tokenizer_source
 from budgetlora.runtime import Runtime, make_runtime, unwrap
 
-__all__ = ["LoadedRun", "read_run_config", "load_run", "inference_model", "predict_logits"]
+__all__ = [
+    "LoadedRun",
+    "read_run_config",
+    "load_run",
+    "inference_model",
+    "predict_logits",
+    "check_batch_size",
+]
 
 
 @dataclass
@@ -62,6 +69,14 @@ class LoadedRun:
             pad_token_id=pad_id(self.tokenizer),
             progress=progress,
         )
+
+
+def check_batch_size(batch_size: int | None) -> None:
+    """Refuse an inference batch size that is not a positive integer (None: the device plan's)."""
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise BudgetloraError(f"invalid value for --batch-size: {batch_size!r} (a positive integer)")
 
 
 def read_run_config(run_dir: Path, model: str | None) -> RunConfig:

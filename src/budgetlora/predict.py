@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import LoadedRun, load_run, read_run_config
+from budgetlora.inference import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.metrics import score, softmax
 from budgetlora.rundir import (
     EXPORT_INFO,
@@ -24,15 +24,18 @@ from budgetlora.rundir import (
     check_output_path,
     write_json_atomic,
 )
+from budgetlora.runtime import writer_lock
 
-__all__ = ["LoadedRun", "load_run", "evaluate", "predict", "classify"]
+PRIOR_CORRECTIONS = ("none", "em")
 
-
-def _check_batch_size(batch_size: int | None) -> None:
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise BudgetloraError(f"invalid value for --batch-size: {batch_size!r} (a positive integer)")
+__all__ = [
+    "PRIOR_CORRECTIONS",
+    "LoadedRun",
+    "load_run",
+    "evaluate",
+    "predict",
+    "classify",
+]
 
 
 def evaluate(
@@ -54,7 +57,7 @@ def evaluate(
 
     if split not in ("train", "validation", "test"):
         raise BudgetloraError(f"--split {split!r}: allowed: train, validation, test")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     cfg = read_run_config(Path(run_dir), model)
     data_cfg = cfg.data if data is None else replace(cfg.data, source=data)
     # The run's label names: rows of classes the run does not know are refused, naming them.
@@ -70,19 +73,20 @@ def evaluate(
         table, scored = found, split
     out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
     check_output_path(out_dir, "--output", folder=True)
-    run = load_run(run_dir, cfg=cfg)
-    logits = run.logits(table.texts, batch_size=batch_size, progress=True)
-    assert table.labels is not None
-    metrics = score(logits, table.labels, run.label_names)
-    if run.runtime.is_main_process:
-        write_json_atomic(out_dir / METRICS, {"source": data_cfg.source, "split": split, **metrics})
-        write_report(
-            out_dir,
-            title=f"Evaluation of {Path(run_dir).name} on {scored}",
-            split=split,
-            metrics=metrics,
-            label_names=run.label_names,
-        )
+    with writer_lock(out_dir):
+        run = load_run(run_dir, cfg=cfg)
+        logits = run.logits(table.texts, batch_size=batch_size, progress=True)
+        assert table.labels is not None
+        metrics = score(logits, table.labels, run.label_names)
+        if run.runtime.is_main_process:
+            write_json_atomic(out_dir / METRICS, {"source": data_cfg.source, "split": split, **metrics})
+            write_report(
+                out_dir,
+                title=f"Evaluation of {Path(run_dir).name} on {scored}",
+                split=split,
+                metrics=metrics,
+                label_names=run.label_names,
+            )
     return metrics
 
 
@@ -95,25 +99,55 @@ def predict(
     allow_pickle: bool = False,
     model: str | None = None,
     batch_size: int | None = None,
+    shift: bool = True,
+    prior_correction: str = "none",
 ) -> Path:
     """Write ``ID,Label`` for every row of ``input_path`` (in input order) and, beside it,
     ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path.
 
-    ``run_dir`` may also be an export folder with ``model.onnx`` (``budgetlora export``): it
-    is scored on onnxruntime."""
+    With ``shift`` (and a run folder whose training rows can be read), also the shift
+    report's summary: printed, and written whole as ``<name>.shift.json`` beside it (see
+    :mod:`budgetlora.shift`). ``prior_correction="em"`` labels the rows under the class priors
+    that EM re-estimates on them (a run folder only). ``run_dir`` may also be an export folder
+    with ``model.onnx`` (``budgetlora export``): it is scored on onnxruntime, with no shift report."""
     from budgetlora.data import read_table
 
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     output = Path(output)
-    for path in (output, output.with_suffix(".probs.csv")):
+    for path in (output, output.with_suffix(".probs.csv"), output.with_suffix(".shift.json")):
         check_output_path(path, "--output", folder=False)
+    if prior_correction not in PRIOR_CORRECTIONS:
+        raise BudgetloraError(
+            f"invalid value for --prior-correction: {prior_correction!r} (allowed: {', '.join(PRIOR_CORRECTIONS)})"
+        )
     onnx = _check_export(Path(run_dir), model)
+    if onnx and prior_correction != "none":
+        raise BudgetloraError(
+            f"--prior-correction {prior_correction} needs the run folder (its validation rows calibrate the "
+            f"model); {run_dir} is an export"
+        )
     cfg = (
         None if onnx else read_run_config(Path(run_dir), model)
     )  # before reading the input: the cheaper mistake first
     table = read_table(
         input_path, text_column=text_column, require_labels=False, allow_pickle=allow_pickle, unique_ids=True
     )
+    with writer_lock(output):
+        return _predict(run_dir, cfg, table, str(input_path), output, batch_size, shift, prior_correction)
+
+
+def _predict(
+    run_dir: str | Path,
+    cfg: Any,
+    table: Any,
+    source: str,
+    output: Path,
+    batch_size: int | None,
+    shift: bool,
+    prior_correction: str,
+) -> Path:
+    """:func:`predict` once its input is read and its output locked (``cfg`` None: an export)."""
+    onnx = cfg is None
     if onnx:
         from budgetlora.backends import OnnxClassifier
 
@@ -123,10 +157,17 @@ def predict(
         run = load_run(run_dir, cfg=cfg)
         logits = run.logits(table.texts, batch_size=batch_size, progress=True)
         label_names, is_main = run.label_names, run.runtime.is_main_process
+    probs = softmax(logits)
+    if prior_correction == "em":
+        from budgetlora.shift import prior_corrected
+
+        probs, prior = prior_corrected(run, logits, batch_size=batch_size)
+        if is_main:
+            shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in prior.items())
+            print(f"class priors re-estimated by EM on these rows: {shares}", flush=True)
     if is_main:
         ids = table.ids if table.ids is not None else [str(i) for i in range(len(table))]
-        preds = logits.argmax(axis=1)
-        probs = softmax(logits)
+        preds = probs.argmax(axis=1)
         _write_csv(output, ["ID", "Label"], ([i, int(p)] for i, p in zip(ids, preds, strict=True)))
         header = ["ID", "Label", "label_name", *[f"p_{name}" for name in label_names]]
         rows = (
@@ -134,7 +175,28 @@ def predict(
             for i, p, prob in zip(ids, preds, probs, strict=True)
         )
         _write_csv(output.with_suffix(".probs.csv"), header, rows)
+    if shift and not onnx:
+        _shift_summary(run, table, source, logits, output.with_suffix(".shift.json"))
     return output
+
+
+def _shift_summary(run: LoadedRun, table: Any, source: str, logits: Any, path: Path) -> None:
+    """The shift report's summary, printed and written to ``path``; a note instead where it
+    cannot be made (the run's training rows unreadable, too few texts), never an error:
+    the submission is written already."""
+    from budgetlora.shift import analyse
+
+    if len(table) < 10:
+        print(f"no shift report: {len(table)} rows (it needs at least 10)", flush=True)
+        return
+    try:
+        report = analyse(run, table.texts, source=source, ids=table.ids, logits=logits)
+    except (BudgetloraError, OSError) as err:
+        print(f"no shift report: the run's training rows could not be read ({err})", flush=True)
+        return
+    if run.runtime.is_main_process:
+        write_json_atomic(path, report.summary)
+        print("\n".join(report.lines()), flush=True)
 
 
 def _check_export(folder: Path, model: str | None) -> bool:
@@ -170,7 +232,7 @@ def classify(
         raise BudgetloraError(
             f"TEXT {', '.join(map(str, empty))} of {len(texts)} is empty or whitespace only: nothing to classify"
         )
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     if _check_export(Path(run_dir), model):
         from budgetlora.backends import OnnxClassifier
 

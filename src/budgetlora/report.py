@@ -20,18 +20,27 @@ from PIL import Image
 
 from budgetlora.rundir import atomic_path, write_text_atomic
 
-__all__ = ["write_report", "plot_confusion_matrix", "plot_learning_curves", "truncation_stats"]
+__all__ = [
+    "write_report",
+    "plot_confusion_matrix",
+    "plot_learning_curves",
+    "truncation_stats",
+    "figure",
+    "save_png",
+    "md_table",
+    "pct",
+]
 
 _DPI = 110
 _MAX_PNG_BYTES = 150_000
 _TRUE_COLOR, _PRED_COLOR, _EVAL_COLOR = "#4c72b0", "#dd8452", "#c44e52"
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str) -> str:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str) -> str:
     """``align`` holds one of ``l``/``r`` per column; ``|`` in cells is escaped."""
     lines = [header, ["---:" if a == "r" else ":---" for a in align], *rows]
     cells = ([str(c).replace("|", "\\|").replace("\n", " ") for c in line] for line in lines)
@@ -88,7 +97,7 @@ def _records(history: Sequence[dict], kind: str, key: str) -> dict[str, tuple[li
     return series
 
 
-def _figure(width: float, height: float = 4.2) -> Figure:
+def figure(width: float, height: float = 4.2) -> Figure:
     return Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
 
 
@@ -96,7 +105,7 @@ def _thousands(axis: Any) -> None:
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     if buffer.tell() > _MAX_PNG_BYTES:
@@ -133,7 +142,7 @@ def plot_confusion_matrix(
     counts = np.asarray(matrix, dtype=np.int64)  # (k, k)
     k = len(names)
     side = min(3.5 + 0.45 * k, 10.0)
-    fig = _figure(side + 1.2, side)
+    fig = figure(side + 1.2, side)
     ax = fig.add_subplot()
     fig.colorbar(ax.imshow(counts, cmap="Blues", vmin=0), ax=ax, shrink=0.8)
     _class_ticks(ax, names, y=True)
@@ -146,14 +155,14 @@ def plot_confusion_matrix(
         for (i, j), c in np.ndenumerate(counts):
             color = "white" if c > counts.max() / 2 else "black"
             ax.text(j, i, f"{c:,}", ha="center", va="center", color=color, fontsize=9 if k <= 10 else 7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_class_counts(
     path: Path, series: dict[str, Sequence[int]], names: Sequence[str], title: str
 ) -> Path:
     """Bars per class; several series side by side with a legend, a single one with counts on top."""
-    fig = _figure(min(4.0 + 0.6 * len(names), 16.0))
+    fig = figure(min(4.0 + 0.6 * len(names), 16.0))
     ax = fig.add_subplot()
     width = 0.8 / len(series)
     for i, ((label, counts), color) in enumerate(
@@ -169,7 +178,7 @@ def _plot_class_counts(
     _class_ticks(ax, names)
     _thousands(ax.yaxis)
     ax.set(ylabel="Samples", title=title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_learning_curves(path: Path, history: Sequence[dict]) -> Path | None:
@@ -178,7 +187,7 @@ def plot_learning_curves(path: Path, history: Sequence[dict]) -> Path | None:
     Returns None (and writes nothing) when ``history`` holds no loss or accuracy at all.
     """
     fig = learning_curves_figure(history)
-    return None if fig is None else _save(fig, path)
+    return None if fig is None else save_png(fig, path)
 
 
 def learning_curves_figure(history: Sequence[dict]) -> Figure | None:
@@ -188,7 +197,7 @@ def learning_curves_figure(history: Sequence[dict]) -> Figure | None:
     if not (train_loss or eval_loss or eval_acc or eval_f1):
         return None
     panels = 2 if eval_acc or eval_f1 else 1
-    fig = _figure(11.0 if panels == 2 else 6.5)
+    fig = figure(11.0 if panels == 2 else 6.5)
     ax = fig.add_subplot(1, panels, 1)
     for steps, values in train_loss.values():
         ax.plot(steps, values, color=_TRUE_COLOR, alpha=0.85, label="train loss")
@@ -225,7 +234,7 @@ def _at_least_a_span(ax: Any, values: Sequence[float], span: float) -> None:
 
 def _plot_token_lengths(path: Path, lengths: np.ndarray, max_length: int | None) -> Path:
     """Histogram of untruncated token counts with the truncation point marked."""
-    fig = _figure(7.0)
+    fig = figure(7.0)
     ax = fig.add_subplot()
     # Bins of whole tokens (fractional widths alias integer lengths into a comb), with an
     # edge at max_length + 0.5 so the bars right of the line are exactly the truncated samples.
@@ -238,19 +247,19 @@ def _plot_token_lengths(path: Path, lengths: np.ndarray, max_length: int | None)
     if max_length is not None:
         share = truncation_stats(lengths, max_length)["samples_truncated"]
         ax.axvline(max_length + 0.5, color=_EVAL_COLOR, linestyle="--", label=f"max_length = {max_length}")
-        ax.legend(title=f"{_pct(share)} truncated")
+        ax.legend(title=f"{pct(share)} truncated")
     _thousands(ax.yaxis)
     ax.set(
         xlabel="Tokens per sample (before truncation)",
         ylabel="Samples",
         title=f"Token lengths of the training samples (n = {lengths.size:,})",
     )
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_budget(path: Path, groups: dict[str, int], trainable: int, limit: int | None) -> Path:
     """Horizontal bars: trainable parameters per group, in the dict's order top-down."""
-    fig = _figure(7.5, 1.6 + 0.45 * max(1, len(groups)))
+    fig = figure(7.5, 1.6 + 0.45 * max(1, len(groups)))
     ax = fig.add_subplot()
     names = list(groups)[::-1]  # barh draws bottom-up
     bars = ax.barh(names, [groups[n] for n in names], color=_TRUE_COLOR)
@@ -259,7 +268,7 @@ def _plot_budget(path: Path, groups: dict[str, int], trainable: int, limit: int 
     _thousands(ax.xaxis)
     budget = f" of a {limit:,} budget" if limit else ""
     ax.set(xlabel="Trainable parameters", title=f"Trainable parameters: {trainable:,}{budget}")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _section(heading: str, *blocks: str) -> str:
@@ -268,15 +277,15 @@ def _section(heading: str, *blocks: str) -> str:
 
 def _summary_section(title: str, split: str, m: dict) -> str:
     averages = [
-        [f"**{avg.capitalize()} avg.**", *(_pct(m[f"{avg}_{s}"]) for s in ("precision", "recall", "f1"))]
+        [f"**{avg.capitalize()} avg.**", *(pct(m[f"{avg}_{s}"]) for s in ("precision", "recall", "f1"))]
         for avg in ("macro", "weighted")
     ]
     return "\n\n".join(
         [
             f"# {title}",
             f"Evaluated on the **{split}** split ({m['n']:,} samples).",
-            f"**Accuracy: {_pct(m['accuracy'])}**",
-            _md_table(["", "Precision", "Recall", "F1"], averages, "lrrr"),
+            f"**Accuracy: {pct(m['accuracy'])}**",
+            md_table(["", "Precision", "Recall", "F1"], averages, "lrrr"),
         ]
     )
 
@@ -285,7 +294,7 @@ def _class_sections(m: dict, names: Sequence[str], split: str, pred_counts: Sequ
     per_class = [
         [
             n,
-            *(_pct(m["per_class"][n][s]) for s in ("precision", "recall", "f1")),
+            *(pct(m["per_class"][n][s]) for s in ("precision", "recall", "f1")),
             f"{m['per_class'][n]['support']:,}",
         ]
         for n in names
@@ -299,18 +308,18 @@ def _class_sections(m: dict, names: Sequence[str], split: str, pred_counts: Sequ
     return [
         _section(
             "Per-class results",
-            _md_table(["Class", "Precision", "Recall", "F1", "Support"], per_class, "lrrrr"),
+            md_table(["Class", "Precision", "Recall", "F1", "Support"], per_class, "lrrrr"),
         ),
         _section(
             "Confusion matrix",
             f"![Confusion matrix on the {split} split](confusion_matrix.png)",
             "Rows are the true class, columns the predicted class.",
-            _md_table(["true \\ predicted", *names], matrix, "l" + "r" * len(names)),
+            md_table(["true \\ predicted", *names], matrix, "l" + "r" * len(names)),
         ),
         _section(
             "Predicted vs. true class counts",
             "![Predicted vs. true class counts](predicted_distribution.png)",
-            _md_table(["Class", "True", "Predicted"], counts, "lrr"),
+            md_table(["Class", "True", "Predicted"], counts, "lrr"),
         ),
     ]
 
@@ -322,16 +331,16 @@ def _learning_section(history: Sequence[dict], plotted: bool) -> str:
         lines.append(f"- Final train loss: {train_loss[1][-1]:.4f} (step {train_loss[0][-1]:,.0f})")
     for split, (steps, values) in _records(history, "eval", "accuracy").items():
         best = int(np.argmax(values))
-        lines.append(f"- Best {split} accuracy: {_pct(values[best])} at step {steps[best]:,.0f}")
+        lines.append(f"- Best {split} accuracy: {pct(values[best])} at step {steps[best]:,.0f}")
     image = ["![Learning curves](learning_curves.png)"] if plotted else []
     return _section("Learning curves", *image, "\n".join(lines) or "No loss or accuracy was recorded.")
 
 
 def _training_data_section(counts: Sequence[int], names: Sequence[str]) -> str:
     total = sum(counts)
-    rows = [[n, f"{c:,}", _pct(c / max(1, total))] for n, c in zip(names, counts, strict=True)]
+    rows = [[n, f"{c:,}", pct(c / max(1, total))] for n, c in zip(names, counts, strict=True)]
     rows.append(["**Total**", f"**{total:,}**", "**100.00%**"])
-    table = _md_table(["Class", "Samples", "Share"], rows, "lrr")
+    table = md_table(["Class", "Samples", "Share"], rows, "lrr")
     return _section("Training data", "![Training samples per class](class_distribution.png)", table)
 
 
@@ -345,8 +354,8 @@ def _token_length_section(lengths: np.ndarray, max_length: int | None) -> str:
     if max_length is not None:
         t = truncation_stats(lengths, max_length)
         blocks.append(
-            f"With `max_length = {max_length}`, **{_pct(t['samples_truncated'])}** of the training samples "
-            f"({int((lengths > max_length).sum()):,}) are truncated and **{_pct(t['tokens_cut'])}** of all "
+            f"With `max_length = {max_length}`, **{pct(t['samples_truncated'])}** of the training samples "
+            f"({int((lengths > max_length).sum()):,}) are truncated and **{pct(t['tokens_cut'])}** of all "
             "tokens are cut off."
         )
     return _section("Token lengths", *blocks)
@@ -354,13 +363,13 @@ def _token_length_section(lengths: np.ndarray, max_length: int | None) -> str:
 
 def _budget_section(groups: dict[str, int], trainable: int, limit: int | None, fits: bool | None) -> str:
     denominator, share_of = (limit, "budget") if limit else (max(1, trainable), "trainable")
-    rows = [[f"`{name}`", f"{count:,}", _pct(count / denominator)] for name, count in groups.items()]
-    rows.append(["**Total trainable**", f"**{trainable:,}**", f"**{_pct(trainable / denominator)}**"])
+    rows = [[f"`{name}`", f"{count:,}", pct(count / denominator)] for name, count in groups.items()]
+    rows.append(["**Total trainable**", f"**{trainable:,}**", f"**{pct(trainable / denominator)}**"])
     blocks = ["![Trainable parameters per group](budget.png)"]
     if limit:
         verdict = "fit within" if (trainable <= limit if fits is None else fits) else "**exceed**"
         blocks.append(f"{trainable:,} trainable parameters {verdict} the budget of {limit:,}.")
-    blocks.append(_md_table(["Group", "Parameters", f"Share of {share_of}"], rows, "lrr"))
+    blocks.append(md_table(["Group", "Parameters", f"Share of {share_of}"], rows, "lrr"))
     if groups and sum(groups.values()) != trainable:
         blocks.append(f"Note: the groups add up to {sum(groups.values()):,}, not {trainable:,}.")
     return _section("Parameter budget", *blocks)
@@ -452,7 +461,7 @@ def write_report(
                 rows += [[f"Time: {phase}", _duration(seconds)] for phase, seconds in value.items()]
             else:
                 rows.append(_timing_row(key, value))
-        sections.append(_section("Timing", _md_table(["", "Value"], rows, "lr")))
+        sections.append(_section("Timing", md_table(["", "Value"], rows, "lr")))
     sections += [_section(heading, body.strip()) for heading, body in (extra or {}).items()]
 
     report = out_dir / "report.md"

@@ -42,6 +42,7 @@ __all__ = [
     "write_json_atomic",
     "atomic_path",
     "replace_dir_atomic",
+    "output_lock",
 ]
 
 CONFIG = "config.yaml"
@@ -150,6 +151,57 @@ def check_output_path(path: Path, option: str, *, folder: bool) -> None:
         raise BudgetloraError(f"{option} {path}: {parent} is a file, so nothing can be written under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BudgetloraError(f"{option} {path}: no permission to write in {parent}")
+
+
+_HELD: dict[Path, int] = {}  # the outputs this process holds the lock of, and how many times
+
+
+@contextmanager
+def output_lock(path: Path, option: str = "--output") -> Iterator[None]:
+    """Hold the one-writer lock of ``path`` (a folder or a file to write) while the block runs.
+
+    The lock is an exclusive ``flock`` on ``.<name>.lock`` beside ``path`` (beside, not in it:
+    an export folder is swapped whole), which records the holder. A second writer stops at
+    once with an error naming the holder. The operating system drops the lock when its
+    process ends, however it ends, so a killed run never blocks the next one. A process
+    that holds the lock already takes it again freely (self-training's last round writes
+    the folder its rounds live in). Where ``fcntl`` does not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms budgetlora is tested on
+        yield
+        return
+    key = path.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    key.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = key.parent / f".{key.name}.lock"
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise BudgetloraError(
+                f"{option} {path} is being written by {holder}: one writer at a time. Wait for it to "
+                f"finish (or stop it), or choose another {option}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"budgetlora process {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the file drops the lock
 
 
 @contextmanager

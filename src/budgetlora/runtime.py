@@ -16,6 +16,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,8 +29,10 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from budgetlora.errors import BudgetloraError
+from budgetlora.rundir import output_lock
 
 __all__ = [
+    "writer_lock",
     "DevicePlan",
     "Runtime",
     "plan_device",
@@ -292,6 +295,12 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T], what: str) 
     if failure is not None:
         raise failure
     return result
+
+
+def writer_lock(path: Path, option: str = "--output") -> AbstractContextManager[None]:
+    """The one-writer lock of an output (:func:`budgetlora.rundir.output_lock`), taken by the
+    main process alone: it is the one that writes, and the others would find it taken."""
+    return output_lock(path, option) if PartialState().is_main_process else nullcontext()
 
 
 def end_processes() -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -33,26 +33,34 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from budgetlora.augment import augment_table
 from budgetlora.batching import Collator, Encoded, encode, iterate, length_grouped_batches, pad_id
 from budgetlora.budget import Budget, check_budget, count_trainable, measure, resolve_size
 from budgetlora.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
+    load_newest_readable,
     load_trainable_state,
     save_checkpoint,
     trainable_state,
 )
 from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_config
-from budgetlora.data import Splits, load_splits
+from budgetlora.data import Splits, TextTable, concat_tables, load_splits, read_unlabelled
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import inference_model, predict_logits
+from budgetlora.inference import LoadedRun, inference_model, predict_logits
 from budgetlora.losses import LossFn, cross_entropy_loss
 from budgetlora.methods import TITLES, size_of, with_size
 from budgetlora.metrics import as_score, score
 from budgetlora.modeling import build_model, check_max_length, display_name, load_tokenizer
 from budgetlora.report import write_report
 from budgetlora.roles import is_head_parameter
-from budgetlora.rundir import BUDGET, CONFIG, METRICS, check_output, is_finished, write_json_atomic
+from budgetlora.rundir import (
+    BUDGET,
+    CONFIG,
+    METRICS,
+    check_output,
+    is_finished,
+    output_lock,
+    write_json_atomic,
+)
 from budgetlora.runtime import (
     Runtime,
     StopAgreement,
@@ -65,6 +73,8 @@ from budgetlora.runtime import (
     restore_rng,
     scaler_state,
 )
+from budgetlora.selftrain import self_train
+from budgetlora.shift import expectation
 
 __all__ = [
     "TrainResult",
@@ -232,6 +242,8 @@ class _Session:
     test_enc: Encoded | None
     collate: Collator
     total_steps: int
+    tapt: dict[str, Any] | None = None
+    """The masked-LM steps before training (tapt.*): their losses, for metrics.json."""
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """This process's training batches (index arrays) of ``epoch``."""
@@ -264,30 +276,59 @@ def train(
     resume: bool = False,
     loss_fn: LossFn | None = None,
     on_eval: EvalCallback | None = None,
+    extra_rows: TextTable | None = None,
+    notes: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` and write its run folder; returns the budget, metrics and history.
 
     ``resume`` continues from the newest checkpoint in the run folder (model, optimizer,
     scheduler, RNG states, data position, history). ``loss_fn`` replaces the
     cross-entropy (distillation); ``on_eval`` sees every validation result and may stop
-    the run (a sweep's pruner).
+    the run (a sweep's pruner). A config with self-training rounds runs them all
+    (:mod:`budgetlora.selftrain`); ``extra_rows`` (labelled, e.g. pseudo-labelled) join the
+    training rows, and ``notes`` (title -> Markdown) are added to the report.
     """
     if cfg.distill.teacher is not None and loss_fn is None:
         raise BudgetloraError(
             f"distill.teacher is set ({cfg.distill.teacher}): this config distils; "
             "run it with budgetlora distill (or clear the teacher: --set distill.teacher=null)"
         )
+    if cfg.self_training.rounds and extra_rows is None:
+        if loss_fn is not None or on_eval is not None:
+            raise BudgetloraError("self-training cannot be combined with distillation or a sweep")
+        return self_train(cfg, train, overwrite=overwrite, resume=resume)  # type: ignore[no-any-return]
     run_dir = Path(cfg.output)
-    clock = _PhaseClock()
     check_output(run_dir, overwrite, resume)
     runtime = make_runtime(cfg.train.mixed_precision)
+    with ExitStack() as held:
+        on_main_process(
+            runtime.accelerator, lambda: held.enter_context(output_lock(run_dir)), f"locking {run_dir}"
+        )
+        return _train(cfg, runtime, overwrite, resume, loss_fn, on_eval, extra_rows, notes or {})
+
+
+def _train(
+    cfg: RunConfig,
+    runtime: Runtime,
+    overwrite: bool,
+    resume: bool,
+    loss_fn: LossFn | None,
+    on_eval: EvalCallback | None,
+    extra_rows: TextTable | None,
+    notes: dict[str, str],
+) -> TrainResult:
+    """:func:`train`, once its run folder is checked and locked."""
+    run_dir = Path(cfg.output)
+    clock = _PhaseClock()
     cfg, splits, budget = prepare_run(cfg)
+    unlabelled = read_unlabelled(cfg.data) if cfg.data.unlabelled is not None else None
+    splits, data_notes = _training_rows(cfg, splits, extra_rows)
     saved = _find_checkpoint(run_dir, cfg, runtime) if resume else None
     check_shared_folder(runtime.accelerator, run_dir)
     if runtime.is_main_process:
         print(f"trainable parameters of {cfg.model.name_or_path}:\n{budget.table()}", flush=True)
     clock.lap("read data and check the budget")
-    session = _set_up(cfg, splits, budget, runtime)
+    session = _set_up(cfg, splits, budget, runtime, unlabelled)
     progress, best, history = _restore(session, saved, run_dir)
     clock.lap("load weights, tokenize, set up")
     try:
@@ -298,27 +339,91 @@ def train(
     if progress.best_step > 0:
         load_trainable_state(session.bare, best.state)
     metrics = _final_metrics(session, splits, budget, progress)
+    metrics["data"].update(data_notes)
     clock.lap("final evaluation")
+    report_notes = {**notes, **_adaptation_notes(metrics)}
+    if unlabelled is not None:
+        shift = _shift_report(session, unlabelled, run_dir)
+        metrics["shift"] = {"source": cfg.data.unlabelled, "accuracy": shift["accuracy"]}
+        report_notes["Shift of the unlabelled texts"] = (
+            f"{expectation(shift['accuracy']).capitalize()}. The whole report: [shift/shift.md](shift/shift.md)."
+        )
+        clock.lap("shift report of the unlabelled texts")
     metrics["timing"]["phases"] = clock.seconds
     on_main_process(
         runtime.accelerator,
-        lambda: _write_run(run_dir, session, budget, metrics, history, clock),
+        lambda: _write_run(run_dir, session, budget, metrics, history, clock, report_notes, overwrite),
         f"writing the run folder {run_dir}",
     )
     runtime.accelerator.wait_for_everyone()
     return TrainResult(run_dir, cfg, budget, metrics, history.records, session.bare)
 
 
+def _training_rows(
+    cfg: RunConfig, splits: Splits, extra_rows: TextTable | None
+) -> tuple[Splits, dict[str, Any]]:
+    """The training rows as the run trains on them: altered by ``augment.*``, then with
+    ``extra_rows`` after them; and what changed, for metrics.json."""
+    notes: dict[str, Any] = {}
+    settings = cfg.augment
+    if settings.markers or settings.lowercase or settings.word_dropout:
+        train_rows, notes["augmented"] = augment_table(splits.train, settings, cfg.train.seed)
+        splits = replace(splits, train=train_rows)
+    if extra_rows is not None:
+        splits = replace(splits, train=concat_tables(splits.train, extra_rows))
+        notes["pseudo_labelled"] = len(extra_rows)
+    return splits, notes
+
+
+def _adaptation_notes(metrics: dict[str, Any]) -> dict[str, str]:
+    """Report sections for the augmentation and the masked-LM steps of a run, where it had them."""
+    notes = {}
+    augmented = metrics["data"].get("augmented")
+    if augmented:
+        notes["Augmentation"] = (
+            f"Of {metrics['data']['train']:,} training texts, {augmented['markers']:,} lost their source markers, "
+            f"{augmented['lowercase']:,} were lowercased without punctuation and {augmented['word_dropout']:,} "
+            "lost words (augment.*)."
+        )
+    tapt = metrics.get("tapt")
+    if tapt:
+        notes["Task-adaptive pretraining"] = (
+            f"{tapt['steps']:,} masked-LM steps through the adapter on {tapt['texts']:,} texts before training: "
+            f"loss {tapt['first_loss']:.3f} at the start, {tapt['last_loss']:.3f} at the end (tapt.*)."
+        )
+    return notes
+
+
+def _shift_report(session: _Session, unlabelled: TextTable, run_dir: Path) -> dict[str, Any]:
+    """The shift report of the unlabelled texts by the trained model, into RUN/shift/."""
+    from budgetlora.shift import analyse, write_shift
+
+    cfg, runtime = session.cfg, session.runtime
+    merged = inference_model(session.bare, runtime, keep=True)
+    labels = tuple(cfg.data.label_names or ())
+    report = analyse(
+        LoadedRun(cfg, merged, session.tokenizer, labels, runtime),
+        unlabelled.texts,
+        source=str(cfg.data.unlabelled),
+        ids=unlabelled.ids,
+        batch_size=cfg.train.eval_batch_size,
+    )
+    if runtime.is_main_process:
+        write_shift(report, run_dir / "shift")
+        print("\n".join(report.lines()), flush=True)
+    return report.summary
+
+
 def _find_checkpoint(
     run_dir: Path, cfg: RunConfig, runtime: Runtime
 ) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
     """(folder, run state, this process's state) of the newest checkpoint, or None."""
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+    found = load_newest_readable(run_dir, runtime.process_index)
+    if found is None:
         if runtime.is_main_process:
             print(f"no checkpoint in {run_dir}: starting from the beginning", flush=True)
         return None
-    state, own = load_checkpoint(checkpoint, runtime.process_index)
+    checkpoint, state, own = found
     if state["config"] != _comparable(cfg):
         raise BudgetloraError(
             f"cannot resume {run_dir}: the config differs from the interrupted run's "
@@ -329,8 +434,11 @@ def _find_checkpoint(
     return checkpoint, state, own
 
 
-def _set_up(cfg: RunConfig, splits: Splits, budget: Budget, runtime: Runtime) -> _Session:
-    """Weights, tokens, optimizer and schedule, each placed as the runtime's plan says."""
+def _set_up(
+    cfg: RunConfig, splits: Splits, budget: Budget, runtime: Runtime, unlabelled: TextTable | None = None
+) -> _Session:
+    """Weights, tokens, optimizer and schedule, each placed as the runtime's plan says
+    (after the masked-LM steps of ``tapt.*``, if any)."""
     settings = cfg.train
     labels = cfg.data.label_names
     assert labels is not None  # set by prepare_run
@@ -340,6 +448,12 @@ def _set_up(cfg: RunConfig, splits: Splits, budget: Budget, runtime: Runtime) ->
     built = count_trainable(model, cfg.budget)
     if built.groups != budget.groups:  # the skeleton and the real model must agree exactly
         raise RuntimeError(f"budget mismatch: skeleton {budget.groups} != model {built.groups}")
+    tapt = None
+    if cfg.tapt.steps:
+        from budgetlora.tapt import pretrain
+
+        texts = splits.train.texts + (unlabelled.texts if unlabelled is not None else [])
+        tapt = pretrain(model, tokenizer, texts, cfg, runtime)
 
     with runtime.accelerator.main_process_first():
         train_enc, val_enc = (
@@ -388,6 +502,7 @@ def _set_up(cfg: RunConfig, splits: Splits, budget: Budget, runtime: Runtime) ->
         test_enc=test_enc,
         collate=Collator(train_enc, pad_id(tokenizer), plan.pad_to_multiple_of),
         total_steps=total_steps,
+        tapt=tapt,
     )
 
 
@@ -662,6 +777,8 @@ def _final_metrics(session: _Session, splits: Splits, budget: Budget, progress: 
     if session.test_enc is not None and session.test_enc.labels is not None:
         metrics["test"] = score(session.logits(session.test_enc, merged), session.test_enc.labels, labels)
     del merged
+    if session.tapt is not None:
+        metrics["tapt"] = session.tapt
     metrics["best_step"] = progress.best_step
     metrics["steps"] = progress.step
     metrics["timing"] = {
@@ -739,8 +856,15 @@ def _write_run(
     metrics: dict[str, Any],
     history: _History,
     clock: _PhaseClock,
+    notes: dict[str, str],
+    overwrite: bool,
 ) -> None:
     """Write every output file; each lands by an atomic rename, metrics.json last."""
+    if is_finished(run_dir) and not overwrite:  # checked at the start too; the lock makes this the last word
+        raise BudgetloraError(
+            f"{run_dir} holds a finished run that appeared while this one trained: nothing of this run was "
+            "written over it; pass --overwrite to replace it"
+        )
     cfg, model, tokenizer, train_enc = session.cfg, session.bare, session.tokenizer, session.train_enc
     staging = Path(tempfile.mkdtemp(prefix=".save.", dir=run_dir))
     try:
@@ -769,6 +893,7 @@ def _write_run(
         token_lengths=train_enc.full_lengths,
         max_length=cfg.data.max_length,
         timing=metrics["timing"],
+        extra=notes,
     )
     clock.lap("write the adapter, report and plots")
     metrics["timing"]["phases"] = clock.seconds  # report.md was written before this last phase ended
