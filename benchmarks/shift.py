@@ -257,7 +257,7 @@ def run_arm(model_name: str, arm: str, name: str, flags: list[str], chosen: list
                 st_flags = [
                     "--unlabelled",
                     spec["texts"],
-                    "--self-training-teacher",
+                    "--self-training-labeller",
                     str(base),
                     *ARMS[arm],
                     *flags,

@@ -73,7 +73,7 @@ def test_self_training_from_a_finished_run_trains_one_round(
     args = _tiny_train_args(Path(tiny_run.cfg.model.name_or_path), tiny_data_csv, out)
     done = run_cli(
         *args, "--unlabelled", str(unlabelled), "--self-training-rounds", "1",
-        "--self-training-teacher", str(tiny_run.run_dir), "--no-self-training-balance",
+        "--self-training-labeller", str(tiny_run.run_dir), "--no-self-training-balance",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (out / "self-training").iterdir()) == ["rounds.json"]

@@ -562,7 +562,10 @@ def _sample(key: str, annotation: Any, default: Any) -> tuple[list[str], Any]:
 
 
 # Momentum is SGD's alone (the config refuses it with another optimizer).
-_NEEDS = {"train.momentum": {"train.optimizer": "sgd"}}
+_NEEDS = {
+    "train.momentum": {"train.optimizer": "sgd"},
+    "self_training.rounds": {"data.unlabelled": "texts.csv"},
+}
 
 
 def test_every_config_key_has_a_flag_that_sets_it() -> None:

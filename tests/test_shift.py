@@ -114,6 +114,7 @@ def test_prior_correction_finds_the_shares_of_an_unbalanced_set(tiny_run, tmp_pa
     kept = [r for r in rows if r[1] == 0][:165] + [r for r in rows if r[1] != 0][:135]  # 55% class 0
     data = _csv(tmp_path / "skewed.csv", [(t,) for t, _ in kept])
     out = tmp_path / "sub.csv"
+    out.with_suffix(".shift.json").write_text("{}")  # an earlier submission's report
     done = run_cli(
         "predict",
         str(tiny_run.run_dir),
@@ -128,7 +129,7 @@ def test_prior_correction_finds_the_shares_of_an_unbalanced_set(tiny_run, tmp_pa
     line = next(x for x in done.stdout.splitlines() if x.startswith("class priors re-estimated by EM"))
     world = float(line.split(f"{tiny_run.cfg.data.label_names[0]} ")[1].split("%")[0])
     assert 45 < world < 65
-    assert not out.with_suffix(".shift.json").exists()  # --no-shift
+    assert not out.with_suffix(".shift.json").exists()  # --no-shift: the stale report goes too
     with out.with_suffix(".probs.csv").open() as fh:
         probs = [sum(float(v) for k, v in r.items() if k.startswith("p_")) for r in csv.DictReader(fh)]
     assert probs == pytest.approx([1.0] * len(kept), abs=1e-5)

@@ -545,7 +545,7 @@ class SelfTrainingSettings:
     """Share of the unlabelled rows pseudo-labelled in the last round (round r of R takes r/R of it)."""
     balance: bool = True
     """Keep as many pseudo-labelled rows of each class (the most confident of each)."""
-    teacher: str | None = None
+    labeller: str | None = None
     """A finished run folder that labels the first round (default: a run of this config without the unlabelled rows, trained first)."""
 
     def __post_init__(self) -> None:
@@ -557,8 +557,8 @@ class SelfTrainingSettings:
             or not 0 < self.share <= 1
         ):
             _fail("self_training.share", self.share, "a fraction in (0, 1]")
-        if self.teacher is not None and not self.teacher:
-            _fail("self_training.teacher", self.teacher, "a finished run folder")
+        if self.labeller is not None and not self.labeller:
+            _fail("self_training.labeller", self.labeller, "a finished run folder")
 
 
 @dataclass(frozen=True)
@@ -571,7 +571,7 @@ class TaptSettings:
     """Masked-LM optimizer steps before classification training (0: none)."""
     mask_probability: float = 0.15
     """Share of tokens masked (BERT's 80/10/10 replacement)."""
-    lr: float | None = None
+    mlm_lr: float | None = None
     """Peak learning rate of the masked-LM steps (default: train.lr)."""
 
     def __post_init__(self) -> None:
@@ -579,7 +579,7 @@ class TaptSettings:
             _fail("tapt.steps", self.steps, "a whole number >= 0")
         if not 0 < self.mask_probability < 1:
             _fail("tapt.mask_probability", self.mask_probability, "a fraction in (0, 1)")
-        _check_positive("tapt.lr", self.lr)
+        _check_positive("tapt.mlm_lr", self.mlm_lr)
 
 
 @dataclass(frozen=True)

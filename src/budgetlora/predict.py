@@ -175,6 +175,8 @@ def _predict(
             for i, p, prob in zip(ids, preds, probs, strict=True)
         )
         _write_csv(output.with_suffix(".probs.csv"), header, rows)
+    if is_main:  # a report of an earlier submission under this name no longer describes this one
+        output.with_suffix(".shift.json").unlink(missing_ok=True)
     if shift and not onnx:
         _shift_summary(run, table, source, logits, output.with_suffix(".shift.json"))
     return output

@@ -161,11 +161,12 @@ def output_lock(path: Path, option: str = "--output") -> Iterator[None]:
     """Hold the one-writer lock of ``path`` (a folder or a file to write) while the block runs.
 
     The lock is an exclusive ``flock`` on ``.<name>.lock`` beside ``path`` (beside, not in it:
-    an export folder is swapped whole), which records the holder. A second writer stops at
-    once with an error naming the holder. The operating system drops the lock when its
-    process ends, however it ends, so a killed run never blocks the next one. A process
-    that holds the lock already takes it again freely (self-training's last round writes
-    the folder its rounds live in). Where ``fcntl`` does not exist (Windows) nothing is locked.
+    an export folder is swapped whole), which records the holder and is removed on release.
+    A second writer stops at once with an error naming the holder. The operating system
+    drops the lock when its process ends, however it ends, so a killed run never blocks the
+    next one (its lock file stays behind, free). A process that holds the lock already takes
+    it again freely (self-training's last round writes the folder its rounds live in). Where
+    ``fcntl`` does not exist (Windows) nothing is locked.
     """
     try:
         import fcntl
@@ -182,26 +183,42 @@ def output_lock(path: Path, option: str = "--output") -> Iterator[None]:
         return
     key.parent.mkdir(parents=True, exist_ok=True)
     lock_file = key.parent / f".{key.name}.lock"
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _locked(lock_file, fcntl, f"{option} {path}", option)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            raise BudgetloraError(
-                f"{option} {path} is being written by {holder}: one writer at a time. Wait for it to "
-                f"finish (or stop it), or choose another {option}"
-            ) from None
-        os.ftruncate(fd, 0)
         os.pwrite(fd, f"budgetlora process {os.getpid()} on {os.uname().nodename}".encode(), 0)
         _HELD[key] = 1
         try:
             yield
         finally:
             del _HELD[key]
-            os.ftruncate(fd, 0)
+            lock_file.unlink(missing_ok=True)  # while still holding it: no one can hold this file now
     finally:
         os.close(fd)  # closing the file drops the lock
+
+
+def _locked(lock_file: Path, fcntl: Any, what: str, option: str) -> int:
+    """An open descriptor of ``lock_file`` holding its exclusive lock. The file is the one at
+    that path when the lock is taken: a holder removes it as it lets go, and a lock on a file
+    already removed would guard nothing, so that case opens the new one and tries again."""
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise BudgetloraError(
+                f"{what} is being written by {holder}: one writer at a time. Wait for it to finish "
+                f"(or stop it), or choose another {option}"
+            ) from None
+        try:
+            current = os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            os.ftruncate(fd, 0)
+            return fd
+        os.close(fd)
 
 
 @contextmanager

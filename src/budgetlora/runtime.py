@@ -300,7 +300,8 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T], what: str) 
 def writer_lock(path: Path, option: str = "--output") -> AbstractContextManager[None]:
     """The one-writer lock of an output (:func:`budgetlora.rundir.output_lock`), taken by the
     main process alone: it is the one that writes, and the others would find it taken."""
-    return output_lock(path, option) if PartialState().is_main_process else nullcontext()
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as make_runtime sets it up
+    return output_lock(path, option) if main else nullcontext()
 
 
 def end_processes() -> None:

@@ -1,7 +1,7 @@
 """Self-training on unlabelled texts of the target domain (``self_training.*`` with
 ``data.unlabelled``).
 
-Round 0 is a run of the config without the unlabelled texts (or ``self_training.teacher``, a
+Round 0 is a run of the config without the unlabelled texts (or ``self_training.labeller``, a
 finished run). In round r of R the run of round r - 1 labels the unlabelled texts; the most
 confident r/R x ``share`` of them (as many of each class, with ``balance``) join the training
 rows, and a fresh model trains on both, within the same budget (the rows change, the model
@@ -114,11 +114,11 @@ def self_train(
     # Round 0 and the rounds before the last are plain runs (with their pseudo-labelled rows);
     # the last has the whole config, and with it the shift report of the unlabelled texts.
     plain = replace(cfg, data=replace(cfg.data, unlabelled=None), self_training=replace(settings, rounds=0))
-    if settings.teacher is not None:
-        teacher = Path(settings.teacher)
+    if settings.labeller is not None:
+        teacher = Path(settings.labeller)
         check_run_dir(teacher)
         if not is_finished(teacher):
-            raise BudgetloraError(f"self_training.teacher {teacher} has not finished training")
+            raise BudgetloraError(f"self_training.labeller {teacher} has not finished training")
     else:
         teacher = rounds_dir / "round-0"
         if overwrite or not is_finished(teacher):

@@ -74,7 +74,7 @@ def pretrain(
     setattr(mlm, prefix, encoder)  # the adapter's encoder, shared: the MLM loss trains the adapter
     mlm.to(runtime.device).train()
     params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr or train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=settings.mlm_lr or train.lr, weight_decay=train.weight_decay)
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=int(0.06 * settings.steps), num_training_steps=settings.steps
     )
