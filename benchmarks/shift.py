@@ -301,16 +301,16 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def table(model_name: str) -> str:
+def table(model_name: str, root: Path) -> str:
     folder = RESULTS / f"shift_{model_label(model_name)}"
     arms = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     none = arms.get("none", {})
-    sets = json.loads((Path(_workdir()) / "sets" / "index.json").read_text())
+    sets = json.loads((root / "sets" / "index.json").read_text())
     lines = [f"# Shifted test sets: {model_label(model_name)}", ""]
     metas = {name: arm.pop("_meta", {}) for name, arm in arms.items()}
     if metas:
         lines += [f"hardware: {next(iter(metas.values())).get('hardware', '?')}", ""]
-    lines += _estimates_table(none)
+    lines += _estimates_table(none, sets)
     lines += _arms_table(arms, none, sets)
     lines += ["Commands:", ""] + [f"- {n}: `{m.get('command', '?')}`" for n, m in metas.items()] + [""]
     text = "\n".join(lines)
@@ -318,7 +318,7 @@ def table(model_name: str) -> str:
     return text
 
 
-def _estimates_table(none: dict[str, Any]) -> list[str]:
+def _estimates_table(none: dict[str, Any], sets: dict[str, Any]) -> list[str]:
     from budgetlora.estimate import ESTIMATORS
 
     if not none:
@@ -353,8 +353,8 @@ def _estimates_table(none: dict[str, Any]) -> list[str]:
     ]
     competition = none.get("competition")
     if competition:
-        scores = np.asarray(competition["domain_scores"])[competition_rows()]
-        labels = np.asarray(_set_labels("competition"))
+        scores = np.asarray(competition["domain_scores"])[sets["competition"]["rows"]]
+        labels = np.asarray(sets["competition"]["labels"])
         right = np.asarray([int(c) for c in competition["predictions"]]) == labels
         top = scores >= np.quantile(scores, 0.75)
         lines += [
@@ -366,17 +366,9 @@ def _estimates_table(none: dict[str, Any]) -> list[str]:
     return lines
 
 
-def competition_rows() -> list[int]:
-    return json.loads((Path(_workdir()) / "sets" / "index.json").read_text())["competition"]["rows"]
-
-
-def _set_labels(name: str) -> list[int]:
-    return json.loads((Path(_workdir()) / "sets" / "index.json").read_text())[name]["labels"]
-
-
 def _arms_table(arms: dict[str, dict[str, Any]], none: dict[str, Any], sets: dict[str, Any]) -> list[str]:
     names = [n for n in arms if n != "none"]
-    if not none:
+    if not none or not names:
         return []
     lines = [
         "## Adaptation: accuracy of each arm, and its difference from none on the same rows", "",
@@ -431,13 +423,13 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.workdir)
     if args.table:
-        print(table(args.model))
+        print(table(args.model, root))
         return
     if not args.arm:
         parser.error("--arm or --table")
     print("hardware:", hardware(), flush=True)
     run_arm(args.model, args.arm, args.name or args.arm, args.flag, args.sets.split(","), root)
-    print(table(args.model))
+    print(table(args.model, root))
 
 
 if __name__ == "__main__":

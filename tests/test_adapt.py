@@ -129,7 +129,9 @@ def test_tapt_trains_the_adapter_and_nothing_else(tiny_mlm_dir: Path, tiny_confi
 
     cfg = tiny_config(tmp_path / "run")
     cfg = replace(
-        cfg, model=replace(cfg.model, name_or_path=str(tiny_mlm_dir)), tapt=TaptSettings(steps=40, lr=1e-2)
+        cfg,
+        model=replace(cfg.model, name_or_path=str(tiny_mlm_dir)),
+        tapt=TaptSettings(steps=40, mlm_lr=1e-2),
     )
     model = build_model(cfg.model, ("a", "b", "c", "d"))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
