@@ -6,6 +6,7 @@ estimators predict the accuracy without labels, and what adapting to unlabelled 
     python benchmarks/shift.py --model minilm --arm augment        # train once with augmentation
     python benchmarks/shift.py --model minilm --arm self-training  # one run per set, adapted to its texts
     python benchmarks/shift.py --model minilm --arm self-training --sets competition,garbled
+    python benchmarks/shift.py --model minilm --arm distill --sets none,headline  # taught by MPNet
     python benchmarks/shift.py --model minilm --name st-r2 --arm self-training --flag=--self-training-rounds --flag=2
     python benchmarks/shift.py --model minilm --table              # the tables of the results so far
 
@@ -32,6 +33,8 @@ Arms (each a run per model; a result per set goes to benchmarks/results/shift_<m
   prior-em       none's run, `budgetlora predict --prior-correction em` on each set
   augment        --augment-markers 0.5 --augment-lowercase 0.25 --augment-word-dropout 0.1
   self-training  --unlabelled <the set's texts> --self-training-rounds 2, none's run labelling round 1
+  distill        budgetlora distill --unlabelled <the set's texts> --transfer-unlabelled, taught by
+                 MPNet's none run (run `--model mpnet --arm none` first)
 --flag adds options to an arm's training command (under another --name).
 """
 
@@ -62,7 +65,10 @@ ARMS = {
     "prior-em": [],
     "augment": ["--augment-markers", "0.5", "--augment-lowercase", "0.25", "--augment-word-dropout", "0.1"],
     "self-training": ["--self-training-rounds", "2"],
+    "distill": ["--transfer-unlabelled"],
 }
+ADAPTED_PER_SET = ("self-training", "distill")  # arms that train one run per set, on its texts
+TEACHER = "mpnet"  # the distill arm's teacher: this model's none run
 VALIDATION = "0.15"
 FUNCTION_WORDS = set(
     [
@@ -252,18 +258,12 @@ def run_arm(model_name: str, arm: str, name: str, flags: list[str], chosen: list
             result["validation"] = json.loads((base / "metrics.json").read_text())["validation"]["accuracy"]
         else:
             run = base if arm == "prior-em" else arm_run
-            if arm == "self-training":
+            if arm in ADAPTED_PER_SET:
                 run = runs / f"{name}-{set_name}"
-                st_flags = [
-                    "--unlabelled",
-                    spec["texts"],
-                    "--self-training-labeller",
-                    str(base),
-                    *ARMS[arm],
-                    *flags,
-                ]
-                seconds = budgetlora(train_args(model, sets, run, st_flags), root, model, log)
-                result["train_seconds"] = seconds
+                command = train_args(model, sets, run, adapt_flags(arm, spec["texts"], base, root, flags))
+                if arm == "distill":
+                    command[0] = "distill"
+                result["train_seconds"] = budgetlora(command, root, model, log)
             extra = ["--prior-correction", "em"] if arm == "prior-em" else []
             submission = out / "submission.csv"
             budgetlora(
@@ -281,6 +281,18 @@ def run_arm(model_name: str, arm: str, name: str, flags: list[str], chosen: list
         results[set_name] = result
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps({**results, "_meta": _meta(arm, flags)}, indent=1))
+
+
+def adapt_flags(arm: str, texts: str, base: Path, root: Path, flags: list[str]) -> list[str]:
+    """The training options of an arm that adapts to a set's texts."""
+    if arm == "self-training":
+        return ["--unlabelled", texts, "--self-training-labeller", str(base), *ARMS[arm], *flags]
+    teacher = root / "runs" / model_label(TEACHER) / "none"
+    if not (teacher / "metrics.json").is_file():
+        sys.exit(
+            f"the distill arm's teacher {teacher} is not trained: run --model {TEACHER} --arm none first"
+        )
+    return ["--unlabelled", texts, "--teacher", str(teacher), *ARMS[arm], *flags]
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:

@@ -83,6 +83,14 @@ def post(base: str, payload: Any) -> tuple[int, Any]:
 @contextmanager
 def server(path: Path, *options: str) -> Iterator[str]:
     """A `budgetlora serve` subprocess; yields its base URL once /health answers."""
+    with serving(path, *options) as (base, _):
+        yield base
+
+
+@contextmanager
+def serving(path: Path, *options: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A `budgetlora serve` subprocess; yields its base URL and the process once /health answers,
+    and checks on leaving that it stopped cleanly (SIGTERM, unless the test stopped it)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
@@ -105,9 +113,10 @@ def server(path: Path, *options: str) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "the server did not answer /health in 300 s"
             time.sleep(0.5)
-        yield base
+        yield base, proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         output = proc.communicate(timeout=60)[0]
     # uvicorn shuts down (the app's shutdown ran: "stopped"), then re-raises the SIGTERM it caught.
     assert proc.returncode in (0, -signal.SIGTERM), output

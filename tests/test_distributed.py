@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -135,3 +136,39 @@ def test_a_run_resumes_with_another_number_of_processes(
     steps = [r["step"] for r in map(json.loads, (out / "history.jsonl").read_text().splitlines())]
     assert steps == sorted(steps)  # the history continues in the new step count
     assert steps[-1] == metrics["steps"] and stopped * first // then <= steps[-1]
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_process_killed_stops_the_others_and_the_run_resumes(
+    victim: int, tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path
+) -> None:
+    """SIGKILL to one of two training processes (no handler runs, no checkpoint is written): the
+    other stops within a bounded time instead of waiting in a collective for ever, torchrun
+    exits non-zero naming the process that died, and --resume continues from the last checkpoint."""
+    out = tmp_path / "run"
+    command = [*TORCHRUN, "-m", "budgetlora", *_train(out, tiny_model_dir, tiny_data_csv)]
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(out) is None and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+    workers = {
+        int(p.environ()["RANK"]): p for p in psutil.Process(launcher.pid).children() if "RANK" in p.environ()
+    }
+    assert sorted(workers) == [0, 1]
+    workers[victim].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    stdout, stderr = launcher.communicate(timeout=300)
+    assert time.monotonic() - killed_at < 120, "the surviving process hung"
+    assert launcher.returncode != 0 and not (out / "metrics.json").exists()
+    assert f"rank      : {victim}" in stderr and "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
+
+    resumed = subprocess.run(
+        [*TORCHRUN, "-m", "budgetlora", "train", "--resume", "--output", str(out), "--no-progress"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 12 * 36 // 2 and metrics["test"]["accuracy"] > 0.9

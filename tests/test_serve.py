@@ -14,27 +14,9 @@ from typing import Any
 
 import pytest
 
-from budgetlora.export import export
-from budgetlora.predict import classify
 from budgetlora.serve import parse_texts
 from commands import main_exit, post, request, server
-from conftest import make_rows
-
-POOL = [t for t, _ in make_rows(32, seed=21)]
-
-
-@pytest.fixture(scope="module")
-def run_and_export(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
-    run = tiny_run
-    out = export(run.run_dir, tmp_path_factory.mktemp("exports") / "tiny", formats=["onnx"]).output
-    return run.run_dir, out
-
-
-@pytest.fixture(scope="module")
-def expected(run_and_export: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
-    """budgetlora's own answer for every text of the pool (the torch path, fp32)."""
-    rows = classify(run_and_export[0], POOL)
-    return {r["text"]: {k: r[k] for k in ("label", "label_id", "probabilities")} for r in rows}
+from conftest import SERVE_POOL as POOL  # the texts that the fixtures run_and_export and expected know
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +48,8 @@ def test_health_info_and_answers_that_agree_with_budgetlora(  # type: ignore[no-
         "batch_size": 32,
         "max_wait_ms": 5.0,
         "max_body_bytes": 4096,
+        "max_queue": 2048,
+        "refused_busy": 0,
     }
     assert info["metrics"]["test"]["n"] == 96
     status, body = post(onnx_server, {"texts": POOL[:8]})

@@ -47,6 +47,7 @@ ALIASES: dict[str, str] = {
     "distill.teacher": "--teacher",
     "distill.alpha": "--alpha",
     "distill.temperature": "--temperature",
+    "distill.transfer": "--transfer-unlabelled",
 }
 _NAMED_BLOCKS = (
     "model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr", "augment", "self_training", "tapt",
@@ -334,6 +335,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_wait_ms=args.max_wait_ms,
         max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue,
+        max_connections=args.max_connections,
     )
     return 0
 
@@ -426,6 +429,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         storage=args.storage,
         study_name=args.study_name,
         seed=args.seed,
+        heartbeat=args.heartbeat,
     )
     print(
         f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {result.output / 'trials.md'}"
@@ -594,6 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1,000,000 bytes)"
     )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=2048,
+        help="most texts waiting to be scored; a request past it gets 503 with Retry-After (default 2048)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="most open connections; past it new ones get 503 at once (default 512)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -647,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="budget-aware hyperparameter search (optuna)",
         description="Search a YAML space around a base config with optuna. Over-budget trials are pruned before "
-        "training; weak ones are pruned early (median rule). Writes trial folders, trials.csv/.md, best.yaml, plots.",
+        "training; weak ones are pruned early (median rule). Writes trial folders, trials.csv/.md, best.yaml, plots. "
+        "Start the same command several times on one --storage (PostgreSQL for several machines) to run the study "
+        "with several workers: together they run --trials exactly.",
     )
     p.add_argument("--config", metavar="FILE", help="base config YAML (default: the built-in defaults)")
     p.add_argument(
@@ -662,6 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="tpe", choices=["tpe", "grid"], help="optuna sampler (default tpe)")
     p.add_argument("--storage", metavar="URL", help="optuna storage URL (default sqlite:///DIR/study.db)")
     p.add_argument("--study-name", help="study name in the storage (default: the name of DIR)")
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a running trial records a beat this often; one silent for 3 beats (its worker killed) is marked "
+        "failed and run again by a worker of the study (default 60)",
+    )
     p.add_argument(
         "--teacher", metavar="PATH_OR_ID", help="distil every trial from this teacher [distill.teacher]"
     )

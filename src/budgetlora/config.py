@@ -503,8 +503,12 @@ class DistillSettings:
     """Weight of the soft (teacher) term; 1 - alpha weighs the cross-entropy on the labels."""
     temperature: float = 2.0
     """Softmax temperature of both teacher and student in the soft term."""
+    transfer: bool = False
+    """Also train on the texts of data.unlabelled, each labelled by the teacher (its soft labels, and its top class as the hard one)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.transfer, bool):
+            _fail("distill.transfer", self.transfer, "true or false")
         if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
             _fail("distill.teacher", self.teacher, "a run folder, model folder or Hub id")
         bad_alpha = isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
@@ -614,6 +618,10 @@ class RunConfig:
         if self.self_training.rounds and self.data.unlabelled is None:
             problems.append(
                 f"self_training.rounds={self.self_training.rounds} needs unlabelled texts: set data.unlabelled"
+            )
+        if self.distill.transfer and self.data.unlabelled is None:
+            problems.append(
+                "distill.transfer=true needs unlabelled texts to transfer on: set data.unlabelled"
             )
         _raise_all(problems)
 

@@ -6,7 +6,8 @@ Its logits over the student's rows are computed once with the fast inference pat
 cached on disk (``<cache>/teacher/<key>.npy``, key = teacher files + tokenizer + max
 length + texts) and reused by every student run and sweep trial; the teacher is freed
 before the student trains. The student trains with :func:`budgetlora.train.train` and a
-:func:`budgetlora.losses.distillation_loss`.
+:func:`budgetlora.losses.distillation_loss`. With ``distill.transfer`` the texts of
+``data.unlabelled`` join its training rows, labelled by the teacher (transfer data).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +26,7 @@ from accelerate import PartialState
 
 from budgetlora.batching import cache_dir, cache_key, encode, pad_id
 from budgetlora.config import DistillSettings, ModelConfig, RunConfig, load_config
-from budgetlora.data import Splits, TextTable
+from budgetlora.data import Splits, TextTable, read_unlabelled
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference import inference_model, load_run, predict_logits
 from budgetlora.losses import distillation_loss_fn
@@ -56,6 +58,7 @@ __all__ = [
     "DistillResult",
     "resolve_teacher",
     "teacher_logits",
+    "transfer_rows",
     "distill",
 ]
 
@@ -208,9 +211,9 @@ class TeacherLogits:
 
     teacher: Teacher
     logits: dict[str, np.ndarray]
-    """Split name (train, validation, test) -> (n, labels)."""
+    """Split name (train, validation, test, transfer) -> (n, labels)."""
     metrics: dict[str, dict[str, float]]
-    """Split name -> the teacher's accuracy and macro-F1 on the student's rows."""
+    """Split name -> the teacher's accuracy and macro-F1 on the student's labelled rows."""
     labels_matched_by: str
     cache_files: dict[str, str]
     computed: list[str]
@@ -219,9 +222,12 @@ class TeacherLogits:
     """The teacher's inference precision (no, bf16, fp16)."""
 
 
-def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> TeacherLogits:
-    """The teacher's logits over ``splits`` (train, validation, and test if any), from the
-    cache when there; only missing splits load the teacher, which is freed on return."""
+def teacher_logits(
+    teacher: str | Teacher, splits: Splits, max_length: int, transfer: TextTable | None = None
+) -> TeacherLogits:
+    """The teacher's logits over ``splits`` (train, validation, and test if any) and over the
+    unlabelled ``transfer`` texts if given (as split "transfer"), from the cache when there;
+    only missing splits load the teacher, which is freed on return."""
     teacher = resolve_teacher(teacher) if isinstance(teacher, str) else teacher
     matched = _check_labels(teacher, tuple(splits.label_names))
     length = teacher.max_length or max_length
@@ -231,6 +237,8 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
     tables: dict[str, TextTable] = {"train": splits.train, "validation": splits.validation}
     if splits.test is not None:
         tables["test"] = splits.test
+    if transfer is not None:
+        tables["transfer"] = transfer
     runtime = make_runtime(teacher.precision)  # its resolved precision and device key the cache
     precision = f"{runtime.device.type}:{runtime.mixed_precision}"
     folder = cache_dir() / "teacher"
@@ -263,7 +271,8 @@ def teacher_logits(teacher: str | Teacher, splits: Splits, max_length: int) -> T
             torch.cuda.empty_cache()
     metrics = {}
     for split, table in tables.items():
-        assert table.labels is not None
+        if table.labels is None:  # the transfer texts
+            continue
         result = score(logits[split], table.labels, splits.label_names)
         metrics[split] = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "n": len(table)}
     files = {s: str(p) for s, p in paths.items()}
@@ -358,11 +367,25 @@ def _distill(
     assert settings.teacher is not None
     run_dir = Path(cfg.output)
     baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
-    soft = teacher_logits(settings.teacher, splits, cfg.data.max_length)
+    transfer = read_unlabelled(cfg.data) if settings.transfer else None
+    soft = teacher_logits(settings.teacher, splits, cfg.data.max_length, transfer)
+    rows, notes, train_logits = None, {}, soft.logits["train"]
+    if transfer is not None:
+        rows = transfer_rows(transfer, soft.logits["transfer"], splits.label_names)
+        notes = {"Transfer data": _transfer_note(rows, cfg.data.unlabelled)}
+        train_logits = np.concatenate([train_logits, soft.logits["transfer"]])  # the rows' order in train()
     loss_fn = distillation_loss_fn(
-        soft.logits["train"], settings.alpha, settings.temperature, cfg.train.label_smoothing
+        train_logits, settings.alpha, settings.temperature, cfg.train.label_smoothing
     )
-    student = train(cfg, overwrite=overwrite, resume=resume, loss_fn=loss_fn, on_eval=on_eval)
+    student = train(
+        cfg,
+        overwrite=overwrite,
+        resume=resume,
+        loss_fn=loss_fn,
+        on_eval=on_eval,
+        extra_rows=rows,
+        notes=notes,
+    )
     main = PartialState().is_main_process
     report = (run_dir / "report.md").read_text(encoding="utf-8") if main else ""
     summary: dict[str, Any] = {
@@ -371,6 +394,7 @@ def _distill(
         "temperature": settings.temperature,
         "student": {"run_dir": str(run_dir), "trainable": budget.trainable, **_scores(student.metrics)},
         "baseline": None,
+        "transfer": None if rows is None else _transfer_summary(rows, cfg.data.unlabelled),
     }
     if main:
         _write_summary(run_dir, summary, report)
@@ -383,6 +407,28 @@ def _distill(
         if main:
             _write_summary(run_dir, summary, report)
     return DistillResult(run_dir, student, baseline, soft, summary)
+
+
+def transfer_rows(texts: TextTable, logits: np.ndarray, label_names: Sequence[str]) -> TextTable:
+    """The unlabelled ``texts`` as training rows: each labelled by the teacher's top class."""
+    return replace(texts, labels=logits.argmax(axis=1).astype(np.int64), label_names=tuple(label_names))
+
+
+def _transfer_summary(rows: TextTable, source: str | None) -> dict[str, Any]:
+    assert rows.labels is not None and rows.label_names is not None
+    counts = np.bincount(rows.labels, minlength=len(rows.label_names))
+    shares = {name: float(c / len(rows)) for name, c in zip(rows.label_names, counts, strict=True)}
+    return {"source": source, "rows": len(rows), "teacher_class_shares": shares}
+
+
+def _transfer_note(rows: TextTable, source: str | None) -> str:
+    shares = _transfer_summary(rows, source)["teacher_class_shares"]
+    shown = ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
+    return (
+        f"The student also trained on the {len(rows):,} texts of `{source}` (data.unlabelled), labelled by the "
+        f"teacher: its soft labels in the distillation term, its top class in the cross-entropy "
+        f"(distill.transfer). The teacher's classes there: {shown}."
+    )
 
 
 def _pct(scores: dict[str, Any], split: str) -> str:

@@ -8,6 +8,10 @@ passes compete for the cores.
     GET  /health    {"status": "ok"}
     GET  /info      model, labels, budget, metrics, backend and the serving limits
     POST /classify  {"texts": ["...", ...]} -> {"predictions": [{"label", "label_id", "probabilities"}]}
+
+Under overload a request is refused rather than queued without end: 503 (with Retry-After) when
+``max_queue`` texts are waiting already or ``max_connections`` connections are open; 413 for a
+body over ``max_body_bytes``; 400 for a body that is not JSON (invalid UTF-8 included).
 """
 
 from __future__ import annotations
@@ -33,25 +37,45 @@ from budgetlora.backends import Classifier, load_classifier
 from budgetlora.errors import BudgetloraError
 from budgetlora.metrics import softmax
 
-__all__ = ["Batcher", "RequestError", "create_app", "parse_texts", "serve", "check_port"]
+__all__ = ["Batcher", "Busy", "RequestError", "create_app", "parse_texts", "serve", "check_port"]
 
 _Job = tuple[list[str], "Future[np.ndarray]"]
 
 
-class Batcher:
-    """Scores the texts of many requests in shared batches, on one thread."""
+class Busy(Exception):
+    """The batcher holds as many texts as it may: the request is refused (503), not queued."""
 
-    def __init__(self, classifier: Classifier, *, batch_size: int = 32, max_wait_ms: float = 5.0) -> None:
+
+class Batcher:
+    """Scores the texts of many requests in shared batches, on one thread. At most ``max_queue``
+    texts wait or are being scored at a time: past that, :meth:`submit` refuses (memory stays
+    bounded under any load, and a refused client can come back)."""
+
+    def __init__(
+        self, classifier: Classifier, *, batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 2048
+    ) -> None:
         self.classifier = classifier
         self.batch_size = batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
         self.batches = 0  # forward passes run, for /info
+        self.refused = 0  # requests refused as busy, for /info
+        self._held = 0  # texts submitted and not yet answered
+        self._lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="budgetlora-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, texts: list[str]) -> Future[np.ndarray]:
-        """A future of the (len(texts), num_labels) class probabilities."""
+        """A future of the (len(texts), num_labels) class probabilities; :class:`Busy` when
+        the texts would take the batcher past ``max_queue``."""
+        with self._lock:
+            if self._held + len(texts) > self.max_queue:
+                self.refused += 1
+                raise Busy(
+                    f"{self._held} texts are waiting to be scored (at most {self.max_queue}): try again shortly"
+                )
+            self._held += len(texts)
         future: Future[np.ndarray] = Future()
         self._queue.put((texts, future))
         return future
@@ -93,6 +117,9 @@ class Batcher:
             for _, future in jobs:
                 future.set_exception(err)
             return
+        finally:
+            with self._lock:
+                self._held -= len(texts)
         start = 0
         for job_texts, future in jobs:
             future.set_result(probs[start : start + len(job_texts)])
@@ -150,9 +177,10 @@ def create_app(
     batch_size: int = 32,
     max_wait_ms: float = 5.0,
     max_body_bytes: int = 1_000_000,
+    max_queue: int = 2048,
 ) -> FastAPI:
     """The FastAPI app; its batcher thread starts now and stops when the app shuts down."""
-    batcher = Batcher(classifier, batch_size=batch_size, max_wait_ms=max_wait_ms)
+    batcher = Batcher(classifier, batch_size=batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -174,6 +202,7 @@ def create_app(
         "batch_size": batch_size,
         "max_wait_ms": max_wait_ms,
         "max_body_bytes": max_body_bytes,
+        "max_queue": max_queue,
     }
 
     @app.get("/health")
@@ -182,29 +211,37 @@ def create_app(
 
     @app.get("/info")
     def describe() -> dict[str, Any]:
-        return {**info, "forward_passes": batcher.batches}
+        return {**info, "forward_passes": batcher.batches, "refused_busy": batcher.refused}
 
     @app.post("/classify")
     async def classify(request: Request) -> JSONResponse:
         try:
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_body_bytes:
-                raise RequestError(f"the request body ({declared} bytes) is over {max_body_bytes} bytes", 413)
-            body = await request.body()
-            if len(body) > max_body_bytes:
-                raise RequestError(
-                    f"the request body ({len(body)} bytes) is over {max_body_bytes} bytes", 413
-                )
-            texts = parse_texts(body, max_texts)
+            texts = parse_texts(await _read_body(request, max_body_bytes), max_texts)
         except RequestError as err:
             return JSONResponse({"detail": str(err)}, status_code=err.status_code)
         try:
             probs = await asyncio.wrap_future(batcher.submit(texts))
+        except Busy as err:
+            return JSONResponse({"detail": f"busy: {err}"}, status_code=503, headers={"Retry-After": "1"})
         except Exception as err:
             return JSONResponse({"detail": f"inference failed: {type(err).__name__}: {err}"}, status_code=500)
         return JSONResponse({"predictions": _predictions(texts, probs, classifier.label_names)})
 
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, read no further than ``limit`` bytes (a chunked body declares no length)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the request body ({declared} bytes) is over {limit} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the request body (more than {limit} bytes) is over {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def check_port(host: str, port: int) -> None:
@@ -236,14 +273,19 @@ def serve(
     batch_size: int = 32,
     max_wait_ms: float = 5.0,
     max_body_bytes: int = 1_000_000,
+    max_queue: int = 2048,
+    max_connections: int = 512,
 ) -> None:
-    """Serve ``path`` (an export folder on onnxruntime, or a run folder on torch) until stopped."""
+    """Serve ``path`` (an export folder on onnxruntime, or a run folder on torch) until stopped.
+    SIGTERM or Ctrl-C stops taking new connections and answers the requests in flight first."""
     import uvicorn
 
     for option, value in (
         ("--max-texts", max_texts),
         ("--batch-size", batch_size),
         ("--max-body-bytes", max_body_bytes),
+        ("--max-queue", max_queue),
+        ("--max-connections", max_connections),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BudgetloraError(f"invalid value for {option}: {value!r} (a positive integer)")
@@ -257,10 +299,12 @@ def serve(
         batch_size=batch_size,
         max_wait_ms=max_wait_ms,
         max_body_bytes=max_body_bytes,
+        max_queue=max_queue,
     )
     print(
         f"budgetlora serve: {path} on {classifier.backend} ({', '.join(classifier.label_names)}) "
         f"at http://{host}:{port}",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Past max_connections open connections uvicorn answers 503 at once rather than hold them.
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections)

@@ -16,7 +16,10 @@ import io
 import itertools
 import json
 import math
+import os
+import socket
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -26,7 +29,7 @@ import optuna
 import yaml
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from budgetlora.config import (
     ConfigError,
@@ -259,8 +262,130 @@ def _make_sampler(name: str, params: Sequence[SearchParam], seed: int) -> optuna
     if name == "grid":
         return optuna.samplers.GridSampler(_grid(params), seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return _SeededByTrial(seed)
     raise BudgetloraError(f"--sampler {name!r}: allowed: tpe, grid")
+
+
+class _SeededByTrial(optuna.samplers.BaseSampler):
+    """TPE made afresh for each trial, seeded by the sweep's seed plus the trial's number: workers
+    that start trials at the same moment draw differently, and a sweep run again draws the same.
+    (TPE keeps no state but its random generator: the history comes from the study.)"""
+
+    def __init__(self, seed: int) -> None:
+        self._seed = seed
+        self._tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._tpe = optuna.samplers.TPESampler(seed=self._seed + trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self._tpe.sample_relative(study, trial, space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
+    ) -> Any:
+        return self._tpe.sample_independent(study, trial, name, distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+
+_WORKER = f"{socket.gethostname()}:{os.getpid()}"
+"""This process, as the trials it runs record it."""
+
+
+def _study_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials but those dropped as surplus before they ran."""
+    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+
+
+class _Surplus(Exception):
+    """A trial started while the requested number were already done or running elsewhere."""
+
+
+def _open_storage(url: str, heartbeat: float) -> optuna.storages.RDBStorage:
+    """The study's database. Every running trial beats every ``heartbeat`` seconds; one that
+    stops beating for three beats (its worker killed) is marked failed and run again once.
+    Workers that open a new database at once may race to create its tables: the loser tries again."""
+    # SQLite: a worker waits for the others' writes rather than fail on a locked database.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():  # the heartbeat is marked experimental since optuna 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=max(1, round(heartbeat)),
+                    grace_period=max(3, round(3 * heartbeat)),
+                    **_retry_stale(),
+                )
+        except SQLAlchemyError as err:
+            attempt += 1
+            racing = isinstance(err, IntegrityError) or "already exists" in str(err)
+            if not racing or attempt == 5:
+                raise
+            time.sleep(attempt)
+
+
+def _retry_stale() -> dict[str, Any]:
+    """RDBStorage's argument that runs a stale trial again once (renamed in optuna 4.9)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+            return {
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1
+                )
+            }
+        return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+
+
+def _check_not_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> None:
+    """Stop ``trial`` when the trials done and running before it (by number) make ``target``."""
+    live = sorted(t.number for t in study.get_trials(deepcopy=False, states=(*_COUNTED, TrialState.RUNNING)))
+    if trial.number in live and live.index(trial.number) >= target:
+        trial.set_user_attr("surplus", True)
+        raise _Surplus(f"trial {trial.number}: {target} trials are done or running already")
+
+
+def _run_trials(
+    study: optuna.Study, objective: Any, target: int, tries: int, after_trial: Any, heartbeat: float
+) -> list[int]:
+    """Run trials until the study holds ``target`` finished or pruned ones, alongside any other
+    worker on the same study: while the last ones run elsewhere this worker waits for them, and
+    takes over a trial whose worker stopped beating (marked failed, then run again). This worker
+    starts at most ``tries`` trials (failed ones count: an error in every trial ends the sweep).
+    Returns the numbers of the trials it ran."""
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    waited = False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        counted = sum(t.state in _COUNTED for t in trials)
+        mine = [t.number for t in trials if t.number not in before and t.user_attrs.get("worker") == _WORKER]
+        if counted >= target or len(mine) >= tries:
+            return mine
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if counted + running >= target:
+            if not waited:
+                print(
+                    f"sweep: {counted} trials done, the last {running} running elsewhere: waiting for them",
+                    flush=True,
+                )
+                waited = True
+            time.sleep(heartbeat)
+            continue
+        study.optimize(objective, n_trials=1, catch=(BudgetloraError, _Surplus), callbacks=[after_trial])
 
 
 def _trial_dir(out: Path, study: optuna.Study, number: int) -> Path:
@@ -294,13 +419,17 @@ def sweep(
     study_name: str | None = None,
     seed: int = 0,
     pruner: Literal["median", "none"] = "median",
+    heartbeat: float = 60.0,
 ) -> SweepResult:
     """Search ``space`` around ``base_cfg`` until the study holds ``n_trials`` finished or
     pruned trials (a resumed study runs only what is missing). Maximises the validation
     ``train.best_metric`` (minimises ``loss``); writes trials.csv, trials.md, best.yaml and plots
     into ``output``.
     With ``base_cfg.distill.teacher`` set, every trial distils from that teacher (and the
-    space may search ``distill.alpha`` and ``distill.temperature``)."""
+    space may search ``distill.alpha`` and ``distill.temperature``).
+    Several workers (processes or machines) may run the same sweep on one ``storage``: together
+    they run ``n_trials`` exactly, and a trial whose worker stops for ``3 * heartbeat`` seconds
+    is marked failed and run again."""
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise BudgetloraError(f"invalid value for --trials: {n_trials!r} (a positive integer)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -320,7 +449,7 @@ def sweep(
     metric = base_cfg.train.best_metric
     try:
         study = optuna.create_study(
-            storage=storage,
+            storage=_open_storage(storage, heartbeat),
             study_name=study_name or out.resolve().name,
             direction="minimize" if lower_is_better(metric) else "maximize",
             sampler=_make_sampler(sampler, params, seed),
@@ -336,8 +465,6 @@ def sweep(
     _check_same_study(
         study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}
     )
-    if study.trials and sampler == "tpe":  # resumed: do not replay the first run's random draws
-        study.sampler = _make_sampler(sampler, params, seed + len(study.trials))
     write_text_atomic(out / "space.yaml", yaml.safe_dump(space, sort_keys=False))
     save_config(replace(base_cfg, output=str(out / "best")), out / "base.yaml")
     target = n_trials
@@ -350,6 +477,8 @@ def sweep(
     missing = max(0, target - done)
 
     def objective(trial: optuna.Trial) -> float:
+        _check_not_surplus(study, trial, target)
+        trial.set_user_attr("worker", _WORKER)
         overrides = _suggest(trial, params)
         trial_dir = _trial_dir(out, study, trial.number)
         start = time.perf_counter()
@@ -398,15 +527,9 @@ def sweep(
     def after_trial(study: optuna.Study, _trial: FrozenTrial) -> None:
         _write_tables(study, out, params, metric, storage, teacher, note=None)
 
-    if missing:
-        study.optimize(
-            objective,
-            n_trials=missing,
-            catch=(BudgetloraError,),
-            callbacks=[optuna.study.MaxTrialsCallback(target, states=_COUNTED), after_trial],
-        )
-    ran = sum(t.state in _COUNTED for t in study.trials) - done
-    trials = study.trials
+    mine = _run_trials(study, objective, target, missing, after_trial, heartbeat) if missing else []
+    trials = _study_trials(study)
+    ran = sum(t.state in _COUNTED and t.number in mine for t in trials)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("note")]
     if not completed and failed:
@@ -439,6 +562,10 @@ def _row(t: FrozenTrial, params: Sequence[SearchParam]) -> dict[str, Any]:
         if p.kind != "fixed":
             row[p.key] = t.params.get(p.key)
     row["note"] = t.user_attrs.get("note", "")
+    if "failed_trial" in t.system_attrs:  # optuna's RetryFailedTrialCallback
+        row["note"] = f"trial {t.system_attrs['failed_trial']} again (its worker stopped); " + row["note"]
+    elif t.state == TrialState.FAIL and not row["note"]:
+        row["note"] = "its worker stopped (no heartbeat); run again"
     return row
 
 
@@ -459,7 +586,8 @@ def _write_tables(
     note: str | None,
 ) -> list[dict[str, Any]]:
     """trials.csv and trials.md, best first (then pruned trials by their last score)."""
-    rows = [_row(t, params) for t in sorted(study.trials, key=lambda t: _sort_key(t, metric))]
+    trials = _study_trials(study)
+    rows = [_row(t, params) for t in sorted(trials, key=lambda t: _sort_key(t, metric))]
     header = list(rows[0]) if rows else ["trial", "state", "value"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, header, lineterminator="\n")
@@ -473,7 +601,7 @@ def _write_tables(
             return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.3g}"
         return "" if value is None else str(value).replace("|", "\\|")
 
-    counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     lines = [
         f"# Sweep {study.study_name}",
         "",
