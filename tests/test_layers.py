@@ -42,6 +42,7 @@ ORDER = (
     "train",
     "distill",
     "sweep",
+    "api",
     "cli",
     "__main__",
 )

@@ -26,6 +26,7 @@ from budgetlora.config import (
     config_fields,
     field_help,
     load_config,
+    option_name,
     union_members,
     with_overrides,
 )
@@ -33,25 +34,6 @@ from budgetlora.errors import BudgetloraError
 
 __all__ = ["main", "build_parser", "flag_of"]
 
-# Every config key has a flag, made from its name: train.lr is --lr, data.max_length
-# --max-length, and the keys of an adapter's block carry the block's name (model.lora.r is
-# --lora-r, model.vera.r --vera-r). These keep the names they were documented with.
-ALIASES: dict[str, str] = {
-    "model.name_or_path": "--model",
-    "data.source": "--data",
-    "model.lora.target_modules": "--target-modules",
-    "model.lora.layers": "--layers",
-    "model.lora.bias": "--bias",
-    "model.lora.use_dora": "--dora",
-    "model.lora.use_rslora": "--rslora",
-    "distill.teacher": "--teacher",
-    "distill.alpha": "--alpha",
-    "distill.temperature": "--temperature",
-    "distill.transfer": "--transfer-unlabelled",
-}
-_NAMED_BLOCKS = (
-    "model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr", "augment", "self_training", "tapt",
-)  # fmt: skip
 _GROUPS = {
     "": "run",
     "data": "data",
@@ -70,12 +52,8 @@ _GROUPS = {
 
 
 def flag_of(key: str) -> str:
-    """The command-line flag of a config key."""
-    if key in ALIASES:
-        return ALIASES[key]
-    block, _, leaf = key.rpartition(".")
-    name = f"{block.rsplit('.', 1)[-1]}_{leaf}" if block in _NAMED_BLOCKS else leaf
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a config key: its option name with dashes (model.lora.r is --lora-r)."""
+    return "--" + option_name(key).replace("_", "-")
 
 
 def _value_type(annotation: Any) -> Any:

@@ -44,6 +44,7 @@ __all__ = [
     "with_overrides",
     "field_help",
     "config_fields",
+    "option_name",
     "choices",
     "union_members",
     "config_to_yaml",
@@ -789,6 +790,36 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             raise BudgetloraError(f"unknown config key {dotted}")
         node[leaf] = value
     return config_from_dict(values)
+
+
+# Every config key has an option name, made from its name: train.lr is lr, data.max_length
+# max_length, and the keys of an adapter's block carry the block's name (model.lora.r is lora_r,
+# model.vera.r vera_r). These keep the names they were documented with. The CLI's flag is the
+# name with dashes (--lora-r), the Python API's keyword the name itself (budgetlora.train(lora_r=8)).
+OPTION_ALIASES: dict[str, str] = {
+    "model.name_or_path": "model",
+    "data.source": "data",
+    "model.lora.target_modules": "target_modules",
+    "model.lora.layers": "layers",
+    "model.lora.bias": "bias",
+    "model.lora.use_dora": "dora",
+    "model.lora.use_rslora": "rslora",
+    "distill.teacher": "teacher",
+    "distill.alpha": "alpha",
+    "distill.temperature": "temperature",
+    "distill.transfer": "transfer_unlabelled",
+}
+_NAMED_BLOCKS = (
+    "model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr", "augment", "self_training", "tapt",
+)  # fmt: skip
+
+
+def option_name(key: str) -> str:
+    """A config key's option name: its command-line flag without the dashes, its Python keyword."""
+    if key in OPTION_ALIASES:
+        return OPTION_ALIASES[key]
+    block, _, leaf = key.rpartition(".")
+    return f"{block.rsplit('.', 1)[-1]}_{leaf}" if block in _NAMED_BLOCKS else leaf
 
 
 def config_fields() -> list[tuple[str, Any]]:
