@@ -167,20 +167,25 @@ def _load(base: str, texts: list[str], expected: list[str], threads: int, reques
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def served_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the served model: a run and its export, or a short run trained now."""
     parser.add_argument("--run", type=Path, help="a MiniLM run folder (default: train one for --steps steps)")
     parser.add_argument("--export", type=Path, help="its export with model.onnx (default: export it now)")
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="AG News rows (default the shared sample)"
     )
     parser.add_argument(
-        "--workdir", type=Path, help="where the run and export go (default a temporary folder)"
-    )
-    parser.add_argument(
         "--steps", type=int, default=30, help="training steps of the run (speed does not depend on it)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    served_model_arguments(parser)
+    parser.add_argument(
+        "--workdir", type=Path, help="where the run and export go (default a temporary folder)"
     )
     parser.add_argument("--rows", type=int, default=560, help="test rows scored (default 560)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes over the rows; the best counts")

@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy import DEFAULT_DATA, _free_port, _hardware, _log, _train_run  # noqa: E402
+from deploy import _free_port, _hardware, _log, _train_run, served_model_arguments  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -132,14 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", type=Path, help="a MiniLM run folder (default: train one for --steps steps)")
-    parser.add_argument("--export", type=Path, help="its export with model.onnx (default: export it now)")
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="AG News rows (default the shared sample)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=30, help="training steps of the run (speed does not depend on it)"
-    )
+    served_model_arguments(parser)
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     parser.add_argument("--requests", type=int, default=40, help="requests per client (default 40)")
     parser.add_argument("--queues", default="32,2048", help="--max-queue values served (default 32,2048)")

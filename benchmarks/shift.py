@@ -410,7 +410,11 @@ def _arms_table(arms: dict[str, dict[str, Any]], none: dict[str, Any], sets: dic
         "of the two gets right puts it beyond chance at 5%), and those rows: the arm's / none's.",
         "",
         "Mean gain over the simulated shifts (lowercase to half): "
-        + ", ".join(f"{n} {100 * np.mean(g):+.2f} points ({len(g)} sets)" for n, g in gains.items() if g)
+        + ", ".join(
+            f"{n} {100 * np.mean(g):+.2f} points ({len(g)} of {len(SIMULATED)} sets)"
+            for n, g in gains.items()
+            if g
+        )
         + ".",
         "",
     ]
