@@ -226,3 +226,21 @@ def test_a_worker_killed_mid_trial_leaves_it_failed_and_another_runs_it_again(
     assert (
         "worker stopped" in notes[victim.number] and f"trial {victim.number} again" in notes[again[0].number]
     )
+
+
+def test_a_trial_past_the_count_is_dropped_before_it_runs() -> None:
+    """The rule the workers share, on a real study: trials are ranked by number among those done
+    and running; one ranked past the requested count (two workers started it at once) is
+    marked surplus and left out of the study's tables."""
+    from budgetlora.sweep import _check_not_surplus, _study_trials, _Surplus
+
+    study = optuna.create_study()
+    done = study.ask()
+    study.tell(done, 0.5)
+    first, second = study.ask(), study.ask()  # two workers start a trial at the same moment
+    _check_not_surplus(study, first, 2)  # done + first make 2: it runs
+    with pytest.raises(_Surplus, match="2 trials are done or running already"):
+        _check_not_surplus(study, second, 2)
+    study.tell(second, state=TrialState.FAIL)
+    assert [t.number for t in _study_trials(study)] == [done.number, first.number]
+    _check_not_surplus(study, study.ask(), 3)  # with room for a third, the next one runs
