@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,6 +127,17 @@ def _server(path: Path) -> Iterator[str]:
         proc.wait(timeout=60)
 
 
+def run_clients(client: Callable[[int], None], count: int) -> float:
+    """Run ``client(0)`` ... ``client(count - 1)`` on threads at once; the seconds until all end."""
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(count)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start
+
+
 def _load(base: str, texts: list[str], expected: list[str], threads: int, requests: int) -> dict[str, float]:
     latencies: list[float] = []
     wrong: list[str] = []
@@ -148,13 +159,7 @@ def _load(base: str, texts: list[str], expected: list[str], threads: int, reques
                 if label != expected[j]:
                     wrong.append(texts[j])
 
-    workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(client, threads)
     if len(latencies) != threads * requests:
         raise SystemExit(f"{threads * requests - len(latencies)} requests got no answer")
     ms = np.array(latencies) * 1000

@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy import _free_port, _hardware, _log, _train_run, served_model_arguments  # noqa: E402
+from deploy import _free_port, _hardware, _log, _train_run, run_clients, served_model_arguments  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -103,13 +103,7 @@ def _overload(
                 )
         conn.close()
 
-    workers = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(client, clients)
     if len(answered) + len(refused) != clients * requests:
         raise SystemExit(f"{clients * requests - len(answered) - len(refused)} requests got no answer")
 
