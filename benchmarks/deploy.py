@@ -102,10 +102,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(path: Path) -> Iterator[str]:
+def served(path: Path, *options: str) -> Iterator[tuple[str, int]]:
+    """A `budgetlora serve PATH OPTIONS` process on a free port: its base URL and pid once /health answers."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "budgetlora", "serve", str(path), "--port", str(port)],
+        [sys.executable, "-m", "budgetlora", "serve", str(path), "--port", str(port), *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -121,7 +122,7 @@ def _server(path: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not start in 600 s")
             time.sleep(0.5)
-        yield base
+        yield base, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -269,13 +270,13 @@ def main() -> None:
         )
         print("| served | backend | requests | requests/s | p50 ms | p99 ms | labels as budgetlora fp32 |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-        served = (
+        targets = (
             ("export folder", export_dir, "onnx"),
             ("run folder", run_dir, f"torch ({cfg.train.mixed_precision})"),
         )
-        for what, path, backend in served:
+        for what, path, backend in targets:
             _log(f"serving the {what}")
-            with _server(path) as base:
+            with served(path) as (base, _):
                 _load(base, texts, expected, 2, 5)  # warm-up
                 result = _load(base, texts, expected, args.threads, args.requests)
             print(

@@ -20,12 +20,10 @@ import csv
 import http.client
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,41 +31,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy import _free_port, _hardware, _log, _train_run, run_clients, served_model_arguments  # noqa: E402
-
-
-@contextlib.contextmanager
-def _server(path: Path, queue: int) -> Iterator[tuple[int, psutil.Process]]:
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "budgetlora",
-        "serve",
-        str(path),
-        "--port",
-        str(port),
-        "--max-queue",
-        str(queue),
-    ]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"budgetlora serve {path} exited with {proc.returncode}")
-            with contextlib.suppress(OSError):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not start in 600 s")
-            time.sleep(0.5)
-        yield port, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+from deploy import _hardware, _log, _train_run, run_clients, served, served_model_arguments  # noqa: E402
 
 
 def _overload(
@@ -166,7 +130,8 @@ def main() -> None:
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for queue in (int(q) for q in args.queues.split(",")):
             _log(f"serving with --max-queue {queue}")
-            with _server(export_dir, queue) as (port, memory):
+            with served(export_dir, "--max-queue", str(queue)) as (base, pid):
+                port, memory = int(base.rsplit(":", 1)[1]), psutil.Process(pid)
                 _overload(port, texts, expected, 2, 5)  # warm-up
                 before = memory.memory_info().rss
                 result = _overload(port, texts, expected, args.clients, args.requests)
