@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings
-from budgetlora.plan import plan
-from budgetlora.train import train
+from budgetlora.model.plan import plan
+from budgetlora.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ag_news" / "sample.csv"

@@ -73,7 +73,7 @@ def _minilm_dir() -> str:
 
 def _train_run(output: Path, data: Path, steps: int) -> Path:
     from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     cfg = RunConfig(
         model=ModelConfig(_minilm_dir(), lora=LoraSettings(r=8, alpha=16, target_modules=("query", "value"))),
@@ -200,10 +200,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from budgetlora.backends import OnnxClassifier, TorchClassifier
     from budgetlora.config import load_config
-    from budgetlora.data import load_splits
-    from budgetlora.export import export
+    from budgetlora.data.tables import load_splits
+    from budgetlora.inference.backends import OnnxClassifier, TorchClassifier
+    from budgetlora.inference.export import export
 
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]])
     print(f"command: `{command}`\n\nhardware: {_hardware()}\n")

@@ -241,8 +241,8 @@ def resolved(command: list[str]) -> dict[str, Any]:
 
 def auto_rank(command: list[str]) -> int:
     """The rank `--lora-r auto` resolves to for this command's targets and head (skeleton count)."""
-    from budgetlora.budget import resolve_rank
     from budgetlora.config import config_from_dict
+    from budgetlora.model.budget import resolve_rank
 
     cfg = config_from_dict(resolved(command))
     return resolve_rank(cfg.model, ["World", "Sports", "Business", "Sci/Tech"], cfg.budget)

@@ -96,8 +96,8 @@ def main() -> None:
     parser.add_argument("--queues", default="32,2048", help="--max-queue values served (default 32,2048)")
     args = parser.parse_args()
 
-    from budgetlora.backends import TorchClassifier
-    from budgetlora.export import export
+    from budgetlora.inference.backends import TorchClassifier
+    from budgetlora.inference.export import export
 
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]])
     print(f"command: `{command}`\n\nhardware: {_hardware()}\n")

@@ -20,7 +20,7 @@ Sets, each made of the 2,923 held-out rows unless it says otherwise (seed 0 wher
   none         unchanged
   lowercase    lowercased, punctuation removed
   headline     the title alone
-  no-markers   agency markers and HTML entities removed (budgetlora.augment.strip_markers)
+  no-markers   agency markers and HTML entities removed (budgetlora.data.augment.strip_markers)
   priors       classes 55/15/15/15: every World row, a seeded sample of each other class
   garbled      function words dropped, the rest shuffled within windows of 3 words
   half         half of the rows garbled, the other half unchanged
@@ -147,7 +147,7 @@ def plain_lowercase(text: str) -> str:
 
 def make_sets(root: Path) -> dict[str, dict[str, Any]]:
     """The training folder and, for each set, its texts file and the rows scored with their labels."""
-    from budgetlora.augment import strip_markers
+    from budgetlora.data.augment import strip_markers
 
     index = root / "sets" / "index.json"
     if index.is_file():
@@ -331,7 +331,7 @@ def table(model_name: str, root: Path) -> str:
 
 
 def _estimates_table(none: dict[str, Any], sets: dict[str, Any]) -> list[str]:
-    from budgetlora.estimate import ESTIMATORS
+    from budgetlora.reporting.estimate import ESTIMATORS
 
     if not none:
         return []

@@ -5,7 +5,7 @@ seed, one after the other in fresh processes (so each has its own peak memory):
 
   (a) baseline: transformers.Trainer + peft, DataCollatorWithPadding, batch 16, random
       order (no length grouping), fp16 on GPU — the notebook recipe;
-  (b) budgetlora.train.train: length-grouped batches, per-batch padding, its own loop.
+  (b) budgetlora.training.train.train: length-grouped batches, per-batch padding, its own loop.
 
 It prints the command, the hardware, and one table: training samples/s of each, the ratio
 b/a, validation accuracy of each, peak memory, and prediction samples/s. On GPU also the
@@ -113,7 +113,7 @@ def run_trainer_arm(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
 
     from budgetlora.config import DataConfig
-    from budgetlora.data import load_splits
+    from budgetlora.data.tables import load_splits
 
     hf_logging.set_verbosity_error()
     splits = load_splits(
@@ -187,10 +187,10 @@ def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str, *, defaul
     instead of the notebook's (the same LoRA, data and seed)."""
     import torch
 
-    from budgetlora.batching import encode
     from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings
-    from budgetlora.inference import predict_logits
-    from budgetlora.train import train
+    from budgetlora.data.batching import encode
+    from budgetlora.inference.merged import predict_logits
+    from budgetlora.training.train import train
 
     own = {} if defaults else {"lr": args.lr, "batch_size": args.batch_size}
     cfg = RunConfig(
@@ -214,10 +214,10 @@ def run_budgetlora_arm(args: argparse.Namespace, mixed_precision: str, *, defaul
         "compilations": timing.get("compilations"),
     }  # fmt: skip
     # Prediction speed on the validation rows, on the fast path (LoRA merged, length-sorted).
-    from budgetlora.predict import load_run
+    from budgetlora.inference.predict import load_run
 
     run = load_run(result.run_dir)
-    from budgetlora.data import load_splits
+    from budgetlora.data.tables import load_splits
 
     splits = load_splits(cfg.data)
     encoded = encode(splits.validation.texts, None, run.tokenizer, args.max_length)

@@ -261,7 +261,7 @@ def tiny_config(tiny_model_dir: Path, tiny_data_csv: Path):  # type: ignore[no-u
 @pytest.fixture(scope="session")
 def tiny_run(tiny_config, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One trained run of ``tiny_config`` (default settings), shared by the export and serve tests."""
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     return train(tiny_config(tmp_path_factory.mktemp("shared-runs") / "run"))
 
@@ -273,7 +273,7 @@ SERVE_POOL = [t for t, _ in make_rows(32, seed=21)]
 @pytest.fixture(scope="session")
 def run_and_export(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
     """The shared tiny run and its ONNX export, for the server tests."""
-    from budgetlora.export import export
+    from budgetlora.inference.export import export
 
     out = export(tiny_run.run_dir, tmp_path_factory.mktemp("exports") / "tiny", formats=["onnx"]).output
     return tiny_run.run_dir, out
@@ -282,7 +282,7 @@ def run_and_export(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 @pytest.fixture(scope="session")
 def expected(run_and_export: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
     """budgetlora's own answer for every text of SERVE_POOL (the torch path, fp32)."""
-    from budgetlora.predict import classify
+    from budgetlora.inference.predict import classify
 
     rows = classify(run_and_export[0], SERVE_POOL)
     return {r["text"]: {k: r[k] for k in ("label", "label_id", "probabilities")} for r in rows}

@@ -93,9 +93,9 @@ def test_self_training_needs_unlabelled_texts(
 
 
 def test_augmentation_alters_the_training_rows_it_says(tiny_config, tmp_path: Path) -> None:
-    from budgetlora.augment import augment_table
-    from budgetlora.data import load_splits
-    from budgetlora.train import train
+    from budgetlora.data.augment import augment_table
+    from budgetlora.data.tables import load_splits
+    from budgetlora.training.train import train
 
     cfg = replace(
         tiny_config(tmp_path / "run", epochs=1), augment=AugmentSettings(lowercase=0.5, word_dropout=0.2)
@@ -123,9 +123,9 @@ def tiny_mlm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_tapt_trains_the_adapter_and_nothing_else(tiny_mlm_dir: Path, tiny_config, tmp_path: Path) -> None:
-    from budgetlora.modeling import build_model, load_tokenizer
+    from budgetlora.model.modeling import build_model, load_tokenizer
     from budgetlora.runtime import make_runtime
-    from budgetlora.tapt import pretrain
+    from budgetlora.training.tapt import pretrain
 
     cfg = tiny_config(tmp_path / "run")
     cfg = replace(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from budgetlora.augment import augment_table, drop_words, plain_lowercase, strip_markers
 from budgetlora.config import AugmentSettings
-from budgetlora.data import TextTable
+from budgetlora.data.augment import augment_table, drop_words, plain_lowercase, strip_markers
+from budgetlora.data.tables import TextTable
 
 
 @pytest.mark.parametrize(

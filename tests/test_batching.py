@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from budgetlora.batching import Collator, cache_dir, cache_key, encode, length_grouped_batches, sorted_batches
+from budgetlora.data.batching import (
+    Collator,
+    cache_dir,
+    cache_key,
+    encode,
+    length_grouped_batches,
+    sorted_batches,
+)
 from conftest import AG_NEWS_SAMPLE, ROBERTA_TOKENIZER, requires_shared
 
 
@@ -91,7 +98,7 @@ def test_batches_split_across_processes() -> None:
 
 
 def test_collator_pads_per_batch() -> None:
-    from budgetlora.batching import Encoded
+    from budgetlora.data.batching import Encoded
 
     enc = Encoded(
         flat=np.array([5, 6, 7, 8, 9, 10], dtype=np.int32),

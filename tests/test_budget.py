@@ -16,10 +16,10 @@ from transformers import (
     RobertaConfig,
 )
 
-from budgetlora.budget import check_budget, count_trainable, measure, resolve_rank
 from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.modeling import build_model, resolve_targets
+from budgetlora.model.budget import check_budget, count_trainable, measure, resolve_rank
+from budgetlora.model.modeling import build_model, resolve_targets
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -216,14 +216,14 @@ def test_rank_pattern_gives_upper_layers_more_rank(roberta_base_dir: Path) -> No
 def test_max_sequence_length_from_the_config(config: object, limit: int) -> None:
     from transformers import DebertaV2Config
 
-    from budgetlora.modeling import max_sequence_length
+    from budgetlora.model.modeling import max_sequence_length
 
     assert max_sequence_length(config) == limit  # type: ignore[arg-type]
     assert max_sequence_length(DebertaV2Config(position_biased_input=False)) is None  # relative positions
 
 
 def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path: Path) -> None:
-    from budgetlora.modeling import check_max_length
+    from budgetlora.model.modeling import check_max_length
 
     roberta = tmp_path / "roberta-base"
     RobertaConfig(max_position_embeddings=514).save_pretrained(roberta)  # as roberta-base's config.json

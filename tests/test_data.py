@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from budgetlora.config import DataConfig
-from budgetlora.data import Splits, TextTable, classic_agnews_label_names, load_splits, read_table
+from budgetlora.data.tables import Splits, TextTable, classic_agnews_label_names, load_splits, read_table
 from budgetlora.errors import BudgetloraError
 
 AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news"

@@ -17,7 +17,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from budgetlora.config import DataConfig
-from budgetlora.data import TextTable, load_splits, read_table
+from budgetlora.data.tables import TextTable, load_splits, read_table
 from budgetlora.errors import BudgetloraError
 from commands import main_exit
 
@@ -249,7 +249,7 @@ def _run(*args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def fuzz_run(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
     """A finished run of the tiny model (2 steps: its accuracy does not matter here)."""
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     out = tmp_path_factory.mktemp("fuzz") / "run"
     train(tiny_config(out, max_steps=2, eval_every=None))

@@ -22,12 +22,12 @@ from budgetlora.config import (
     TrainSettings,
     load_config,
 )
-from budgetlora.data import load_splits
-from budgetlora.distill import distill, teacher_logits
+from budgetlora.data.tables import load_splits
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.losses import distillation_loss, distillation_loss_fn
-from budgetlora.predict import load_run
-from budgetlora.train import train
+from budgetlora.inference.predict import load_run
+from budgetlora.training.distill import distill, teacher_logits
+from budgetlora.training.losses import distillation_loss, distillation_loss_fn
+from budgetlora.training.train import train
 from commands import cli
 from conftest import make_rows
 
@@ -297,7 +297,7 @@ def test_an_interrupted_distillation_resumes_from_its_run_folder(
 def test_a_sweep_with_a_teacher_distils_every_trial(
     teacher_run: Path, tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path, cache: Path
 ) -> None:
-    from budgetlora.sweep import sweep
+    from budgetlora.training.sweep import sweep
 
     student = tiny_cfg(tiny_model_dir, tiny_data_csv, tmp_path / "unused", r=1, epochs=1)
     base = replace(student, distill=DistillSettings(str(teacher_run), temperature=3.0))

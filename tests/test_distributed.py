@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from budgetlora.checkpoint import latest_checkpoint
+from budgetlora.training.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 

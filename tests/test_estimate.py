@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from budgetlora.estimate import em_priors, estimate_accuracy, fit_temperature, point_estimates
+from budgetlora.reporting.estimate import em_priors, estimate_accuracy, fit_temperature, point_estimates
 
 
 def _calibrated(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,10 +16,10 @@ import torch
 from transformers import AutoTokenizer, pipeline
 
 from budgetlora.errors import BudgetloraError, ExportCheckError
-from budgetlora.export import _compare, export
-from budgetlora.metrics import softmax
-from budgetlora.predict import classify, load_run
-from budgetlora.train import train
+from budgetlora.inference.export import _compare, export
+from budgetlora.inference.predict import classify, load_run
+from budgetlora.reporting.metrics import softmax
+from budgetlora.training.train import train
 from commands import cli, main_exit
 from conftest import make_rows, tiny_model
 
@@ -260,7 +260,7 @@ def test_an_export_that_scores_differently_is_refused() -> None:
 
 
 def test_predict_and_classify_score_an_onnx_export(exported: Path, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from budgetlora.predict import predict
+    from budgetlora.inference.predict import predict
 
     texts = tmp_path / "new.csv"
     texts.write_text("text\n" + "\n".join(TEXTS[:12]) + "\n")

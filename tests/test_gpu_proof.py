@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from budgetlora.config import ModelConfig
-from budgetlora.modeling import load_base_model
+from budgetlora.model.modeling import load_base_model
 from conftest import REPO, minilm_dir, requires_shared
 
 pytestmark = [

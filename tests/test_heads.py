@@ -18,12 +18,12 @@ from transformers import (
     MPNetForSequenceClassification,
 )
 
-from budgetlora.budget import count_trainable, measure
 from budgetlora.config import ModelConfig
 from budgetlora.errors import BudgetloraError
-from budgetlora.modeling import build_model
-from budgetlora.predict import evaluate
-from budgetlora.train import train
+from budgetlora.inference.predict import evaluate
+from budgetlora.model.budget import count_trainable, measure
+from budgetlora.model.modeling import build_model
+from budgetlora.training.train import train
 from conftest import tiny_model
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from budgetlora.losses import distillation_loss
+from budgetlora.training.losses import distillation_loss
 
 LN3 = math.log(3)
 

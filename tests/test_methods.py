@@ -12,9 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from budgetlora.batching import encode
-from budgetlora.budget import count_trainable, measure, resolve_size
-from budgetlora.checkpoint import latest_checkpoint
 from budgetlora.cli import main
 from budgetlora.config import (
     FourierFTSettings,
@@ -26,15 +23,18 @@ from budgetlora.config import (
     VeraSettings,
     load_config,
 )
+from budgetlora.data.batching import encode
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.inference import inference_model, predict_logits
-from budgetlora.methods import METHODS, TITLES, size_cap
-from budgetlora.metrics import softmax
-from budgetlora.modeling import build_model
-from budgetlora.plan import RECOMMENDED_METHOD, MethodRow, format_method_plan, plan_methods
-from budgetlora.predict import load_run
+from budgetlora.inference.merged import inference_model, predict_logits
+from budgetlora.inference.predict import load_run
+from budgetlora.model.budget import count_trainable, measure, resolve_size
+from budgetlora.model.methods import METHODS, TITLES, size_cap
+from budgetlora.model.modeling import build_model
+from budgetlora.model.plan import RECOMMENDED_METHOD, MethodRow, format_method_plan, plan_methods
+from budgetlora.reporting.metrics import softmax
 from budgetlora.runtime import make_runtime
-from budgetlora.train import train
+from budgetlora.training.checkpoint import latest_checkpoint
+from budgetlora.training.train import train
 from conftest import make_rows
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -322,7 +322,7 @@ def test_auto_size_trains_the_largest_that_fits(tiny_config, tmp_path: Path) -> 
 
 
 def test_sweep_searches_the_method(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from budgetlora.sweep import sweep
+    from budgetlora.training.sweep import sweep
 
     cfg = replace(tiny_config(tmp_path / "ignored", epochs=1, eval_every=9), budget=5_000)
     space = {"model.method": ["vera", "ia3", "loha"], "vera.r": "auto", "loha.r": 64}
@@ -339,7 +339,7 @@ def test_sweep_searches_the_method(tiny_config, tmp_path: Path) -> None:  # type
 
 
 def test_distill_a_vera_student_from_a_loha_teacher(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from budgetlora.distill import distill
+    from budgetlora.training.distill import distill
 
     teacher = train(_method_cfg(tiny_config, tmp_path / "teacher", "loha", epochs=1))
     student = _method_cfg(tiny_config, tmp_path / "student", "vera", epochs=1)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from budgetlora.budget import measure
 from budgetlora.config import load_config
+from budgetlora.model.budget import measure
 from commands import run_benchmark
 from conftest import requires_shared
 

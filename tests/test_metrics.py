@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from budgetlora.errors import BudgetloraError
-from budgetlora.metrics import classification_metrics, mean_cross_entropy, softmax
+from budgetlora.reporting.metrics import classification_metrics, mean_cross_entropy, softmax
 
 # Three classes, ten samples.
 #   true:  a a a a b b b c c c      (support a=4, b=3, c=3)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from budgetlora.checkpoint import checkpoints
 from budgetlora.rundir import output_lock
+from budgetlora.training.checkpoint import checkpoints
 from commands import run_cli
 from test_resume import ENV, _train_args
 

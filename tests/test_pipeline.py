@@ -13,13 +13,13 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from budgetlora.batching import encode
 from budgetlora.config import load_config
+from budgetlora.data.batching import encode
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.inference import predict_logits
-from budgetlora.metrics import softmax
-from budgetlora.predict import classify, evaluate, load_run, predict
-from budgetlora.train import train
+from budgetlora.inference.merged import predict_logits
+from budgetlora.inference.predict import classify, evaluate, load_run, predict
+from budgetlora.reporting.metrics import softmax
+from budgetlora.training.train import train
 
 RUN_FILES = {
     "adapter_config.json",

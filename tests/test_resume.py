@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from budgetlora.checkpoint import latest_checkpoint
 from budgetlora.errors import BudgetloraError
-from budgetlora.predict import evaluate
+from budgetlora.inference.predict import evaluate
 from budgetlora.rundir import atomic_path, write_json_atomic
-from budgetlora.train import train
+from budgetlora.training.checkpoint import latest_checkpoint
+from budgetlora.training.train import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from budgetlora.batching import Collator, Encoded, iterate, sorted_batches
+from budgetlora.data.batching import Collator, Encoded, iterate, sorted_batches
 from budgetlora.runtime import make_runtime, next_interval, plan_device
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from budgetlora.serve import parse_texts
+from budgetlora.inference.serve import parse_texts
 from commands import main_exit, post, request, server
 from conftest import SERVE_POOL as POOL  # the texts that the fixtures run_and_export and expected know
 
@@ -198,7 +198,7 @@ class _ByLength:
 
 
 def test_batcher_shares_forward_passes_and_routes_every_answer() -> None:
-    from budgetlora.serve import Batcher
+    from budgetlora.inference.serve import Batcher
 
     gate = threading.Event()
     model = _ByLength(gate)
@@ -221,7 +221,7 @@ def test_batcher_shares_forward_passes_and_routes_every_answer() -> None:
 
 
 def test_a_batch_waits_for_requests_that_arrive_together() -> None:
-    from budgetlora.serve import Batcher
+    from budgetlora.inference.serve import Batcher
 
     model = _ByLength()
     batcher = Batcher(model, batch_size=3, max_wait_ms=5000)  # type: ignore[arg-type]

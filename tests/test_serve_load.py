@@ -162,7 +162,7 @@ def test_the_batcher_refuses_past_its_queue() -> None:
     """The queue bound on its own: texts held while the model works count until answered."""
     import numpy as np
 
-    from budgetlora.serve import Batcher, Busy
+    from budgetlora.inference.serve import Batcher, Busy
 
     release = threading.Event()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from budgetlora.shift import LEAD
+from budgetlora.inference.shift import LEAD
 from commands import cli, run_cli
 from conftest import SHARED, make_rows
 

@@ -22,8 +22,8 @@ from budgetlora.config import (
     save_config,
 )
 from budgetlora.errors import BudgetloraError
-from budgetlora.sweep import parse_space, sweep
-from budgetlora.train import train
+from budgetlora.training.sweep import parse_space, sweep
+from budgetlora.training.train import train
 from commands import cli
 
 # The tiny RoBERTa (hidden 32, 2 layers, 4 labels): LoRA on query and value costs

@@ -232,7 +232,7 @@ def test_a_trial_past_the_count_is_dropped_before_it_runs() -> None:
     """The rule the workers share, on a real study: trials are ranked by number among those done
     and running; one ranked past the requested count (two workers started it at once) is
     marked surplus and left out of the study's tables."""
-    from budgetlora.sweep import _check_not_surplus, _study_trials, _Surplus
+    from budgetlora.training.sweep import _check_not_surplus, _study_trials, _Surplus
 
     study = optuna.create_study()
     done = study.ask()

@@ -14,15 +14,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
-from budgetlora.batching import encode
-from budgetlora.budget import measure
-from budgetlora.checkpoint import load_trainable_state
 from budgetlora.cli import main
-from budgetlora.inference import predict_logits
-from budgetlora.metrics import softmax
-from budgetlora.modeling import build_model
-from budgetlora.predict import load_run
-from budgetlora.train import _make_optimizer, train
+from budgetlora.data.batching import encode
+from budgetlora.inference.merged import predict_logits
+from budgetlora.inference.predict import load_run
+from budgetlora.model.budget import measure
+from budgetlora.model.modeling import build_model
+from budgetlora.reporting.metrics import softmax
+from budgetlora.training.checkpoint import load_trainable_state
+from budgetlora.training.train import _make_optimizer, train
 
 
 def test_two_dataloader_workers_train_exactly_as_the_plain_loop(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

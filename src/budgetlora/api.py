@@ -123,7 +123,7 @@ def train(
     **options: Any,
 ) -> Run:
     """``budgetlora train``: train within the budget and write the run folder (``output``)."""
-    from budgetlora.train import train as run_training
+    from budgetlora.training.train import train as run_training
 
     return Run(run_training(resolve_config(config, **options), overwrite=overwrite, resume=resume).run_dir)
 
@@ -137,7 +137,7 @@ def distill(
     **options: Any,
 ) -> Run:
     """``budgetlora distill``: a budgeted student taught by ``teacher`` (a keyword, as --teacher)."""
-    from budgetlora.distill import distill as run_distillation
+    from budgetlora.training.distill import distill as run_distillation
 
     cfg = resolve_config(config, **options)
     result = run_distillation(cfg, compare_baseline=compare_baseline, overwrite=overwrite, resume=resume)
@@ -149,8 +149,8 @@ def plan(model: str, budget: int = 1_000_000, labels: int = 4) -> Any:
     head × targets × layers, with the largest LoRA rank that fits and its exact count)."""
     import pandas as pd
 
-    from budgetlora.plan import format_plan
-    from budgetlora.plan import plan as plan_rows
+    from budgetlora.model.plan import format_plan
+    from budgetlora.model.plan import plan as plan_rows
 
     return pd.DataFrame(json.loads(format_plan(plan_rows(model, budget, labels), "json")))
 
@@ -159,7 +159,7 @@ def evaluate(run: str | Path | Run, **options: Any) -> Page:
     """``budgetlora evaluate``: metrics on a labelled split or file (``split``, ``data``,
     ``output``, ``model``, ``batch_size``); returns the report it wrote (``.path``'s folder
     also holds metrics.json)."""
-    from budgetlora.predict import evaluate as run_evaluation
+    from budgetlora.inference.predict import evaluate as run_evaluation
 
     run_dir = Path(run)
     output = Path(options.pop("output", None) or run_dir / f"eval-{options.get('split', 'test')}")
@@ -172,7 +172,7 @@ def predict(run: str | Path | Run, data: str | Path, **options: Any) -> Any:
     returns it as a pandas DataFrame (ID, Label); its path is in ``.attrs["path"]``."""
     import pandas as pd
 
-    from budgetlora.predict import predict as run_prediction
+    from budgetlora.inference.predict import predict as run_prediction
 
     path = run_prediction(Path(run), data, **options)
     frame = pd.read_csv(path)
@@ -183,7 +183,7 @@ def predict(run: str | Path | Run, data: str | Path, **options: Any) -> Any:
 def shift(run: str | Path | Run, data: str | Path, **options: Any) -> Page:
     """``budgetlora shift``: how ``data`` differs from the run's training rows and the accuracy
     to expect on it; returns the report (default folder RUN/shift-<name of data>)."""
-    from budgetlora.shift import shift as run_shift
+    from budgetlora.inference.shift import shift as run_shift
 
     output = Path(options.pop("output", None) or Path(run) / f"shift-{Path(data).stem}")
     run_shift(Path(run), data, output=output, **options)
@@ -193,8 +193,8 @@ def shift(run: str | Path | Run, data: str | Path, **options: Any) -> Page:
 def export(run: str | Path | Run, out: str | Path, formats: str = "all", **options: Any) -> Path:
     """``budgetlora export``: a merged transformers model and/or ONNX (``formats``: all, or
     merged, onnx), checked against the run; returns the export folder."""
-    from budgetlora.export import FORMATS
-    from budgetlora.export import export as run_export
+    from budgetlora.inference.export import FORMATS
+    from budgetlora.inference.export import export as run_export
 
     chosen = FORMATS if formats == "all" else tuple(f.strip() for f in formats.split(","))
     return run_export(Path(run), out, formats=chosen, **options).output

@@ -196,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     result = train(cfg, overwrite=args.overwrite, resume=args.resume)
     if not _is_main_process():
@@ -215,7 +215,7 @@ def _is_main_process() -> bool:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from budgetlora.predict import evaluate
+    from budgetlora.inference.predict import evaluate
 
     metrics = evaluate(
         args.run_dir,
@@ -234,7 +234,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from budgetlora.predict import predict
+    from budgetlora.inference.predict import predict
 
     path = predict(
         args.run_dir,
@@ -253,7 +253,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_shift(args: argparse.Namespace) -> int:
-    from budgetlora.shift import shift
+    from budgetlora.inference.shift import shift
 
     report = shift(
         args.run_dir,
@@ -272,7 +272,7 @@ def cmd_shift(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from budgetlora.predict import classify
+    from budgetlora.inference.predict import classify
 
     rows = classify(args.run_dir, args.texts, model=args.model, batch_size=args.batch_size)
     for row in rows if _is_main_process() else []:
@@ -285,7 +285,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from budgetlora.export import FORMATS, export
+    from budgetlora.inference.export import FORMATS, export
 
     formats = FORMATS if args.format == "all" else tuple(f.strip() for f in args.format.split(","))
     result = export(args.run_dir, args.out, formats=formats, model=args.model, overwrite=args.overwrite)
@@ -300,7 +300,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from budgetlora.serve import serve
+        from budgetlora.inference.serve import serve
     except ImportError as err:
         raise BudgetloraError(
             f"budgetlora serve needs the serve extra ({err.name} is missing): pip install 'budgetlora[serve]'"
@@ -320,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from budgetlora.plan import format_plan, plan
+    from budgetlora.model.plan import format_plan, plan
 
     if args.methods:
         return _plan_methods(args)
@@ -339,7 +339,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _plan_methods(args: argparse.Namespace) -> int:
-    from budgetlora.plan import format_method_plan, plan_methods
+    from budgetlora.model.plan import format_method_plan, plan_methods
 
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     try:
@@ -362,7 +362,7 @@ def _plan_methods(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from budgetlora.config import config_to_yaml
-    from budgetlora.distill import distill
+    from budgetlora.training.distill import distill
 
     cfg = config_from_args(args)
     if args.print_config:
@@ -387,7 +387,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from budgetlora.sweep import load_space, sweep
+    from budgetlora.training.sweep import load_space, sweep
 
     cfg = load_config(args.config) if args.config else RunConfig()
     overrides = {

@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from budgetlora.batching import Collator, Encoded, encode, iterate, pad_id, sorted_batches
 from budgetlora.config import RunConfig, load_config
+from budgetlora.data.batching import Collator, Encoded, encode, iterate, pad_id, sorted_batches
 from budgetlora.errors import BudgetloraError
-from budgetlora.modeling import check_max_length, load_base_model, load_tokenizer
+from budgetlora.model.modeling import check_max_length, load_base_model, load_tokenizer
 from budgetlora.rundir import CONFIG, check_run_dir, tokenizer_source
 from budgetlora.runtime import Runtime, make_runtime, unwrap
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from budgetlora.config import ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.methods import FROZEN_MARKERS, PARAM_MARKERS, SIZE_KEYS, size_cap, size_flag, size_of
-from budgetlora.modeling import build_model, load_base_model, resolve_targets
-from budgetlora.roles import is_head_parameter, role_of
+from budgetlora.model.methods import FROZEN_MARKERS, PARAM_MARKERS, SIZE_KEYS, size_cap, size_flag, size_of
+from budgetlora.model.modeling import build_model, load_base_model, resolve_targets
+from budgetlora.model.roles import is_head_parameter, role_of
 
 __all__ = ["Budget", "count_trainable", "check_budget", "resolve_rank", "resolve_size", "measure"]
 
@@ -95,7 +95,7 @@ def count_trainable(model: nn.Module, limit: int) -> Budget:
 def measure(cfg: ModelConfig, label_names: Sequence[str], limit: int, rank: int | None = None) -> Budget:
     """Count a configuration on its weightless skeleton (milliseconds, no weights read).
 
-    ``rank`` overrides the method's main size knob (see :func:`budgetlora.modeling.build_model`).
+    ``rank`` overrides the method's main size knob (see :func:`budgetlora.model.modeling.build_model`).
     """
     return count_trainable(build_model(cfg, label_names, weights=False, rank=rank), limit)
 
@@ -123,7 +123,7 @@ def resolve_rank(cfg: ModelConfig, label_names: Sequence[str], limit: int) -> in
 def resolve_size(cfg: ModelConfig, label_names: Sequence[str], limit: int) -> int | None:
     """The largest value of ``cfg.method``'s main size knob that fits ``limit`` (None: IA3, no knob).
 
-    LoRA: :func:`resolve_rank`. The other methods stop at :func:`budgetlora.methods.size_cap`
+    LoRA: :func:`resolve_rank`. The other methods stop at :func:`budgetlora.model.methods.size_cap`
     (more adds no rank, or no parameter); their counts only grow with the size, so the value
     is found from two skeleton counts when the count is linear in it (VeRA, FourierFT, LoHa),
     else by bisection (LoKr, whose factors become full one after another).

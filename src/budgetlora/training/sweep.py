@@ -1,7 +1,7 @@
 """Budget-aware hyperparameter search with optuna.
 
-Each trial is a normal training run (:func:`budgetlora.train.train`, or
-:func:`budgetlora.distill.distill` when a teacher is given) in ``<output>/trial-NNNN``.
+Each trial is a normal training run (:func:`budgetlora.training.train.train`, or
+:func:`budgetlora.training.distill.distill` when a teacher is given) in ``<output>/trial-NNNN``.
 The budget is a hard constraint checked on the weightless skeleton before anything
 trains: an over-budget trial is pruned at once. Validation scores reach optuna's pruner
 after every evaluation. The study lives in ``<output>/study.db`` (or any optuna storage
@@ -40,9 +40,9 @@ from budgetlora.config import (
     with_overrides,
 )
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.metrics import as_score, lower_is_better
+from budgetlora.reporting.metrics import as_score, lower_is_better
 from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
-from budgetlora.train import prepare_run, train
+from budgetlora.training.train import prepare_run, train
 
 __all__ = ["SearchParam", "SweepResult", "load_space", "parse_space", "sweep"]
 
@@ -197,8 +197,8 @@ def _check_before_writing(base_cfg: RunConfig, params: Sequence[SearchParam]) ->
     """What can be checked before the sweep folder is made: every bound and choice of the
     space as a config value, and the base config's data and max length (unless the space
     searches the data or the model)."""
-    from budgetlora.data import load_splits
-    from budgetlora.modeling import check_max_length
+    from budgetlora.data.tables import load_splits
+    from budgetlora.model.modeling import check_max_length
 
     candidates = {p.key: _candidates(p) for p in params}
     for p in params:
@@ -511,7 +511,7 @@ def sweep(
 
         try:
             if cfg.distill.teacher is not None:  # the trial's own config says whether it distils
-                from budgetlora.distill import distill
+                from budgetlora.training.distill import distill
 
                 result = distill(cfg, on_eval=on_eval).student
             else:

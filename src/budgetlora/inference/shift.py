@@ -5,7 +5,7 @@ model does on them, and the accuracy to expect there without labels.
 config): sizes and token lengths, repeated texts and texts shared with the training rows, a
 domain classifier (TF-IDF + logistic regression, cross-validated) that tells the two apart,
 the model's predicted class shares and confidences, and the estimators of
-:mod:`budgetlora.estimate` fitted on the validation rows. :func:`write_shift` writes it as
+:mod:`budgetlora.reporting.estimate` fitted on the validation rows. :func:`write_shift` writes it as
 ``shift.json``, ``shift.md`` with its plots, and ``shift_rows.csv`` (one row per text);
 :func:`shift` does both for ``budgetlora shift``.
 """
@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from budgetlora.batching import encode
-from budgetlora.data import TextTable, load_splits, read_table
+from budgetlora.data.batching import encode
+from budgetlora.data.tables import TextTable, load_splits, read_table
 from budgetlora.errors import BudgetloraError
-from budgetlora.estimate import ESTIMATORS, em_priors, estimate_accuracy, fit_temperature
-from budgetlora.inference import LoadedRun, check_batch_size, load_run, read_run_config
-from budgetlora.report import figure, md_table, pct, save_png
+from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
+from budgetlora.reporting.estimate import ESTIMATORS, em_priors, estimate_accuracy, fit_temperature
+from budgetlora.reporting.report import figure, md_table, pct, save_png
 from budgetlora.rundir import check_output_path, write_json_atomic, write_text_atomic
 from budgetlora.runtime import writer_lock
 
@@ -257,7 +257,7 @@ def prior_corrected(
     run: LoadedRun, logits: np.ndarray, *, batch_size: int | None = None
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Class probabilities of ``logits`` (m, k) under the class priors that EM re-estimates on
-    them (:func:`budgetlora.estimate.em_priors`), calibrated by the temperature fitted on the
+    them (:func:`budgetlora.reporting.estimate.em_priors`), calibrated by the temperature fitted on the
     run's validation rows. Returns (probabilities (m, k), the re-estimated prior of each class)."""
     from scipy.special import softmax
 

@@ -392,7 +392,7 @@ def write_report(
 ) -> list[Path]:
     """Write ``report.md`` and its plots into ``out_dir``; return the paths written.
 
-    ``metrics`` is the dict of :func:`budgetlora.metrics.classification_metrics`. Always
+    ``metrics`` is the dict of :func:`budgetlora.reporting.metrics.classification_metrics`. Always
     written: ``confusion_matrix.png``, ``predicted_distribution.png``, ``report.md``.
     Each optional input adds its section and plot: ``history`` -> ``learning_curves.png``
     (skipped if it holds no loss/accuracy), ``budget`` -> ``budget.png``, ``train_labels``

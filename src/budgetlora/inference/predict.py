@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import LoadedRun, check_batch_size, load_run, read_run_config
-from budgetlora.metrics import score, softmax
+from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
+from budgetlora.reporting.metrics import score, softmax
 from budgetlora.rundir import (
     EXPORT_INFO,
     METRICS,
@@ -52,8 +52,8 @@ def evaluate(
 
     A ``data`` file (rather than a folder or Hub dataset with splits) is scored whole,
     whatever ``split`` says, into ``RUN_DIR/eval-FILESTEM`` by default."""
-    from budgetlora.data import load_rows, load_splits
-    from budgetlora.report import write_report
+    from budgetlora.data.tables import load_rows, load_splits
+    from budgetlora.reporting.report import write_report
 
     if split not in ("train", "validation", "test"):
         raise BudgetloraError(f"--split {split!r}: allowed: train, validation, test")
@@ -107,10 +107,10 @@ def predict(
 
     With ``shift`` (and a run folder whose training rows can be read), also the shift
     report's summary: printed, and written whole as ``<name>.shift.json`` beside it (see
-    :mod:`budgetlora.shift`). ``prior_correction="em"`` labels the rows under the class priors
+    :mod:`budgetlora.inference.shift`). ``prior_correction="em"`` labels the rows under the class priors
     that EM re-estimates on them (a run folder only). ``run_dir`` may also be an export folder
     with ``model.onnx`` (``budgetlora export``): it is scored on onnxruntime, with no shift report."""
-    from budgetlora.data import read_table
+    from budgetlora.data.tables import read_table
 
     check_batch_size(batch_size)
     output = Path(output)
@@ -149,7 +149,7 @@ def _predict(
     """:func:`predict` once its input is read and its output locked (``cfg`` None: an export)."""
     onnx = cfg is None
     if onnx:
-        from budgetlora.backends import OnnxClassifier
+        from budgetlora.inference.backends import OnnxClassifier
 
         classifier = OnnxClassifier(run_dir, batch_size=batch_size)
         logits, label_names, is_main = classifier.logits(table.texts), classifier.label_names, True
@@ -159,7 +159,7 @@ def _predict(
         label_names, is_main = run.label_names, run.runtime.is_main_process
     probs = softmax(logits)
     if prior_correction == "em":
-        from budgetlora.shift import prior_corrected
+        from budgetlora.inference.shift import prior_corrected
 
         probs, prior = prior_corrected(run, logits, batch_size=batch_size)
         if is_main:
@@ -186,7 +186,7 @@ def _shift_summary(run: LoadedRun, table: Any, source: str, logits: Any, path: P
     """The shift report's summary, printed and written to ``path``; a note instead where it
     cannot be made (the run's training rows unreadable, too few texts), never an error:
     the submission is written already."""
-    from budgetlora.shift import analyse
+    from budgetlora.inference.shift import analyse
 
     if len(table) < 10:
         print(f"no shift report: {len(table)} rows (it needs at least 10)", flush=True)
@@ -236,7 +236,7 @@ def classify(
         )
     check_batch_size(batch_size)
     if _check_export(Path(run_dir), model):
-        from budgetlora.backends import OnnxClassifier
+        from budgetlora.inference.backends import OnnxClassifier
 
         classifier = OnnxClassifier(run_dir, batch_size=batch_size)
         label_names, logits = classifier.label_names, classifier.logits(texts)

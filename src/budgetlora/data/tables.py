@@ -1,6 +1,6 @@
 """Labelled and unlabelled text tables, and the train/validation/test splits of a run.
 
-`read_table` reads one file (formats in :mod:`budgetlora.formats`) and checks its texts and
+`read_table` reads one file (formats in :mod:`budgetlora.data.formats`) and checks its texts and
 labels; `load_splits` turns a :class:`DataConfig` into seeded, stratified splits.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from budgetlora.config import DataConfig
+from budgetlora.data.formats import RawTable, classic_agnews_label_names, read_raw, read_source
 from budgetlora.errors import BudgetloraError
-from budgetlora.formats import RawTable, classic_agnews_label_names, read_raw, read_source
 
 __all__ = [
     "TextTable",

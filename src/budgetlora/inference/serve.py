@@ -33,9 +33,9 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from budgetlora.backends import Classifier, load_classifier
 from budgetlora.errors import BudgetloraError
-from budgetlora.metrics import softmax
+from budgetlora.inference.backends import Classifier, load_classifier
+from budgetlora.reporting.metrics import softmax
 
 __all__ = ["Batcher", "Busy", "RequestError", "create_app", "parse_texts", "serve", "check_port"]
 

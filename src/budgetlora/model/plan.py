@@ -18,12 +18,12 @@ from typing import Any, Literal
 
 from torch import nn
 
-from budgetlora.budget import measure, resolve_rank, resolve_size
 from budgetlora.config import LoraSettings, ModelConfig
 from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.methods import METHODS, SIZE_KEYS, size_cap, size_flag
-from budgetlora.modeling import load_base_model, load_model_config, resolve_targets
-from budgetlora.roles import layer_index
+from budgetlora.model.budget import measure, resolve_rank, resolve_size
+from budgetlora.model.methods import METHODS, SIZE_KEYS, size_cap, size_flag
+from budgetlora.model.modeling import load_base_model, load_model_config, resolve_targets
+from budgetlora.model.roles import layer_index
 
 __all__ = [
     "HEADS",
@@ -469,7 +469,7 @@ class MethodRow:
     budget: int
     """The budget the row was planned for."""
     capped: bool = False
-    """The size stopped at :func:`budgetlora.methods.size_cap`: more would add parameters but no rank."""
+    """The size stopped at :func:`budgetlora.model.methods.size_cap`: more would add parameters but no rank."""
 
     @property
     def trainable(self) -> int:
@@ -542,7 +542,7 @@ def plan_methods(
 
     Counted on the weightless skeleton with :func:`budget.resolve_size` and
     :func:`budget.measure`, as ``train`` counts them. LoRA's rank, like the other methods'
-    sizes, stops at :func:`budgetlora.methods.size_cap` (``capped``). A method that does not
+    sizes, stops at :func:`budgetlora.model.methods.size_cap` (``capped``). A method that does not
     fit even at size 1 is kept with ``size=None``.
     """
     _check_budget_and_labels(budget, labels)

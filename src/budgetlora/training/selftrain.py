@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from budgetlora.config import RunConfig
-from budgetlora.data import TextTable, read_unlabelled
+from budgetlora.data.tables import TextTable, read_unlabelled
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import load_run
-from budgetlora.metrics import softmax
-from budgetlora.report import md_table
+from budgetlora.inference.merged import load_run
+from budgetlora.reporting.metrics import softmax
+from budgetlora.reporting.report import md_table
 from budgetlora.rundir import check_output, check_run_dir, is_finished, write_json_atomic
 
 __all__ = ["select_pseudo_labels", "self_train", "ROUNDS_DIR"]
@@ -95,7 +95,7 @@ def self_train(
     cfg: RunConfig, train: Callable[..., Any], *, overwrite: bool = False, resume: bool = False
 ) -> Any:
     """Run every round of ``cfg.self_training`` (see the module docstring), each by
-    ``train(cfg, overwrite=, resume=, extra_rows=, notes=)`` (:func:`budgetlora.train.train`,
+    ``train(cfg, overwrite=, resume=, extra_rows=, notes=)`` (:func:`budgetlora.training.train.train`,
     which calls this); returns the last round's result."""
 
     def train_round(round_cfg: RunConfig, extra_rows: TextTable | None, notes: dict[str, str]) -> Any:

@@ -33,25 +33,19 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from budgetlora.augment import augment_table
-from budgetlora.batching import Collator, Encoded, encode, iterate, length_grouped_batches, pad_id
-from budgetlora.budget import Budget, check_budget, count_trainable, measure, resolve_size
-from budgetlora.checkpoint import (
-    load_newest_readable,
-    load_trainable_state,
-    save_checkpoint,
-    trainable_state,
-)
 from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_config
-from budgetlora.data import Splits, TextTable, concat_tables, load_splits, read_unlabelled
+from budgetlora.data.augment import augment_table
+from budgetlora.data.batching import Collator, Encoded, encode, iterate, length_grouped_batches, pad_id
+from budgetlora.data.tables import Splits, TextTable, concat_tables, load_splits, read_unlabelled
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import LoadedRun, inference_model, predict_logits
-from budgetlora.losses import LossFn, cross_entropy_loss
-from budgetlora.methods import TITLES, size_of, with_size
-from budgetlora.metrics import as_score, score
-from budgetlora.modeling import build_model, check_max_length, display_name, load_tokenizer
-from budgetlora.report import write_report
-from budgetlora.roles import is_head_parameter
+from budgetlora.inference.merged import LoadedRun, inference_model, predict_logits
+from budgetlora.inference.shift import expectation
+from budgetlora.model.budget import Budget, check_budget, count_trainable, measure, resolve_size
+from budgetlora.model.methods import TITLES, size_of, with_size
+from budgetlora.model.modeling import build_model, check_max_length, display_name, load_tokenizer
+from budgetlora.model.roles import is_head_parameter
+from budgetlora.reporting.metrics import as_score, score
+from budgetlora.reporting.report import write_report
 from budgetlora.rundir import (
     BUDGET,
     CONFIG,
@@ -73,8 +67,14 @@ from budgetlora.runtime import (
     restore_rng,
     scaler_state,
 )
-from budgetlora.selftrain import self_train
-from budgetlora.shift import expectation
+from budgetlora.training.checkpoint import (
+    load_newest_readable,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
+from budgetlora.training.losses import LossFn, cross_entropy_loss
+from budgetlora.training.selftrain import self_train
 
 __all__ = [
     "TrainResult",
@@ -285,7 +285,7 @@ def train(
     scheduler, RNG states, data position, history). ``loss_fn`` replaces the
     cross-entropy (distillation); ``on_eval`` sees every validation result and may stop
     the run (a sweep's pruner). A config with self-training rounds runs them all
-    (:mod:`budgetlora.selftrain`); ``extra_rows`` (labelled, e.g. pseudo-labelled) join the
+    (:mod:`budgetlora.training.selftrain`); ``extra_rows`` (labelled, e.g. pseudo-labelled) join the
     training rows, and ``notes`` (title -> Markdown) are added to the report.
     """
     if cfg.distill.teacher is not None and loss_fn is None:
@@ -396,7 +396,7 @@ def _adaptation_notes(metrics: dict[str, Any]) -> dict[str, str]:
 
 def _shift_report(session: _Session, unlabelled: TextTable, run_dir: Path) -> dict[str, Any]:
     """The shift report of the unlabelled texts by the trained model, into RUN/shift/."""
-    from budgetlora.shift import analyse, write_shift
+    from budgetlora.inference.shift import analyse, write_shift
 
     cfg, runtime = session.cfg, session.runtime
     merged = inference_model(session.bare, runtime, keep=True)
@@ -450,7 +450,7 @@ def _set_up(
         raise RuntimeError(f"budget mismatch: skeleton {budget.groups} != model {built.groups}")
     tapt = None
     if cfg.tapt.steps:
-        from budgetlora.tapt import pretrain
+        from budgetlora.training.tapt import pretrain
 
         texts = splits.train.texts + (unlabelled.texts if unlabelled is not None else [])
         tapt = pretrain(model, tokenizer, texts, cfg, runtime)

@@ -11,10 +11,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from budgetlora.batching import Collator, encode, pad_id, sorted_batches
+from budgetlora.data.batching import Collator, encode, pad_id, sorted_batches
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import load_run, read_run_config
-from budgetlora.modeling import load_tokenizer
+from budgetlora.inference.merged import load_run, read_run_config
+from budgetlora.model.modeling import load_tokenizer
 from budgetlora.rundir import CONFIG, EXPORT_INFO, ONNX_FILE, check_export_dir, headline_metrics, read_budget
 
 __all__ = ["Classifier", "OnnxClassifier", "TorchClassifier", "load_classifier"]

@@ -1,7 +1,7 @@
 """The peft adapter methods budgetlora trains, and the one place each becomes a peft config.
 
 Every method adapts the same Linear modules (``lora.target_modules`` and ``lora.layers``,
-resolved by :func:`budgetlora.modeling.resolve_targets`), trains the same head
+resolved by :func:`budgetlora.model.modeling.resolve_targets`), trains the same head
 (``modules_to_save``) and merges into the weights for inference. Each has at most one main
 size knob (``SIZE_KEYS``), which may be ``auto``: the largest value that fits the budget.
 """
@@ -18,7 +18,7 @@ from peft.tuners.lokr.layer import factorization
 
 from budgetlora.config import METHODS, ModelConfig
 from budgetlora.errors import BudgetloraError
-from budgetlora.roles import role_of
+from budgetlora.model.roles import role_of
 
 __all__ = [
     "METHODS",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import budgetlora
 from budgetlora.config import RunConfig
 from budgetlora.errors import BudgetloraError, ExportCheckError
-from budgetlora.modeling import is_hub_id
+from budgetlora.model.modeling import is_hub_id
 from budgetlora.rundir import (
     EXPORT_INFO,
     METRICS,
@@ -108,8 +108,8 @@ def export(
     ``model`` replaces the base model path recorded in the run. Every input is checked
     before any weights load; a failure leaves ``output`` as it was (absent or the old export).
     """
-    from budgetlora.inference import read_run_config
-    from budgetlora.modeling import load_model_config
+    from budgetlora.inference.merged import read_run_config
+    from budgetlora.model.modeling import load_model_config
 
     run_dir, output = Path(run_dir), Path(output)
     chosen = _check_formats(formats)
@@ -143,7 +143,7 @@ def export(
 
 def _export(run_dir: Path, cfg: Any, output: Path, chosen: tuple[str, ...], opset: int) -> ExportResult:
     """:func:`export` once every input is checked and the output locked."""
-    from budgetlora.inference import load_run
+    from budgetlora.inference.merged import load_run
 
     # float32 on the CPU whatever the run trained in: both forms are meant for any machine.
     run = load_run(run_dir, cfg=cfg, mixed_precision="no")
@@ -157,7 +157,7 @@ def _export(run_dir: Path, cfg: Any, output: Path, chosen: tuple[str, ...], opse
         reference = merged(input_ids=inputs[0], attention_mask=inputs[1]).logits.numpy()  # (4, labels)
 
     info: dict[str, Any] = {
-        "budgetlora_version": budgetlora.__version__,
+        "budgetlora_version": version("budgetlora"),
         "run": str(run_dir.resolve()),
         "base_model": cfg.model.name_or_path,
         "head": cfg.model.head,

@@ -27,8 +27,16 @@ from transformers import (
 
 from budgetlora.config import ModelConfig
 from budgetlora.errors import BudgetloraError
-from budgetlora.methods import SIZE_KEYS, adapter_config, size_of
-from budgetlora.roles import HEAD_MODULES, ROLE_GROUPS, ROLES, layer_index, matches_role, role_of, short_name
+from budgetlora.model.methods import SIZE_KEYS, adapter_config, size_of
+from budgetlora.model.roles import (
+    HEAD_MODULES,
+    ROLE_GROUPS,
+    ROLES,
+    layer_index,
+    matches_role,
+    role_of,
+    short_name,
+)
 
 __all__ = [
     "build_model",

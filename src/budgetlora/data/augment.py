@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from budgetlora.config import AugmentSettings
-from budgetlora.data import TextTable
+from budgetlora.data.tables import TextTable
 
 __all__ = ["strip_markers", "plain_lowercase", "drop_words", "augment_table"]
 

@@ -1,6 +1,6 @@
 """Reading data sources (files of each format, folders, Hub datasets) into raw columns.
 
-Checking texts and labels is :mod:`budgetlora.data`'s job. Every failure a user can cause
+Checking texts and labels is :mod:`budgetlora.data.tables`'s job. Every failure a user can cause
 (missing file, bytes that are not the format the extension says, malformed rows) becomes a
 :class:`BudgetloraError` that names the file and the row or line.
 """

@@ -5,8 +5,8 @@ naming its base model) or a sequence-classification checkpoint (local folder or 
 Its logits over the student's rows are computed once with the fast inference path,
 cached on disk (``<cache>/teacher/<key>.npy``, key = teacher files + tokenizer + max
 length + texts) and reused by every student run and sweep trial; the teacher is freed
-before the student trains. The student trains with :func:`budgetlora.train.train` and a
-:func:`budgetlora.losses.distillation_loss`. With ``distill.transfer`` the texts of
+before the student trains. The student trains with :func:`budgetlora.training.train.train` and a
+:func:`budgetlora.training.losses.distillation_loss`. With ``distill.transfer`` the texts of
 ``data.unlabelled`` join its training rows, labelled by the teacher (transfer data).
 """
 
@@ -24,21 +24,20 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from budgetlora.batching import cache_dir, cache_key, encode, pad_id
 from budgetlora.config import DistillSettings, ModelConfig, RunConfig, load_config
-from budgetlora.data import Splits, TextTable, read_unlabelled
+from budgetlora.data.batching import cache_dir, cache_key, encode, pad_id
+from budgetlora.data.tables import Splits, TextTable, read_unlabelled
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference import inference_model, load_run, predict_logits
-from budgetlora.losses import distillation_loss_fn
-from budgetlora.metrics import score
-from budgetlora.modeling import (
+from budgetlora.inference.merged import inference_model, load_run, predict_logits
+from budgetlora.model.modeling import (
     check_max_length,
     is_hub_id,
     load_base_model,
     load_model_config,
     load_tokenizer,
 )
-from budgetlora.roles import is_head_output
+from budgetlora.model.roles import is_head_output
+from budgetlora.reporting.metrics import score
 from budgetlora.rundir import (
     ADAPTER_CONFIG,
     CONFIG,
@@ -50,7 +49,8 @@ from budgetlora.rundir import (
     write_text_atomic,
 )
 from budgetlora.runtime import Runtime, make_runtime, writer_lock
-from budgetlora.train import EvalCallback, TrainResult, prepare_run, train
+from budgetlora.training.losses import distillation_loss_fn
+from budgetlora.training.train import EvalCallback, TrainResult, prepare_run, train
 
 __all__ = [
     "Teacher",
