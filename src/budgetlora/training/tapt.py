@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from budgetlora.config import RunConfig
 from budgetlora.errors import BudgetloraError
-from budgetlora.runtime import Runtime
+from budgetlora.runtime import Runtime, is_main_process
 
 __all__ = ["load_mlm_head", "pretrain"]
 
@@ -107,7 +107,7 @@ def pretrain(
         "last_loss": float(np.mean(losses[-window:])),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if runtime.is_main_process:
+    if is_main_process():
         print(
             f"tapt: {settings.steps} masked-LM steps on {len(texts):,} texts, loss "
             f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}",
