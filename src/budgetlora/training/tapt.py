@@ -58,45 +58,11 @@ def pretrain(
 ) -> dict[str, Any]:
     """``cfg.tapt.steps`` masked-LM steps on ``texts`` through the adapter inside ``model`` (a
     peft classification model, trained in place). Returns the first and last losses."""
-    from transformers import DataCollatorForLanguageModeling, get_scheduler
-
-    settings, train = cfg.tapt, cfg.train
-    if tokenizer.mask_token_id is None:
-        raise BudgetloraError(f"tapt.steps: the tokenizer of {cfg.model.name_or_path} has no mask token")
-    mlm = load_mlm_head(cfg.model.name_or_path)
-    encoder, prefix = _encoder_of(model)
-    if mlm.base_model_prefix != prefix:
-        raise BudgetloraError(
-            f"tapt.steps: the masked-LM model of {cfg.model.name_or_path} holds its encoder elsewhere"
-        )
-    for param in mlm.parameters():
-        param.requires_grad_(False)
-    setattr(mlm, prefix, encoder)  # the adapter's encoder, shared: the MLM loss trains the adapter
+    settings = cfg.tapt
+    mlm, encoder, prefix = _mlm_sharing_encoder(model, tokenizer, cfg)
     mlm.to(runtime.device).train()
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.mlm_lr or train.lr, weight_decay=train.weight_decay)
-    scheduler = get_scheduler(
-        "linear", optimizer, num_warmup_steps=int(0.06 * settings.steps), num_training_steps=settings.steps
-    )
-    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mask_probability)
-    encoded = tokenizer(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
-    rng = np.random.default_rng(train.seed)  # the rows of each step; the masks come from torch's seeded RNG
-    losses: list[float] = []
     start = time.perf_counter()
-    for _ in range(settings.steps):
-        rows = rng.choice(len(encoded), size=min(train.batch_size, len(encoded)), replace=False)
-        batch = {
-            k: v.to(runtime.device) for k, v in collate([{"input_ids": encoded[i]} for i in rows]).items()
-        }
-        with runtime.accelerator.autocast():
-            loss = mlm(**batch).loss
-        loss.backward()
-        if train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    losses = _mlm_steps(mlm, encoder, tokenizer, texts, cfg, runtime)
     setattr(mlm, prefix, nn.Identity())  # the encoder lives on in ``model``; the head goes
     del mlm
     window = max(1, min(20, math.ceil(len(losses) / 5)))
@@ -114,3 +80,60 @@ def pretrain(
             flush=True,
         )
     return summary
+
+
+def _mlm_sharing_encoder(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
+) -> tuple[nn.Module, nn.Module, str]:
+    """The checkpoint's masked-LM model with its head frozen and its encoder replaced by the one
+    ``model``'s adapter sits in; also that encoder and the attribute that holds it."""
+    if tokenizer.mask_token_id is None:
+        raise BudgetloraError(f"tapt.steps: the tokenizer of {cfg.model.name_or_path} has no mask token")
+    mlm = load_mlm_head(cfg.model.name_or_path)
+    encoder, prefix = _encoder_of(model)
+    if mlm.base_model_prefix != prefix:
+        raise BudgetloraError(
+            f"tapt.steps: the masked-LM model of {cfg.model.name_or_path} holds its encoder elsewhere"
+        )
+    for param in mlm.parameters():
+        param.requires_grad_(False)
+    setattr(mlm, prefix, encoder)  # the adapter's encoder, shared: the MLM loss trains the adapter
+    return mlm, encoder, prefix
+
+
+def _mlm_steps(
+    mlm: nn.Module,
+    encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    cfg: RunConfig,
+    runtime: Runtime,
+) -> list[float]:
+    """The masked-LM steps, each on a seeded sample of ``texts``; the loss of each step."""
+    from transformers import DataCollatorForLanguageModeling, get_scheduler
+
+    settings, train = cfg.tapt, cfg.train
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.mlm_lr or train.lr, weight_decay=train.weight_decay)
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=int(0.06 * settings.steps), num_training_steps=settings.steps
+    )
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mask_probability)
+    encoded = tokenizer(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
+    rng = np.random.default_rng(train.seed)  # the rows of each step; the masks come from torch's seeded RNG
+    losses: list[float] = []
+    for _ in range(settings.steps):
+        rows = rng.choice(len(encoded), size=min(train.batch_size, len(encoded)), replace=False)
+        batch = {
+            k: v.to(runtime.device) for k, v in collate([{"input_ids": encoded[i]} for i in rows]).items()
+        }
+        with runtime.accelerator.autocast():
+            loss = mlm(**batch).loss
+        loss.backward()
+        if train.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
