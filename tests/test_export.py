@@ -280,3 +280,21 @@ def test_predict_and_classify_score_an_onnx_export(exported: Path, trained, tmp_
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
     code, stderr = main_exit("classify", str(exported), "--model", "x", "some text")
     assert code == 2 and "--model applies to a run folder" in stderr
+
+
+def test_predict_and_classify_tell_runs_from_exports_as_serve_does(tmp_path: Path) -> None:
+    """One rule says what a folder is: a folder that is neither gets serve's message, naming RUN_DIR."""
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    texts = tmp_path / "new.csv"
+    texts.write_text("text\nsome text\n")
+    neither = f"RUN_DIR {nothing} is neither a run folder (config.yaml) nor an export folder (export.json)"
+    missing = tmp_path / "missing"
+    for args, expected in [
+        (("classify", str(nothing), "some text"), neither),
+        (("predict", str(nothing), str(texts), "--output", str(tmp_path / "s.csv")), neither),
+        (("classify", str(missing), "some text"), f"RUN_DIR {missing}: no such folder"),
+    ]:
+        code, stderr = main_exit(*args)
+        assert code == 2 and expected in stderr, (args, stderr)
+    assert not (tmp_path / "s.csv").exists()

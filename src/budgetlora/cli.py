@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import typing
 import warnings
@@ -211,7 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _is_main_process() -> bool:
     """False in the other processes of a torchrun / accelerate launch run."""
-    return os.environ.get("RANK", "0") == "0"
+    from budgetlora.runtime import is_main_process  # here, not at the top: --help loads no torch
+
+    return is_main_process()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

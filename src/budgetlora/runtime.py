@@ -44,6 +44,7 @@ __all__ = [
     "rng_state",
     "restore_rng",
     "StopAgreement",
+    "is_main_process",
     "on_main_process",
     "check_shared_folder",
     "end_processes",
@@ -128,6 +129,17 @@ def _gpu_native_bf16(device: torch.device) -> bool:  # CUDA only
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def _process_state() -> PartialState:
+    """This process's place among the processes of a run (set up once, as make_runtime sets it up)."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True in the process that writes and prints: rank 0 of a torchrun / accelerate launch
+    run, or the only process. The one test of it, also before a :class:`Runtime` exists."""
+    return bool(_process_state().is_main_process)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """A process's accelerator and its device plan."""
@@ -141,7 +153,8 @@ class Runtime:
 
     @property
     def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
+        """See :func:`is_main_process`."""
+        return is_main_process()
 
     @property
     def num_processes(self) -> int:
@@ -167,14 +180,14 @@ def make_runtime(mixed_precision: str = "auto") -> Runtime:
     # accelerate keeps one process-wide state and refuses a second Accelerator with other
     # settings (a sweep, or train() called twice); the process group itself is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    state = PartialState(cpu=not on_cuda)  # places this process on its device
+    state = _process_state()  # places this process on its device
     plan = plan_device(
         state.device.type,
         mixed_precision,
         gpu_native_bf16=on_cuda and _gpu_native_bf16(state.device),
         cpu_fast_bf16=not on_cuda and cpu_has_fast_bf16(),
     )
-    if plan.note and state.is_main_process:
+    if plan.note and is_main_process():
         print(plan.note, file=sys.stderr)
     if plan.tf32:  # CUDA only
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -283,7 +296,7 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T], what: str) 
     whether it failed: the main process re-raises, the others raise an error naming
     ``what``, instead of waiting in a barrier until the collective times out."""
     result, failure = None, None
-    if accelerator.is_main_process:
+    if is_main_process():
         try:
             result = work()
         except BaseException as err:  # every kind: the other processes must hear of it
@@ -300,8 +313,7 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T], what: str) 
 def writer_lock(path: Path, option: str = "--output") -> AbstractContextManager[None]:
     """The one-writer lock of an output (:func:`budgetlora.rundir.output_lock`), taken by the
     main process alone: it is the one that writes, and the others would find it taken."""
-    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as make_runtime sets it up
-    return output_lock(path, option) if main else nullcontext()
+    return output_lock(path, option) if is_main_process() else nullcontext()
 
 
 def end_processes() -> None:
@@ -316,9 +328,10 @@ def check_shared_folder(accelerator: Accelerator, folder: Path) -> None:
     (nodes without a shared filesystem, or a relative path from other working folders)."""
     if accelerator.num_processes == 1:
         return
-    token = [secrets.token_hex(8) if accelerator.is_main_process else ""]
+    main = is_main_process()
+    token = [secrets.token_hex(8) if main else ""]
     marker = folder / ".budgetlora-shared-check"
-    if accelerator.is_main_process:
+    if main:
         folder.mkdir(parents=True, exist_ok=True)
         marker.write_text(token[0])
     broadcast_object_list(token)
@@ -330,7 +343,7 @@ def check_shared_folder(accelerator: Accelerator, folder: Path) -> None:
     missing = torch.tensor([0.0 if seen else 1.0], device=accelerator.device)
     blind = int(accelerator.reduce(missing, "sum").item())  # type: ignore[union-attr]
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if main:
         marker.unlink(missing_ok=True)
     if blind:
         raise BudgetloraError(

@@ -1,2 +1,2 @@
-"""Reading text data: file formats (CSV, JSON lines, Parquet, pickled Datasets, the Hub), labelled
-splits and their checks, augmentation, and batching by length."""
+"""Reading text data: file formats (CSV, TSV, JSON lines, Parquet, pickled Datasets, the Hub),
+labelled splits and their checks, augmentation, and tokenizing (cached) and batching by length."""

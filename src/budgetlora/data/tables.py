@@ -307,6 +307,14 @@ def _labels(
     for row, value in zip(rows, values, strict=True):
         kind, parsed = _label_kind(value, index)
         by_kind.setdefault(kind, []).append((row, parsed if kind != "invalid" else value))
+    _check_label_kinds(by_kind, where)
+    if "name" in by_kind:
+        return _named_labels(by_kind["name"], label_names, where)
+    return _indexed_labels(by_kind["int"], label_names, raw.classic, where)
+
+
+def _check_label_kinds(by_kind: dict[str, list[tuple[int, Any]]], where: str) -> None:
+    """Refuse missing, unreadable and non-integer labels, and integers mixed with class names."""
 
     def listed(kind: str, with_values: bool = True) -> str:
         pairs = by_kind[kind]
@@ -327,23 +335,36 @@ def _labels(
             f"{where} mixes integer labels (rows {listed('int')}) and class names (rows {listed('name')});"
             " use one or the other"
         )
-    if "name" in by_kind:
-        if label_names is None:
-            label_names = tuple(sorted({name for _, name in by_kind["name"]}))
-            _check_distinct_names(by_kind["name"], where)
-            index = {name: i for i, name in enumerate(label_names)}
-        unknown = [(r, n) for r, n in by_kind["name"] if n not in index]
-        if unknown:
-            raise BudgetloraError(
-                f"{where}: unknown label names in rows"
-                f" {_rows([r for r, _ in unknown], [n for _, n in unknown])}; known: {_names(label_names)}"
-            )
-        return np.array([index[name] for _, name in by_kind["name"]], dtype=np.int64), label_names
 
+
+def _named_labels(
+    pairs: list[tuple[int, str]], label_names: tuple[str, ...] | None, where: str
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels given as class names (row, name): indices into ``label_names``, or into the
+    sorted names found when none are given."""
+    if label_names is None:
+        label_names = tuple(sorted({name for _, name in pairs}))
+        _check_distinct_names(pairs, where)
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = [(r, n) for r, n in pairs if n not in index]
+    if unknown:
+        raise BudgetloraError(
+            f"{where}: unknown label names in rows"
+            f" {_rows([r for r, _ in unknown], [n for _, n in unknown])}; known: {_names(label_names)}"
+        )
+    return np.array([index[name] for _, name in pairs], dtype=np.int64), label_names
+
+
+def _indexed_labels(
+    pairs: list[tuple[int, int]], label_names: tuple[str, ...] | None, classic: bool, where: str
+) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """Labels given as class indices (row, index), checked against the number of classes
+    (``classic``: a file of the classic AG News release, which counts classes from 1; an error
+    shows its values so)."""
     k = len(label_names) if label_names is not None else _MAX_CLASSES
-    bad = [(r, v) for r, v in by_kind["int"] if not 0 <= v < k]
+    bad = [(r, v) for r, v in pairs if not 0 <= v < k]
     if bad:
-        if raw.classic:
+        if classic:
             bad, allowed = [(r, v + 1) for r, v in bad], f"class indices 1..{k}"
         elif label_names is None:
             allowed = "class indices 0, 1, 2, ..."
@@ -353,7 +374,7 @@ def _labels(
             f"{where}: labels out of range in rows {_rows([r for r, _ in bad], [v for _, v in bad])};"
             f" allowed: {allowed}"
         )
-    return np.array([v for _, v in by_kind["int"]], dtype=np.int64), label_names
+    return np.array([v for _, v in pairs], dtype=np.int64), label_names
 
 
 def _check_distinct_names(pairs: list[tuple[int, str]], where: str) -> None:

@@ -7,23 +7,25 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from budgetlora.data.batching import Collator, encode, pad_id, sorted_batches
 from budgetlora.errors import BudgetloraError
-from budgetlora.inference.merged import load_run, read_run_config
+from budgetlora.inference.merged import load_run
 from budgetlora.model.modeling import load_tokenizer
 from budgetlora.rundir import CONFIG, EXPORT_INFO, ONNX_FILE, check_export_dir, headline_metrics, read_budget
 
-__all__ = ["Classifier", "OnnxClassifier", "TorchClassifier", "load_classifier"]
+__all__ = ["Backend", "Classifier", "OnnxClassifier", "TorchClassifier", "load_classifier", "backend_of"]
+
+Backend = Literal["torch", "onnx"]
 
 
 class Classifier(Protocol):
     """Logits for texts, with the label names and the truncation length they were trained at."""
 
-    backend: str
+    backend: Backend
     label_names: tuple[str, ...]
     max_length: int
     details: dict[str, Any]  # the base model, the budget and the run's validation/test metrics
@@ -36,13 +38,18 @@ class Classifier(Protocol):
 class TorchClassifier:
     """A run folder, reloaded with its LoRA merged (budgetlora's own inference path)."""
 
-    backend = "torch"
+    backend: Backend = "torch"
 
     def __init__(
-        self, run_dir: str | Path, *, batch_size: int | None = None, mixed_precision: str | None = None
+        self,
+        run_dir: str | Path,
+        *,
+        model: str | None = None,
+        batch_size: int | None = None,
+        mixed_precision: str | None = None,
     ) -> None:
         folder = Path(run_dir)
-        self.run = load_run(folder, mixed_precision=mixed_precision)
+        self.run = load_run(folder, model=model, mixed_precision=mixed_precision)
         self.label_names = self.run.label_names
         self.max_length = self.run.cfg.data.max_length
         self.batch_size = batch_size
@@ -59,7 +66,7 @@ class TorchClassifier:
 class OnnxClassifier:
     """An export folder's ``model.onnx`` on onnxruntime's CPU provider, with its tokenizer."""
 
-    backend = "onnx"
+    backend: Backend = "onnx"
 
     def __init__(
         self, export_dir: str | Path, *, batch_size: int | None = None, threads: int | None = None
@@ -94,26 +101,47 @@ class OnnxClassifier:
         return out
 
 
-def load_classifier(path: str | Path, *, option: str = "PATH", batch_size: int | None = None) -> Classifier:
-    """An export folder (``export.json``: onnxruntime) or a run folder (``config.yaml``: torch).
+def load_classifier(
+    path: str | Path, *, option: str = "PATH", model: str | None = None, batch_size: int | None = None
+) -> Classifier:
+    """An export folder (``export.json``: onnxruntime) or a run folder (``config.yaml``: torch),
+    told apart and checked by :func:`backend_of` before anything loads. ``model`` replaces a
+    run's base model path (refused for an export: its model is inside it)."""
+    if backend_of(path, option, model=model) == "onnx":
+        return OnnxClassifier(path, batch_size=batch_size)
+    return TorchClassifier(path, model=model, batch_size=batch_size)
 
-    Checked before anything loads: what kind of folder it is, and that the backend's
-    packages are installed.
+
+def backend_of(path: str | Path, option: str = "PATH", *, model: str | None = None) -> Backend:
+    """The backend that scores the folder ``path``: "onnx" for an export folder (``export.json``),
+    "torch" for a run folder (``config.yaml``); the one place that tells the two apart.
+
+    An export is checked here whole (its ``model.onnx``, onnxruntime installed, no ``model``
+    to replace); a run folder's config is checked as it loads
+    (:func:`budgetlora.inference.merged.read_run_config`, before any weights).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise BudgetloraError(f"{option} {folder}: no such folder (a run folder or an export folder)")
     if (folder / EXPORT_INFO).is_file():
-        check_export_dir(folder, option)
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise BudgetloraError(
-                f"{option} {folder} is an ONNX export: onnxruntime is not installed "
-                "(pip install 'budgetlora[serve]')"
-            )
-        return OnnxClassifier(folder, batch_size=batch_size)
+        _check_export(folder, option, model)
+        return "onnx"
     if (folder / CONFIG).is_file():
-        read_run_config(folder, None)
-        return TorchClassifier(folder, batch_size=batch_size)
+        return "torch"
     raise BudgetloraError(
         f"{option} {folder} is neither a run folder (config.yaml) nor an export folder (export.json)"
     )
+
+
+def _check_export(folder: Path, option: str, model: str | None) -> None:
+    """Refuse an export that cannot be scored here, or a base model to replace in it."""
+    if model is not None:
+        raise BudgetloraError(
+            f"--model applies to a run folder; {folder} is an export, its model is inside it"
+        )
+    check_export_dir(folder, option)
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise BudgetloraError(
+            f"{option} {folder} is an ONNX export: onnxruntime is not installed "
+            "(pip install 'budgetlora[serve]')"
+        )

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from budgetlora.errors import BudgetloraError
+from budgetlora.inference.backends import OnnxClassifier, backend_of, load_classifier
 from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.reporting.metrics import score, softmax
 from budgetlora.rundir import (
-    EXPORT_INFO,
     METRICS,
     atomic_path,
-    check_export_dir,
     check_output_path,
     write_json_atomic,
 )
@@ -120,7 +119,7 @@ def predict(
         raise BudgetloraError(
             f"invalid value for --prior-correction: {prior_correction!r} (allowed: {', '.join(PRIOR_CORRECTIONS)})"
         )
-    onnx = _check_export(Path(run_dir), model)
+    onnx = backend_of(run_dir, "RUN_DIR", model=model) == "onnx"
     if onnx and prior_correction != "none":
         raise BudgetloraError(
             f"--prior-correction {prior_correction} needs the run folder (its validation rows calibrate the "
@@ -149,8 +148,6 @@ def _predict(
     """:func:`predict` once its input is read and its output locked (``cfg`` None: an export)."""
     onnx = cfg is None
     if onnx:
-        from budgetlora.inference.backends import OnnxClassifier
-
         classifier = OnnxClassifier(run_dir, batch_size=batch_size)
         logits, label_names, is_main = classifier.logits(table.texts), classifier.label_names, True
     else:
@@ -201,18 +198,6 @@ def _shift_summary(run: LoadedRun, table: Any, source: str, logits: Any, path: P
         print("\n".join(report.lines()), flush=True)
 
 
-def _check_export(folder: Path, model: str | None) -> bool:
-    """True for an export folder (scored on onnxruntime), checked; False for anything else."""
-    if not (folder / EXPORT_INFO).is_file():
-        return False
-    if model is not None:
-        raise BudgetloraError(
-            f"--model applies to a run folder; {folder} is an export, its model is inside it"
-        )
-    check_export_dir(folder, "RUN_DIR")
-    return True
-
-
 def _write_csv(path: Path, header: list[str], rows: Any) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -235,15 +220,8 @@ def classify(
             f"TEXT {', '.join(map(str, empty))} of {len(texts)} is empty or whitespace only: nothing to classify"
         )
     check_batch_size(batch_size)
-    if _check_export(Path(run_dir), model):
-        from budgetlora.inference.backends import OnnxClassifier
-
-        classifier = OnnxClassifier(run_dir, batch_size=batch_size)
-        label_names, logits = classifier.label_names, classifier.logits(texts)
-    else:
-        run = load_run(run_dir, model=model)
-        label_names, logits = run.label_names, run.logits(texts, batch_size=batch_size, use_cache=False)
-    probs = softmax(logits)
+    classifier = load_classifier(run_dir, option="RUN_DIR", model=model, batch_size=batch_size)
+    label_names, probs = classifier.label_names, softmax(classifier.logits(texts))
     return [
         {
             "text": text,

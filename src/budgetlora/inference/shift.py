@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from budgetlora.data.batching import encode
-from budgetlora.data.tables import TextTable, load_splits, read_table
+from budgetlora.data.tables import Splits, TextTable, load_splits, read_table
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.reporting.estimate import ESTIMATORS, em_priors, estimate_accuracy, fit_temperature
@@ -147,100 +148,147 @@ def analyse(
 
     ``logits`` (m, k): the run's logits of ``texts`` where the caller has them already.
     """
-    from scipy.special import softmax
-    from scipy.stats import ks_2samp
-
     cfg = run.cfg
     splits = load_splits(cfg.data, training=False)
-    max_length = cfg.data.max_length
-    train_lengths = encode(splits.train.texts, None, run.tokenizer, max_length).full_lengths
-    target_lengths = encode(texts, None, run.tokenizer, max_length).full_lengths
-
-    train_keys = {_normalised(t) for t in splits.train.texts}
-    val_keys = {_normalised(t) for t in splits.validation.texts}
-    keys = [_normalised(t) for t in texts]
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    repeated = np.array([counts[key] > 1 for key in keys])
-    in_training = np.array([key in train_keys for key in keys])
-
+    overlap, repeated, in_training = _overlap(texts, splits)
     domain = domain_classifier(splits.train.texts, texts)
     unlike_above = float(np.quantile(domain["reference_scores"], _UNLIKE_QUANTILE))
     unlike = domain["target_scores"] > unlike_above
-
-    validation, val_logits = _validation_logits(run, splits.validation, batch_size)
-    assert validation.labels is not None and splits.train.labels is not None
-    if logits is None:
-        logits = run.logits(texts, batch_size=batch_size, progress=True)
-    k = len(run.label_names)
-    train_prior = np.bincount(splits.train.labels, minlength=k) / len(splits.train)
-    estimates = estimate_accuracy(val_logits, validation.labels, logits, train_prior)
-    temperature = estimates["temperature"]
-    val_probs, probs = softmax(val_logits / temperature, axis=1), softmax(logits / temperature, axis=1)
-    val_conf, conf = val_probs.max(axis=1), probs.max(axis=1)
-    em_prior, _ = em_priors(probs, train_prior)
-    predicted = probs.argmax(axis=1)
-    test = ks_2samp(val_conf, conf)
-
+    scored = _score(run, texts, splits, logits, batch_size)
     summary = {
         "source": source,
         "run": str(cfg.output),
         "rows": len(texts),
         "training_rows": len(splits.train),
-        "validation_rows_scored": len(validation),
-        "max_length": max_length,
-        "tokens": {
-            "training": _length_summary(train_lengths, max_length),
-            "data": _length_summary(target_lengths, max_length),
-        },
-        "repeated_rows": int(repeated.sum()),
-        "repeated_texts": int(sum(1 for c in counts.values() if c > 1)),
-        "shared_with_training": int(in_training.sum()),
-        "shared_with_validation": int(sum(key in val_keys for key in keys)),
-        "domain": {
-            "method": "TF-IDF (words and word pairs, case kept) + logistic regression, 5-fold cross-validated",
-            "roc_auc": domain["auc"],
-            "unlike_training": float(unlike.mean()),
-            "unlike_threshold": unlike_above,
-            "fitted_rows": domain["fitted_rows"],
-            "data_words": domain["target_words"],
-            "training_words": domain["reference_words"],
-        },
-        "model": {
-            "training_prior": dict(zip(run.label_names, map(float, train_prior), strict=True)),
-            "predicted_shares": dict(
-                zip(
-                    run.label_names, map(float, np.bincount(predicted, minlength=k) / len(texts)), strict=True
-                )
-            ),
-            "em_prior": dict(zip(run.label_names, map(float, em_prior), strict=True)),
-            "confidence": {
-                "validation_mean": float(val_conf.mean()),
-                "data_mean": float(conf.mean()),
-                "validation_median": float(np.median(val_conf)),
-                "data_median": float(np.median(conf)),
-                "ks_statistic": float(test.statistic),
-                "ks_pvalue": float(test.pvalue),
-            },
-        },
-        "accuracy": {**estimates, "lead": LEAD},
+        "validation_rows_scored": len(scored.val_probs),
+        "max_length": cfg.data.max_length,
+        "tokens": _tokens(run, splits.train.texts, texts),
+        **overlap,
+        "domain": _domain_summary(domain, unlike, unlike_above),
+        "model": _model_summary(scored, run.label_names),
+        "accuracy": {**scored.estimates, "lead": LEAD},
     }
     return ShiftReport(
         summary=summary,
         rows={
             "domain_score": domain["target_scores"],
             "unlike": unlike,
-            "label": predicted,
-            "confidence": conf,
+            "label": scored.probs.argmax(axis=1),
+            "confidence": scored.probs.max(axis=1),
             "in_training": in_training,
             "repeated": repeated,
         },
         ids=ids if ids is not None else [str(i) for i in range(len(texts))],
         label_names=run.label_names,
-        val_confidence=val_conf,
+        val_confidence=scored.val_probs.max(axis=1),
         train_domain_scores=domain["reference_scores"],
     )
+
+
+def _tokens(run: LoadedRun, training: list[str], texts: list[str]) -> dict[str, dict[str, float]]:
+    """Token lengths of the training rows and of ``texts``, before truncation."""
+    max_length = run.cfg.data.max_length
+    return {
+        side: _length_summary(encode(rows, None, run.tokenizer, max_length).full_lengths, max_length)
+        for side, rows in (("training", training), ("data", texts))
+    }
+
+
+def _overlap(texts: list[str], splits: Splits) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    """Texts repeated among ``texts`` and texts of the training and validation rows, compared
+    with case and spacing ignored: the counts, and (m,) flags repeated and in_training."""
+    keys = [_normalised(t) for t in texts]
+    counts = Counter(keys)
+    train_keys = {_normalised(t) for t in splits.train.texts}
+    val_keys = {_normalised(t) for t in splits.validation.texts}
+    repeated = np.array([counts[key] > 1 for key in keys])
+    in_training = np.array([key in train_keys for key in keys])
+    summary = {
+        "repeated_rows": int(repeated.sum()),
+        "repeated_texts": sum(1 for c in counts.values() if c > 1),
+        "shared_with_training": int(in_training.sum()),
+        "shared_with_validation": sum(key in val_keys for key in keys),
+    }
+    return summary, repeated, in_training
+
+
+def _domain_summary(domain: dict[str, Any], unlike: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The report's account of :func:`domain_classifier`."""
+    return {
+        "method": "TF-IDF (words and word pairs, case kept) + logistic regression, 5-fold cross-validated",
+        "roc_auc": domain["auc"],
+        "unlike_training": float(unlike.mean()),
+        "unlike_threshold": threshold,
+        "fitted_rows": domain["fitted_rows"],
+        "data_words": domain["target_words"],
+        "training_words": domain["reference_words"],
+    }
+
+
+@dataclass
+class _Scored:
+    """The model on the texts and on the validation rows, calibrated on the validation rows."""
+
+    estimates: dict[str, Any]
+    """:func:`budgetlora.reporting.estimate.estimate_accuracy` of the texts."""
+    train_prior: np.ndarray
+    """(k,) class shares of the training rows."""
+    probs: np.ndarray
+    """(m, k) temperature-scaled probabilities of the texts."""
+    val_probs: np.ndarray
+    """(n, k) the same of the validation rows scored."""
+
+
+def _score(
+    run: LoadedRun, texts: list[str], splits: Splits, logits: np.ndarray | None, batch_size: int | None
+) -> _Scored:
+    """Score the validation rows and ``texts`` (unless their ``logits`` are given), and estimate
+    the accuracy on ``texts``."""
+    from scipy.special import softmax
+
+    validation, val_logits = _validation_logits(run, splits.validation, batch_size)
+    assert validation.labels is not None
+    if logits is None:
+        logits = run.logits(texts, batch_size=batch_size, progress=True)
+    train_prior = _training_prior(splits, len(run.label_names))
+    estimates = estimate_accuracy(val_logits, validation.labels, logits, train_prior)
+    temperature = estimates["temperature"]
+    return _Scored(
+        estimates=estimates,
+        train_prior=train_prior,
+        probs=softmax(logits / temperature, axis=1),
+        val_probs=softmax(val_logits / temperature, axis=1),
+    )
+
+
+def _model_summary(scored: _Scored, names: tuple[str, ...]) -> dict[str, Any]:
+    """Predicted class shares, EM's re-estimated priors and confidences, against the training
+    rows and the validation rows."""
+    from scipy.stats import ks_2samp
+
+    val_conf, conf = scored.val_probs.max(axis=1), scored.probs.max(axis=1)
+    em_prior, _ = em_priors(scored.probs, scored.train_prior)
+    predicted = np.bincount(scored.probs.argmax(axis=1), minlength=len(names)) / len(conf)
+    test = ks_2samp(val_conf, conf)
+    return {
+        "training_prior": dict(zip(names, map(float, scored.train_prior), strict=True)),
+        "predicted_shares": dict(zip(names, map(float, predicted), strict=True)),
+        "em_prior": dict(zip(names, map(float, em_prior), strict=True)),
+        "confidence": {
+            "validation_mean": float(val_conf.mean()),
+            "data_mean": float(conf.mean()),
+            "validation_median": float(np.median(val_conf)),
+            "data_median": float(np.median(conf)),
+            "ks_statistic": float(test.statistic),
+            "ks_pvalue": float(test.pvalue),
+        },
+    }
+
+
+def _training_prior(splits: Splits, k: int) -> np.ndarray:
+    """(k,) the class shares of the training rows."""
+    assert splits.train.labels is not None
+    return np.bincount(splits.train.labels, minlength=k) / len(splits.train)
 
 
 def _validation_logits(
@@ -263,11 +311,11 @@ def prior_corrected(
 
     splits = load_splits(run.cfg.data, training=False)
     validation, val_logits = _validation_logits(run, splits.validation, batch_size)
-    assert validation.labels is not None and splits.train.labels is not None
+    assert validation.labels is not None
     temperature = fit_temperature(val_logits, validation.labels)
-    train_prior = np.bincount(splits.train.labels, minlength=len(run.label_names)) / len(splits.train)
     prior, adjusted = em_priors(
-        softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1), train_prior
+        softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1),
+        _training_prior(splits, len(run.label_names)),
     )
     return adjusted, dict(zip(run.label_names, map(float, prior), strict=True))
 
@@ -336,33 +384,51 @@ def _rows_csv(report: ShiftReport) -> str:
 
 
 def _plot_confidence(path: Path, validation: np.ndarray, data: np.ndarray) -> Path:
-
-    fig = figure(7.0)
-    ax = fig.add_subplot()
-    bins = np.linspace(0.0, 1.0, 41).tolist()
-    for values, label, color in ((validation, "validation", "#4c72b0"), (data, "these texts", "#dd8452")):
-        ax.hist(
-            values, bins=bins, density=True, alpha=0.55, color=color, label=f"{label} (n = {len(values):,})"
-        )
-    ax.set(xlabel="Top-class probability (temperature-scaled)", ylabel="Density", title="Model confidence")
-    ax.legend(loc="upper left")
-    return save_png(fig, path)
+    return _plot_scores(
+        path,
+        (validation, "validation"),
+        data,
+        xlabel="Top-class probability (temperature-scaled)",
+        title="Model confidence",
+        legend_at="upper left",
+    )
 
 
 def _plot_domain(path: Path, training: np.ndarray, data: np.ndarray, threshold: float) -> Path:
+    return _plot_scores(
+        path,
+        (training, "training texts"),
+        data,
+        xlabel="Domain score: P(these texts | text), out of fold",
+        title="Domain classifier",
+        legend_at="upper center",
+        threshold=threshold,
+    )
 
+
+def _plot_scores(
+    path: Path,
+    reference: tuple[np.ndarray, str],
+    data: np.ndarray,
+    *,
+    xlabel: str,
+    title: str,
+    legend_at: Literal["upper left", "upper center"],
+    threshold: float | None = None,
+) -> Path:
+    """Density histograms over 0..1 of the ``reference`` side's values (named) and of these
+    texts' ``data``, with the ``threshold`` of "unlike the training texts" marked where given."""
     fig = figure(7.0)
     ax = fig.add_subplot()
     bins = np.linspace(0.0, 1.0, 41).tolist()
-    for values, label, color in ((training, "training texts", "#4c72b0"), (data, "these texts", "#dd8452")):
+    for values, label, color in ((*reference, "#4c72b0"), (data, "these texts", "#dd8452")):
         ax.hist(
             values, bins=bins, density=True, alpha=0.55, color=color, label=f"{label} (n = {len(values):,})"
         )
-    ax.axvline(threshold, color="#c44e52", linestyle="--", label="above 95% of the training texts")
-    ax.set(
-        xlabel="Domain score: P(these texts | text), out of fold", ylabel="Density", title="Domain classifier"
-    )
-    ax.legend(loc="upper center")
+    if threshold is not None:
+        ax.axvline(threshold, color="#c44e52", linestyle="--", label="above 95% of the training texts")
+    ax.set(xlabel=xlabel, ylabel="Density", title=title)
+    ax.legend(loc=legend_at)
     return save_png(fig, path)
 
 

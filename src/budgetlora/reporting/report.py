@@ -361,18 +361,79 @@ def _token_length_section(lengths: np.ndarray, max_length: int | None) -> str:
     return _section("Token lengths", *blocks)
 
 
-def _budget_section(groups: dict[str, int], trainable: int, limit: int | None, fits: bool | None) -> str:
+def _budget_section(budget: dict) -> str:
+    groups, trainable, limit = _budget_numbers(budget)
     denominator, share_of = (limit, "budget") if limit else (max(1, trainable), "trainable")
     rows = [[f"`{name}`", f"{count:,}", pct(count / denominator)] for name, count in groups.items()]
     rows.append(["**Total trainable**", f"**{trainable:,}**", f"**{pct(trainable / denominator)}**"])
     blocks = ["![Trainable parameters per group](budget.png)"]
     if limit:
+        fits = budget.get("fits")
         verdict = "fit within" if (trainable <= limit if fits is None else fits) else "**exceed**"
         blocks.append(f"{trainable:,} trainable parameters {verdict} the budget of {limit:,}.")
     blocks.append(md_table(["Group", "Parameters", f"Share of {share_of}"], rows, "lrr"))
     if groups and sum(groups.values()) != trainable:
         blocks.append(f"Note: the groups add up to {sum(groups.values()):,}, not {trainable:,}.")
+    frozen = budget.get("frozen_not_counted") or {}
+    if frozen:  # VeRA's shared random matrices: buffers, never trained
+        listed = ", ".join(f"`{name}` {int(n):,}" for name, n in frozen.items())
+        blocks.append(
+            f"Frozen, not trainable and not counted: {listed} (the method's fixed random matrices).\n"
+        )
     return _section("Parameter budget", *blocks)
+
+
+def _evaluation_part(
+    out_dir: Path, title: str, split: str, metrics: dict, names: list[str]
+) -> tuple[list[Path], list[str]]:
+    """The plots and sections every report has: the scores, per class, the confusion matrix and
+    the predicted class counts."""
+    k = len(names)
+    if len(metrics["confusion_matrix"]) != k:
+        raise ValueError(
+            f"metrics cover {len(metrics['confusion_matrix'])} classes but {k} label names given"
+        )
+    pred_counts = [int(metrics["predicted_distribution"][n]) for n in names]
+    true_counts = [int(metrics["per_class"][n]["support"]) for n in names]
+
+    written = [
+        plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], names, split),
+        _plot_class_counts(
+            out_dir / "predicted_distribution.png",
+            {"true": true_counts, "predicted": pred_counts},
+            names,
+            f"True vs. predicted class counts ({split})",
+        ),
+    ]
+    sections = [_summary_section(title, split, metrics), *_class_sections(metrics, names, split, pred_counts)]
+    return written, sections
+
+
+def _budget_numbers(budget: dict) -> tuple[dict[str, int], int, int | None]:
+    """Trainable parameters per group, in all, and the budget (None without one) of ``budget.json``."""
+    groups = {str(name): int(count) for name, count in budget.get("groups", {}).items()}
+    trainable = int(budget.get("trainable", sum(groups.values())))
+    limit = int(budget["budget"]) if budget.get("budget") else None
+    return groups, trainable, limit
+
+
+def _class_counts(train_labels: np.ndarray, k: int) -> tuple[list[int], str]:
+    """Training samples per class, and the title of their plot."""
+    train = np.asarray(train_labels, dtype=np.int64)  # (n,)
+    if train.size and (train.min() < 0 or train.max() >= k):
+        raise ValueError(f"train_labels must be class indices 0..{k - 1}, got {train.min()}..{train.max()}")
+    counts = np.bincount(train, minlength=k).tolist()
+    return counts, f"Training data: samples per class (n = {train.size:,})"
+
+
+def _timing_section(timing: dict) -> str:
+    rows = []
+    for key, value in timing.items():
+        if isinstance(value, dict):  # seconds of each phase of the run
+            rows += [[f"Time: {phase}", _duration(seconds)] for phase, seconds in value.items()]
+        else:
+            rows.append(_timing_row(key, value))
+    return _section("Timing", md_table(["", "Value"], rows, "lr"))
 
 
 def write_report(
@@ -403,49 +464,17 @@ def write_report(
     """
     out_dir = Path(out_dir)
     names = [str(n) for n in label_names]
-    k = len(names)
-    if len(metrics["confusion_matrix"]) != k:
-        raise ValueError(
-            f"metrics cover {len(metrics['confusion_matrix'])} classes but {k} label names given"
-        )
-    pred_counts = [int(metrics["predicted_distribution"][n]) for n in names]
-    true_counts = [int(metrics["per_class"][n]["support"]) for n in names]
-
-    written = [
-        plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], names, split),
-        _plot_class_counts(
-            out_dir / "predicted_distribution.png",
-            {"true": true_counts, "predicted": pred_counts},
-            names,
-            f"True vs. predicted class counts ({split})",
-        ),
-    ]
-    sections = [_summary_section(title, split, metrics), *_class_sections(metrics, names, split, pred_counts)]
+    written, sections = _evaluation_part(out_dir, title, split, metrics, names)
     if history is not None:
         curves = plot_learning_curves(out_dir / "learning_curves.png", history)
         written += [curves] if curves else []
         sections.append(_learning_section(history, curves is not None))
     if budget is not None:
-        groups = {str(name): int(count) for name, count in budget.get("groups", {}).items()}
-        trainable = int(budget.get("trainable", sum(groups.values())))
-        limit = int(budget["budget"]) if budget.get("budget") else None
+        groups, trainable, limit = _budget_numbers(budget)
         written.append(_plot_budget(out_dir / "budget.png", groups, trainable, limit))
-        section = _budget_section(groups, trainable, limit, budget.get("fits"))
-        frozen = budget.get("frozen_not_counted") or {}
-        if frozen:  # VeRA's shared random matrices: buffers, never trained
-            listed = ", ".join(f"`{name}` {int(n):,}" for name, n in frozen.items())
-            section = section.rstrip("\n") + (
-                f"\n\nFrozen, not trainable and not counted: {listed} (the method's fixed random matrices).\n"
-            )
-        sections.append(section)
+        sections.append(_budget_section(budget))
     if train_labels is not None:
-        train = np.asarray(train_labels, dtype=np.int64)  # (n,)
-        if train.size and (train.min() < 0 or train.max() >= k):
-            raise ValueError(
-                f"train_labels must be class indices 0..{k - 1}, got {train.min()}..{train.max()}"
-            )
-        counts = np.bincount(train, minlength=k).tolist()
-        title_counts = f"Training data: samples per class (n = {train.size:,})"
+        counts, title_counts = _class_counts(train_labels, len(names))
         written.append(
             _plot_class_counts(out_dir / "class_distribution.png", {"train": counts}, names, title_counts)
         )
@@ -455,13 +484,7 @@ def write_report(
         written.append(_plot_token_lengths(out_dir / "token_lengths.png", lengths, max_length))
         sections.append(_token_length_section(lengths, max_length))
     if timing:
-        rows = []
-        for key, value in timing.items():
-            if isinstance(value, dict):  # seconds of each phase of the run
-                rows += [[f"Time: {phase}", _duration(seconds)] for phase, seconds in value.items()]
-            else:
-                rows.append(_timing_row(key, value))
-        sections.append(_section("Timing", md_table(["", "Value"], rows, "lr")))
+        sections.append(_timing_section(timing))
     sections += [_section(heading, body.strip()) for heading, body in (extra or {}).items()]
 
     report = out_dir / "report.md"

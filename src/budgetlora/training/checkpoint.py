@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from budgetlora.errors import BudgetloraError
-from budgetlora.runtime import Runtime, rng_state
+from budgetlora.runtime import Runtime, is_main_process, rng_state
 
 __all__ = [
     "save_checkpoint",
@@ -72,16 +72,16 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
-    if accelerator.is_main_process:
+    if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     mine = {"rng": rng_state(runtime.device), **(process_state or {})}
     torch.save(mine, tmp / f"process-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
+    if is_main_process():
         torch.save({**state, "processes": accelerator.num_processes}, tmp / "state.pt")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if is_main_process():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(root.glob(f"{_PREFIX}*"))[:-keep]:

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from accelerate import PartialState
 
 from budgetlora.config import DistillSettings, ModelConfig, RunConfig, load_config
 from budgetlora.data.batching import cache_dir, cache_key, encode, pad_id
@@ -48,7 +47,7 @@ from budgetlora.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
-from budgetlora.runtime import Runtime, make_runtime, writer_lock
+from budgetlora.runtime import Runtime, is_main_process, make_runtime, writer_lock
 from budgetlora.training.losses import distillation_loss_fn
 from budgetlora.training.train import EvalCallback, TrainResult, prepare_run, train
 
@@ -386,7 +385,7 @@ def _distill(
         extra_rows=rows,
         notes=notes,
     )
-    main = PartialState().is_main_process
+    main = is_main_process()
     report = (run_dir / "report.md").read_text(encoding="utf-8") if main else ""
     summary: dict[str, Any] = {
         "teacher": _teacher_summary(soft, cfg.data.max_length),

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from budgetlora.config import RunConfig
 from budgetlora.errors import BudgetloraError
-from budgetlora.runtime import Runtime
+from budgetlora.runtime import Runtime, is_main_process
 
 __all__ = ["load_mlm_head", "pretrain"]
 
@@ -58,9 +58,35 @@ def pretrain(
 ) -> dict[str, Any]:
     """``cfg.tapt.steps`` masked-LM steps on ``texts`` through the adapter inside ``model`` (a
     peft classification model, trained in place). Returns the first and last losses."""
-    from transformers import DataCollatorForLanguageModeling, get_scheduler
+    settings = cfg.tapt
+    mlm, encoder, prefix = _mlm_sharing_encoder(model, tokenizer, cfg)
+    mlm.to(runtime.device).train()
+    start = time.perf_counter()
+    losses = _mlm_steps(mlm, encoder, tokenizer, texts, cfg, runtime)
+    setattr(mlm, prefix, nn.Identity())  # the encoder lives on in ``model``; the head goes
+    del mlm
+    window = max(1, min(20, math.ceil(len(losses) / 5)))
+    summary = {
+        "steps": settings.steps,
+        "texts": len(texts),
+        "first_loss": float(np.mean(losses[:window])),
+        "last_loss": float(np.mean(losses[-window:])),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if is_main_process():
+        print(
+            f"tapt: {settings.steps} masked-LM steps on {len(texts):,} texts, loss "
+            f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}",
+            flush=True,
+        )
+    return summary
 
-    settings, train = cfg.tapt, cfg.train
+
+def _mlm_sharing_encoder(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
+) -> tuple[nn.Module, nn.Module, str]:
+    """The checkpoint's masked-LM model with its head frozen and its encoder replaced by the one
+    ``model``'s adapter sits in; also that encoder and the attribute that holds it."""
     if tokenizer.mask_token_id is None:
         raise BudgetloraError(f"tapt.steps: the tokenizer of {cfg.model.name_or_path} has no mask token")
     mlm = load_mlm_head(cfg.model.name_or_path)
@@ -72,7 +98,21 @@ def pretrain(
     for param in mlm.parameters():
         param.requires_grad_(False)
     setattr(mlm, prefix, encoder)  # the adapter's encoder, shared: the MLM loss trains the adapter
-    mlm.to(runtime.device).train()
+    return mlm, encoder, prefix
+
+
+def _mlm_steps(
+    mlm: nn.Module,
+    encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    cfg: RunConfig,
+    runtime: Runtime,
+) -> list[float]:
+    """The masked-LM steps, each on a seeded sample of ``texts``; the loss of each step."""
+    from transformers import DataCollatorForLanguageModeling, get_scheduler
+
+    settings, train = cfg.tapt, cfg.train
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.mlm_lr or train.lr, weight_decay=train.weight_decay)
     scheduler = get_scheduler(
@@ -82,7 +122,6 @@ def pretrain(
     encoded = tokenizer(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
     rng = np.random.default_rng(train.seed)  # the rows of each step; the masks come from torch's seeded RNG
     losses: list[float] = []
-    start = time.perf_counter()
     for _ in range(settings.steps):
         rows = rng.choice(len(encoded), size=min(train.batch_size, len(encoded)), replace=False)
         batch = {
@@ -97,20 +136,4 @@ def pretrain(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    setattr(mlm, prefix, nn.Identity())  # the encoder lives on in ``model``; the head goes
-    del mlm
-    window = max(1, min(20, math.ceil(len(losses) / 5)))
-    summary = {
-        "steps": settings.steps,
-        "texts": len(texts),
-        "first_loss": float(np.mean(losses[:window])),
-        "last_loss": float(np.mean(losses[-window:])),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    if runtime.is_main_process:
-        print(
-            f"tapt: {settings.steps} masked-LM steps on {len(texts):,} texts, loss "
-            f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}",
-            flush=True,
-        )
-    return summary
+    return losses
