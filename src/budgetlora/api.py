@@ -122,7 +122,16 @@ def train(
     resume: bool = False,
     **options: Any,
 ) -> Run:
-    """``budgetlora train``: train within the budget and write the run folder (``output``)."""
+    """``budgetlora train``: train within the budget and write the run folder (``output``).
+
+    Args:
+        config: YAML config (a preset, or a run folder's config.yaml; from Python also a RunConfig);
+            the options override it
+        overwrite: replace a finished run in the output folder (only once the new run finishes)
+        resume: continue the interrupted run in the output folder from its last checkpoint (its
+            config.yaml is the base config)
+        options: one per flag of ``budgetlora train``, the flag without its dashes (``lora_r=8``)
+    """
     from budgetlora.training.train import train as run_training
 
     return Run(run_training(resolve_config(config, **options), overwrite=overwrite, resume=resume).run_dir)
@@ -136,7 +145,13 @@ def distill(
     resume: bool = False,
     **options: Any,
 ) -> Run:
-    """``budgetlora distill``: a budgeted student taught by ``teacher`` (a keyword, as --teacher)."""
+    """``budgetlora distill``: a budgeted student taught by ``teacher`` (a keyword, as --teacher);
+    ``config``, ``overwrite`` and ``resume`` as :func:`train` takes them.
+
+    Args:
+        compare_baseline: also train the same student without distillation into OUTPUT-baseline
+        options: one per flag of ``budgetlora distill``, the flag without its dashes (``teacher=...``)
+    """
     from budgetlora.training.distill import distill as run_distillation
 
     cfg = resolve_config(config, **options)
