@@ -159,15 +159,16 @@ def distill(
     return Run(result.run_dir)
 
 
-def plan(model: str, budget: int = 1_000_000, labels: int = 4) -> Any:
-    """``budgetlora plan``: what fits ``budget`` on ``model``, as a pandas DataFrame (one row a
-    head × targets × layers, with the largest LoRA rank that fits and its exact count)."""
+def plan(model: str, budget: int = RunConfig.budget, **options: Any) -> Any:
+    """``budgetlora plan``: what fits ``budget`` (default: the config's) on ``model``, as a pandas
+    DataFrame (one row a head × targets × layers, with the largest LoRA rank that fits and its
+    exact count); ``options`` as :func:`budgetlora.model.plan.plan` takes them (``labels``)."""
     import pandas as pd
 
     from budgetlora.model.plan import format_plan
     from budgetlora.model.plan import plan as plan_rows
 
-    return pd.DataFrame(json.loads(format_plan(plan_rows(model, budget, labels), "json")))
+    return pd.DataFrame(json.loads(format_plan(plan_rows(model, budget, **options), "json")))
 
 
 def evaluate(run: str | Path | Run, **options: Any) -> Page:
@@ -205,11 +206,10 @@ def shift(run: str | Path | Run, data: str | Path, **options: Any) -> Page:
     return Page(output / "shift.md")
 
 
-def export(run: str | Path | Run, out: str | Path, formats: str = "all", **options: Any) -> Path:
-    """``budgetlora export``: a merged transformers model and/or ONNX (``formats``: all, or
-    merged, onnx), checked against the run; returns the export folder."""
-    from budgetlora.inference.export import FORMATS
+def export(run: str | Path | Run, out: str | Path, **options: Any) -> Path:
+    """``budgetlora export``: a merged transformers model and/or ONNX (``formats``: merged, onnx,
+    or all), checked against the run; ``options`` as :func:`budgetlora.inference.export.export`
+    takes them. Returns the export folder."""
     from budgetlora.inference.export import export as run_export
 
-    chosen = FORMATS if formats == "all" else tuple(f.strip() for f in formats.split(","))
-    return run_export(Path(run), out, formats=chosen, **options).output
+    return run_export(Path(run), out, **options).output

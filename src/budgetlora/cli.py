@@ -446,7 +446,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from budgetlora.model.plan import format_plan, plan
 
-    if args.methods:
+    if args.by_method:
         return _plan_methods(args)
     rows = plan(**_keywords(plan, args))
     if args.style == "table":
@@ -627,6 +627,7 @@ _COMMANDS: dict[str, _Command] = {
                 ("--methods",),
                 {
                     "action": "store_true",
+                    "dest": "by_method",  # not plan_methods' own `methods`
                     "help": "instead: every adapter method (lora, vera, fourierft, ia3, loha, lokr) at its "
                     "largest size that fits, on one head, target set and layers",
                 },
