@@ -301,10 +301,15 @@ def _set_options(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _given_config_keys(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys the command line set: each key's own flag, then ``--set``."""
+def _given_config_keys(
+    args: argparse.Namespace, flags: Callable[[str], bool] | None = None
+) -> dict[str, Any]:
+    """The config keys the command line set: each key's own flag (of the keys ``flags`` takes;
+    sweep's ``output`` is its folder, not the key), then ``--set``."""
     given = vars(args)
-    overrides = {key: given[key] for key, _ in config_fields() if key in given}
+    overrides = {
+        key: given[key] for key, _ in config_fields() if key in given and (flags is None or flags(key))
+    }
     overrides.update(_set_options(args.set))
     return overrides
 
@@ -483,7 +488,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from budgetlora.training.sweep import load_space, sweep
 
     cfg = load_config(args.config) if args.config else RunConfig()
-    cfg = with_overrides(cfg, _given_config_keys(args))
+    cfg = with_overrides(cfg, _given_config_keys(args, _SWEEP_KEYS.__contains__))
     result = sweep(cfg, load_space(args.space), **_keywords(sweep, args, skip=("space",)))
     print(
         f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {result.output / 'trials.md'}"
