@@ -42,6 +42,41 @@ def test_help(command: str | None) -> None:
         assert "--lora-r" in result.stdout and "[model.lora.r]" in result.stdout and "99.3%" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("argv", "function"),
+    [
+        (["evaluate", "RUN"], "budgetlora.inference.predict:evaluate"),
+        (["predict", "RUN", "INPUT"], "budgetlora.inference.predict:predict"),
+        (["shift", "RUN", "DATA"], "budgetlora.inference.shift:shift"),
+        (["classify", "RUN", "TEXT"], "budgetlora.inference.predict:classify"),
+        (["export", "RUN", "OUT"], "budgetlora.inference.export:export"),
+        (["serve", "PATH"], "budgetlora.inference.serve:serve"),
+        (["serve", "PATH"], "budgetlora.inference.serve:Limits"),
+        (["plan", "--model", "M", "--budget", "9"], "budgetlora.model.plan:plan"),
+        (["plan", "--model", "M", "--budget", "9"], "budgetlora.model.plan:plan_methods"),
+        (["sweep", "--space", "S", "--output", "O"], "budgetlora.training.sweep:sweep"),
+        (["distill"], "budgetlora.api:distill"),
+    ],
+)
+def test_an_option_left_out_takes_the_library_function_s_default(argv: list[str], function: str) -> None:
+    """A command's options are its library function's parameters: each has help, and left out,
+    it holds the default written in the function's signature."""
+    import argparse
+    import importlib
+    import inspect
+
+    from budgetlora.cli import build_parser
+
+    module, _, name = function.partition(":")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    parser = build_parser([argv[0]])
+    given = vars(parser.parse_args(argv))
+    defaults = {n: p.default for n, p in parameters.items() if p.default is not p.empty and n in given}
+    assert defaults and {n: given[n] for n in defaults} == defaults
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert all(action.help for action in commands.choices[argv[0]]._actions)
+
+
 def test_console_script_is_installed() -> None:
     result = subprocess.run(["budgetlora", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout

@@ -49,6 +49,7 @@ def test_health_info_and_answers_that_agree_with_budgetlora(  # type: ignore[no-
         "max_wait_ms": 5.0,
         "max_body_bytes": 4096,
         "max_queue": 2048,
+        "max_connections": 512,
         "refused_busy": 0,
     }
     assert info["metrics"]["test"]["n"] == 96
@@ -198,11 +199,11 @@ class _ByLength:
 
 
 def test_batcher_shares_forward_passes_and_routes_every_answer() -> None:
-    from budgetlora.inference.serve import Batcher
+    from budgetlora.inference.serve import Batcher, Limits
 
     gate = threading.Event()
     model = _ByLength(gate)
-    batcher = Batcher(model, batch_size=6, max_wait_ms=0)  # type: ignore[arg-type]
+    batcher = Batcher(model, Limits(batch_size=6, max_wait_ms=0))  # type: ignore[arg-type]
     try:
         first = batcher.submit(["a"])
         assert model.entered.wait(timeout=60)  # the worker scores it alone and waits at the gate
@@ -221,10 +222,10 @@ def test_batcher_shares_forward_passes_and_routes_every_answer() -> None:
 
 
 def test_a_batch_waits_for_requests_that_arrive_together() -> None:
-    from budgetlora.inference.serve import Batcher
+    from budgetlora.inference.serve import Batcher, Limits
 
     model = _ByLength()
-    batcher = Batcher(model, batch_size=3, max_wait_ms=5000)  # type: ignore[arg-type]
+    batcher = Batcher(model, Limits(batch_size=3, max_wait_ms=5000))  # type: ignore[arg-type]
     try:
         start = time.monotonic()
         futures = [batcher.submit(["a"]), batcher.submit(["bb", "ccc"]), batcher.submit(["dd"])]

@@ -162,7 +162,7 @@ def test_the_batcher_refuses_past_its_queue() -> None:
     """The queue bound on its own: texts held while the model works count until answered."""
     import numpy as np
 
-    from budgetlora.inference.serve import Batcher, Busy
+    from budgetlora.inference.serve import Batcher, Busy, Limits
 
     release = threading.Event()
 
@@ -173,7 +173,7 @@ def test_the_batcher_refuses_past_its_queue() -> None:
             release.wait(timeout=30)
             return np.zeros((len(texts), 2), dtype=np.float32)
 
-    batcher = Batcher(Slow(), batch_size=4, max_wait_ms=0, max_queue=5)  # type: ignore[arg-type]
+    batcher = Batcher(Slow(), Limits(batch_size=4, max_wait_ms=0, max_queue=5))  # type: ignore[arg-type]
     first = batcher.submit(["a", "b", "c"])
     second = batcher.submit(["d", "e"])
     with pytest.raises(Busy, match="5 texts are waiting"):

@@ -122,7 +122,16 @@ def train(
     resume: bool = False,
     **options: Any,
 ) -> Run:
-    """``budgetlora train``: train within the budget and write the run folder (``output``)."""
+    """``budgetlora train``: train within the budget and write the run folder (``output``).
+
+    Args:
+        config: YAML config (a preset, or a run folder's config.yaml; from Python also a RunConfig);
+            the options override it
+        overwrite: replace a finished run in the output folder (only once the new run finishes)
+        resume: continue the interrupted run in the output folder from its last checkpoint (its
+            config.yaml is the base config)
+        options: one per flag of ``budgetlora train``, the flag without its dashes (``lora_r=8``)
+    """
     from budgetlora.training.train import train as run_training
 
     return Run(run_training(resolve_config(config, **options), overwrite=overwrite, resume=resume).run_dir)
@@ -136,7 +145,13 @@ def distill(
     resume: bool = False,
     **options: Any,
 ) -> Run:
-    """``budgetlora distill``: a budgeted student taught by ``teacher`` (a keyword, as --teacher)."""
+    """``budgetlora distill``: a budgeted student taught by ``teacher`` (a keyword, as --teacher);
+    ``config``, ``overwrite`` and ``resume`` as :func:`train` takes them.
+
+    Args:
+        compare_baseline: also train the same student without distillation into OUTPUT-baseline
+        options: one per flag of ``budgetlora distill``, the flag without its dashes (``teacher=...``)
+    """
     from budgetlora.training.distill import distill as run_distillation
 
     cfg = resolve_config(config, **options)
@@ -144,15 +159,16 @@ def distill(
     return Run(result.run_dir)
 
 
-def plan(model: str, budget: int = 1_000_000, labels: int = 4) -> Any:
-    """``budgetlora plan``: what fits ``budget`` on ``model``, as a pandas DataFrame (one row a
-    head × targets × layers, with the largest LoRA rank that fits and its exact count)."""
+def plan(model: str, budget: int = RunConfig.budget, **options: Any) -> Any:
+    """``budgetlora plan``: what fits ``budget`` (default: the config's) on ``model``, as a pandas
+    DataFrame (one row a head × targets × layers, with the largest LoRA rank that fits and its
+    exact count); ``options`` as :func:`budgetlora.model.plan.plan` takes them (``labels``)."""
     import pandas as pd
 
     from budgetlora.model.plan import format_plan
     from budgetlora.model.plan import plan as plan_rows
 
-    return pd.DataFrame(json.loads(format_plan(plan_rows(model, budget, labels), "json")))
+    return pd.DataFrame(json.loads(format_plan(plan_rows(model, budget, **options), "json")))
 
 
 def evaluate(run: str | Path | Run, **options: Any) -> Page:
@@ -190,11 +206,10 @@ def shift(run: str | Path | Run, data: str | Path, **options: Any) -> Page:
     return Page(output / "shift.md")
 
 
-def export(run: str | Path | Run, out: str | Path, formats: str = "all", **options: Any) -> Path:
-    """``budgetlora export``: a merged transformers model and/or ONNX (``formats``: all, or
-    merged, onnx), checked against the run; returns the export folder."""
-    from budgetlora.inference.export import FORMATS
+def export(run: str | Path | Run, out: str | Path, **options: Any) -> Path:
+    """``budgetlora export``: a merged transformers model and/or ONNX (``formats``: merged, onnx,
+    or all), checked against the run; ``options`` as :func:`budgetlora.inference.export.export`
+    takes them. Returns the export folder."""
     from budgetlora.inference.export import export as run_export
 
-    chosen = FORMATS if formats == "all" else tuple(f.strip() for f in formats.split(","))
-    return run_export(Path(run), out, formats=chosen, **options).output
+    return run_export(Path(run), out, **options).output

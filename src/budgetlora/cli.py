@@ -1,19 +1,29 @@
 """The command line: parse, then call the library function of the same name.
 
-``train`` and ``distill`` get one flag per key of the config tree, made from the tree
-itself (``--lr`` is ``train.lr``, booleans are ``--x/--no-x``, choices come from the
-``Literal`` types, help from the fields' docstrings); ``--set KEY=VALUE`` takes a YAML
-value for any key. User errors print one message and exit with code 2.
+A command's options are made from the signature of the library function it calls (names,
+types, defaults) and the ``Args:`` section of that function's docstring (the help), so each
+default is written once, in the signature; ``_COMMANDS`` says which functions, and how a
+parameter shows where its name alone does not (``--trials`` is ``n_trials``, ``OUT`` is
+``output``). ``train`` and ``distill`` also get one flag per key of the config tree, made from
+the tree itself (``--lr`` is ``train.lr``, booleans are ``--x/--no-x``, choices come from the
+``Literal`` types, help from the fields' docstrings); ``--set KEY=VALUE`` takes a YAML value for
+any key. User errors print one message and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import dataclasses
+import importlib
+import inspect
 import json
+import re
 import sys
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +65,9 @@ def flag_of(key: str) -> str:
     return "--" + option_name(key).replace("_", "-")
 
 
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
+
+
 def _value_type(annotation: Any) -> Any:
     """argparse's ``type`` for a field: text to the field's value, or ValueError (which
     argparse reports as "invalid <name> value")."""
@@ -63,7 +76,8 @@ def _value_type(annotation: Any) -> Any:
     words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
     (kind, *_) = [a for a in args if a is not type(None) and typing.get_origin(a) is not Literal] or [str]
     origin = typing.get_origin(kind)
-    item = typing.get_args(kind)[0] if origin is tuple else kind
+    sequence = origin in _SEQUENCES
+    item = typing.get_args(kind)[0] if sequence else kind
     parsers: dict[Any, Callable[[str], Any]] = {int: _integer, float: float}
     item_parse = parsers.get(item, str)
 
@@ -77,7 +91,7 @@ def _value_type(annotation: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(text)
             return value
-        if origin is tuple:
+        if sequence:
             try:
                 return [item_parse(part.strip()) for part in text.split(",") if part.strip()]
             except ValueError:
@@ -86,7 +100,7 @@ def _value_type(annotation: Any) -> Any:
 
     name = {int: "int", float: "float", str: "str"}.get(item, "str")
     parse.__name__ = (
-        ("YAML mapping" if origin is dict else f"comma-separated {name}" if origin is tuple else name)
+        ("YAML mapping" if origin is dict else f"comma-separated {name}" if sequence else name)
         + "".join(f" or {w!r}" for w in words)
         + (" or none" if optional else "")
     )
@@ -104,56 +118,172 @@ def _integer(text: str) -> int:
         return int(value)
 
 
+# --- options from a function's signature ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """How a parameter shows on the command line where its name alone does not say it."""
+
+    name: str | None = None
+    """``--flag`` for an option, ``METAVAR`` for a positional argument (default: the parameter's
+    name, positional if it has no default)."""
+    metavar: str | None = None
+    given_as: Any = None
+    """The type the command line gives where the function takes something made from it (a file's path)."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Parameters of a library function that become options of a command."""
+
+    function: str
+    """``module:name``, imported only when the command's parser is built."""
+    names: tuple[str, ...] | None = None
+    """The parameters taken, in the function's order (default: all of them)."""
+    shown: Mapping[str, _Shown] = field(default_factory=dict)
+    note: str = ""
+    """Text put before each option's help."""
+
+
+def _function(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_ENTRY = re.compile(r"^ {4}(\w+): (.*)$")
+
+
+def _arg_docs(function: Any) -> dict[str, str]:
+    """Parameter name -> its help: the ``Args:`` section of the docstring (``Attributes:`` of a dataclass)."""
+    lines = iter((inspect.getdoc(function) or "").splitlines())
+    for line in lines:
+        if line.strip() in ("Args:", "Attributes:"):
+            break
+    docs: dict[str, str] = {}
+    for line in lines:
+        entry = _ENTRY.match(line)
+        if entry:
+            docs[entry.group(1)] = entry.group(2)
+        elif line.startswith(" " * 8) and docs:
+            docs[next(reversed(docs))] += " " + line.strip()
+        else:
+            break
+    return docs
+
+
+def _dataclass_of(annotation: Any) -> Any:
+    """The dataclass a parameter takes, alone or None (``Limits | None`` -> ``Limits``); else None."""
+    kinds = [a for a in union_members(annotation) if a is not type(None)]
+    return kinds[0] if len(kinds) == 1 and dataclasses.is_dataclass(kinds[0]) else None
+
+
+def _add_source(parser: argparse.ArgumentParser, source: _Source) -> None:
+    """One argument per parameter of ``source``; a parameter that takes a dataclass gets one per field."""
+    function = _function(source.function)
+    docs, hints = _arg_docs(function), typing.get_type_hints(function)
+    for param in inspect.signature(function).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if source.names is not None and param.name not in source.names:
+            continue
+        nested = _dataclass_of(hints.get(param.name))
+        if nested is not None:
+            _add_source(parser, _Source(f"{nested.__module__}:{nested.__qualname__}", note=source.note))
+            continue
+        text = source.note + docs.get(param.name, "")
+        shown = source.shown.get(param.name, _Shown())
+        _add_parameter(parser, param, shown.given_as or hints.get(param.name, str), text, shown)
+
+
+def _add_parameter(
+    parser: argparse.ArgumentParser, param: inspect.Parameter, annotation: Any, text: str, shown: _Shown
+) -> None:
+    required = param.default is param.empty
+    positional = required and param.kind is param.POSITIONAL_OR_KEYWORD
+    name = shown.name or (param.name.upper() if positional else "--" + param.name.replace("_", "-"))
+    if not name.startswith("--"):
+        many = typing.get_origin(annotation) in _SEQUENCES
+        parser.add_argument(param.name, metavar=name, nargs="+" if many else None, help=_escaped(text))
+        return
+    option: dict[str, Any] = {"dest": param.name, "help": _escaped(_with_default(text, param.default))}
+    option.update({"required": True} if required else {"default": param.default})
+    if isinstance(param.default, bool):
+        option["action"] = argparse.BooleanOptionalAction if param.default else "store_true"
+    elif choices(annotation):
+        option["choices"] = choices(annotation)
+    else:
+        option.update(
+            type=_value_type(annotation), metavar=shown.metavar or name[2:].replace("-", "_").upper()
+        )
+    parser.add_argument(name, **option)
+
+
+def _with_default(text: str, default: Any) -> str:
+    """The help of an option with its default shown, where one shows usefully."""
+    if default is True:
+        return f"{text} (default on)"
+    if default is inspect.Parameter.empty or default is None or isinstance(default, bool):
+        return text
+    if isinstance(default, tuple | list):
+        shown = ",".join(map(str, default))
+    elif isinstance(default, float):
+        shown = f"{default:g}"
+    else:
+        shown = f"{default:,}" if isinstance(default, int) and default >= 10_000 else str(default)
+    return f"{text} (default {shown})"
+
+
+def _escaped(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def _keywords(function: Any, args: argparse.Namespace, *, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The keyword arguments of ``function`` that the command line holds; a dataclass parameter
+    whose fields all have options is built from them."""
+    given, hints = vars(args), typing.get_type_hints(function)
+    keywords: dict[str, Any] = {}
+    for name in inspect.signature(function).parameters:
+        nested = _dataclass_of(hints.get(name))
+        if name in skip:
+            continue
+        if name in given:
+            keywords[name] = given[name]
+        elif nested is not None and all(f.name in given for f in dataclasses.fields(nested)):
+            keywords[name] = nested(**_keywords(nested, args))
+    return keywords
+
+
+# --- options from the config tree ------------------------------------------------------------
+
+
 def _help(key: str) -> str:
-    return f"{field_help(key)} [{key}]".replace("%", "%%")
+    return _escaped(f"{field_help(key)} [{key}]")
 
 
-def _add_train_options(parser: argparse.ArgumentParser, *, distill: bool = False) -> None:
-    """The options of ``train`` (and, with ``distill``, of ``distill``: the distill.* keys too)."""
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML config (a preset, or a run folder's config.yaml); options below override it",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Set a config key to a YAML value, e.g. --set model.lora.rank_pattern='{layer.11: 16}'",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace a finished run in --output (only once the new run finishes)",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="Continue the interrupted run in --output from its last checkpoint (its config.yaml is the base config)",
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="Print the resolved config as YAML and exit"
-    )
+def _add_config_option(parser: argparse._ActionsContainer, key: str, annotation: Any) -> None:
+    """The flag of one config key. Only the options given reach the namespace (default SUPPRESS):
+    the config file's value stays unless a flag names it, and `--max-steps none` can clear one."""
+    flag, quiet, text = flag_of(key), argparse.SUPPRESS, _help(key)
+    if annotation is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=key, default=quiet, help=text)
+    elif choices(annotation):
+        parser.add_argument(flag, choices=choices(annotation), dest=key, default=quiet, help=text)
+    else:
+        metavar = key.rsplit(".", 1)[-1].upper()
+        parser.add_argument(
+            flag, type=_value_type(annotation), metavar=metavar, dest=key, default=quiet, help=text
+        )
+
+
+def _add_config_options(
+    parser: argparse.ArgumentParser, keys: Callable[[str], bool], *, grouped: bool
+) -> None:
+    """A flag for each config key that ``keys`` takes, in groups by block (``train``, ``model.lora``, ...)."""
     groups = {block: parser.add_argument_group(f"config: {title}") for block, title in _GROUPS.items()}
     for key, annotation in config_fields():
-        if key.startswith("distill.") and not distill:
-            continue
-        group = groups[key.rpartition(".")[0]]
-        # Only the options given reach the namespace (default SUPPRESS): the config file's
-        # value stays unless a flag names it, and `--max-steps none` can clear one.
-        flag, quiet, text = flag_of(key), argparse.SUPPRESS, _help(key)
-        if annotation is bool:
-            group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, dest=key, default=quiet, help=text
-            )
-        elif choices(annotation):
-            group.add_argument(flag, choices=choices(annotation), dest=key, default=quiet, help=text)
-        else:
-            metavar = key.rsplit(".", 1)[-1].upper()
-            group.add_argument(
-                flag, type=_value_type(annotation), metavar=metavar, dest=key, default=quiet, help=text
-            )
+        if keys(key):
+            _add_config_option(groups[key.rpartition(".")[0]] if grouped else parser, key, annotation)
 
 
 def _set_options(items: Sequence[str]) -> dict[str, Any]:
@@ -170,6 +300,19 @@ def _set_options(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def _given_config_keys(
+    args: argparse.Namespace, flags: Callable[[str], bool] | None = None
+) -> dict[str, Any]:
+    """The config keys the command line set: each key's own flag (of the keys ``flags`` takes;
+    sweep's ``output`` is its folder, not the key), then ``--set``."""
+    given = vars(args)
+    overrides = {
+        key: given[key] for key, _ in config_fields() if key in given and (flags is None or flags(key))
+    }
+    overrides.update(_set_options(args.set))
+    return overrides
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The config file (or defaults) with the command-line options applied.
 
@@ -182,19 +325,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cfg = load_config(run_config)
     else:
         cfg = RunConfig()
-    given = vars(args)
-    overrides = {key: given[key] for key, _ in config_fields() if key in given}
-    overrides.update(_set_options(args.set))
-    return with_overrides(cfg, overrides)
+    return with_overrides(cfg, _given_config_keys(args))
+
+
+# --- the commands: call the library function, print --------------------------------------
+
+
+def _print_config(cfg: RunConfig) -> int:
+    from budgetlora.config import config_to_yaml
+
+    print(config_to_yaml(cfg), end="")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from budgetlora.config import config_to_yaml
-
     cfg = config_from_args(args)
     if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
+        return _print_config(cfg)
     from budgetlora.training.train import train
 
     result = train(cfg, overwrite=args.overwrite, resume=args.resume)
@@ -215,39 +362,44 @@ def _is_main_process() -> bool:
     return is_main_process()
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from budgetlora.inference.predict import evaluate
+def cmd_distill(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.print_config:
+        return _print_config(cfg)
+    from budgetlora.training.distill import distill
 
-    metrics = evaluate(
-        args.run_dir,
-        data=args.data,
-        split=args.split,
-        output=args.output,
-        model=args.model,
-        batch_size=args.batch_size,
+    result = distill(
+        cfg, compare_baseline=args.compare_baseline, overwrite=args.overwrite, resume=args.resume
     )
     if not _is_main_process():
         return 0
-    print(
-        f"{args.split}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
-    )
+    print()
+    for name in ("teacher", "student", "baseline"):
+        scores = result.summary[name]
+        if scores is not None:
+            shown = ", ".join(
+                f"{s} accuracy {scores[s]['accuracy']:.4f}" for s in ("validation", "test") if s in scores
+            )
+            print(f"{name:<8} {shown}")
+    print(f"run folder: {result.run_dir} (distill.json, report.md)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from budgetlora.inference.predict import evaluate
+
+    metrics = evaluate(**_keywords(evaluate, args))
+    if _is_main_process():
+        print(
+            f"{args.split}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
+        )
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from budgetlora.inference.predict import predict
 
-    path = predict(
-        args.run_dir,
-        args.input,
-        output=args.output,
-        text_column=args.text_column,
-        allow_pickle=args.allow_pickle,
-        model=args.model,
-        batch_size=args.batch_size,
-        shift=args.shift,
-        prior_correction=args.prior_correction,
-    )
+    path = predict(**_keywords(predict, args))
     if _is_main_process():
         print(f"wrote {path} and {path.with_suffix('.probs.csv')}")
     return 0
@@ -256,15 +408,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_shift(args: argparse.Namespace) -> int:
     from budgetlora.inference.shift import shift
 
-    report = shift(
-        args.run_dir,
-        args.data,
-        output=args.output,
-        text_column=args.text_column,
-        allow_pickle=args.allow_pickle,
-        model=args.model,
-        batch_size=args.batch_size,
-    )
+    report = shift(**_keywords(shift, args))
     if _is_main_process():
         out = args.output or Path(args.run_dir) / f"shift-{Path(args.data).stem}"
         print("\n".join(report.lines()))
@@ -275,7 +419,7 @@ def cmd_shift(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from budgetlora.inference.predict import classify
 
-    rows = classify(args.run_dir, args.texts, model=args.model, batch_size=args.batch_size)
+    rows = classify(**_keywords(classify, args))
     for row in rows if _is_main_process() else []:
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
@@ -286,10 +430,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from budgetlora.inference.export import FORMATS, export
+    from budgetlora.inference.export import export
 
-    formats = FORMATS if args.format == "all" else tuple(f.strip() for f in args.format.split(","))
-    result = export(args.run_dir, args.out, formats=formats, model=args.model, overwrite=args.overwrite)
+    result = export(**_keywords(export, args))
     checks = ", ".join(
         f"{k.removesuffix('_max_logit_diff')} {v:.1e}" for k, v in result.info["checks"].items()
     )
@@ -300,39 +443,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from budgetlora.inference.serve import serve
-    except ImportError as err:
-        raise BudgetloraError(
-            f"budgetlora serve needs the serve extra ({err.name} is missing): pip install 'budgetlora[serve]'"
-        ) from err
-    serve(
-        args.path,
-        host=args.host,
-        port=args.port,
-        max_texts=args.max_texts,
-        batch_size=args.batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_body_bytes=args.max_body_bytes,
-        max_queue=args.max_queue,
-        max_connections=args.max_connections,
-    )
+    from budgetlora.inference.serve import serve
+
+    serve(**_keywords(serve, args))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from budgetlora.model.plan import format_plan, plan
 
-    if args.methods:
+    if args.by_method:
         return _plan_methods(args)
-    rows = plan(args.model, args.budget, args.labels)
-    if args.format == "table":
+    rows = plan(**_keywords(plan, args))
+    if args.style == "table":
         print(
             f"{args.model}, {args.labels} labels: the largest uniform LoRA rank that fits a budget of "
             f"{args.budget:,} trainable parameters (head included), by head, targets and layers\n"
         )
-    print(format_plan(rows, args.format))
-    if args.format == "table":
+    print(format_plan(rows, args.style))
+    if args.style == "table":
         print(
             "\ntrain a row: budgetlora train --model MODEL --head H --target-modules T [--layers L] --lora-r R"
         )
@@ -342,48 +471,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _plan_methods(args: argparse.Namespace) -> int:
     from budgetlora.model.plan import format_method_plan, plan_methods
 
-    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
-    try:
-        layers = None if args.layers is None else tuple(int(x) for x in args.layers.split(",") if x.strip())
-    except ValueError as err:
-        raise BudgetloraError(f"--layers {args.layers!r}: expected integers like 0,1,5") from err
-    rows = plan_methods(args.model, args.budget, args.labels, head=args.head, targets=targets, layers=layers)
-    if args.format == "table":
-        where = f"layers {args.layers}" if layers is not None else "all layers"
+    rows = plan_methods(**_keywords(plan_methods, args))
+    if args.style == "table":
+        where = "all layers" if args.layers is None else "layers " + ",".join(map(str, args.layers))
         print(
-            f"{args.model}, {args.labels} labels, --head {args.head}, --target-modules {','.join(targets)}, "
+            f"{args.model}, {args.labels} labels, --head {args.head}, --target-modules {','.join(args.targets)}, "
             f"{where}: each adapter method at the largest size that fits a budget of {args.budget:,} "
             "trainable parameters (head included)\n"
         )
-    print(format_method_plan(rows, args.format))
-    if args.format == "table":
+    print(format_method_plan(rows, args.style))
+    if args.style == "table":
         print("\ntrain a row, e.g.: budgetlora train " + next((r.options for r in rows if r.fits), ""))
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from budgetlora.config import config_to_yaml
-    from budgetlora.training.distill import distill
-
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
-    result = distill(
-        cfg, compare_baseline=args.compare_baseline, overwrite=args.overwrite, resume=args.resume
-    )
-    summary = result.summary
-    if not _is_main_process():
-        return 0
-    print()
-    for name in ("teacher", "student", "baseline"):
-        scores = summary[name]
-        if scores is not None:
-            shown = ", ".join(
-                f"{s} accuracy {scores[s]['accuracy']:.4f}" for s in ("validation", "test") if s in scores
-            )
-            print(f"{name:<8} {shown}")
-    print(f"run folder: {result.run_dir} (distill.json, report.md)")
     return 0
 
 
@@ -391,25 +489,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from budgetlora.training.sweep import load_space, sweep
 
     cfg = load_config(args.config) if args.config else RunConfig()
-    overrides = {
-        f"distill.{name}": value
-        for name in ("teacher", "alpha", "temperature")
-        if (value := getattr(args, name)) is not None
-    }
-    overrides.update(_set_options(args.set))
-    if args.no_progress:
-        overrides["train.progress"] = False
-    result = sweep(
-        with_overrides(cfg, overrides),
-        load_space(args.space),
-        n_trials=args.trials,
-        output=args.output,
-        sampler=args.sampler,
-        storage=args.storage,
-        study_name=args.study_name,
-        seed=args.seed,
-        heartbeat=args.heartbeat,
-    )
+    cfg = with_overrides(cfg, _given_config_keys(args, _SWEEP_KEYS.__contains__))
+    result = sweep(cfg, load_space(args.space), **_keywords(sweep, args, skip=("space",)))
     print(
         f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {result.output / 'trials.md'}"
     )
@@ -422,265 +503,210 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_inference_common(parser: argparse.ArgumentParser, *, export: bool = False) -> None:
-    parser.add_argument(
-        "run_dir",
-        metavar="RUN_DIR",
-        help="a finished run folder (from budgetlora train)"
-        + (
-            ", or an export folder with model.onnx (budgetlora export --format onnx): onnxruntime"
-            if export
-            else ""
+# --- the parser ---------------------------------------------------------------------------------
+
+_Extra = tuple[tuple[str, ...], dict[str, Any]]
+"""An option of the command line itself (no library parameter): its flags and add_argument's keywords."""
+
+_SET: _Extra = (
+    ("--set",),
+    {
+        "action": "append",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "Set a config key to a YAML value, e.g. --set model.lora.rank_pattern='{layer.11: 16}'",
+    },
+)
+_PRINT_CONFIG: _Extra = (
+    ("--print-config",),
+    {"action": "store_true", "help": "Print the resolved config as YAML and exit"},
+)
+_BASE_CONFIG: _Extra = (
+    ("--config",),
+    {"metavar": "FILE", "help": "base config YAML (default: the built-in defaults)"},
+)
+_RUN_OPTIONS = _Source(
+    "budgetlora.api:train", ("config", "overwrite", "resume"), {"config": _Shown(metavar="FILE")}
+)
+_SWEEP_KEYS = ("distill.teacher", "distill.alpha", "distill.temperature", "train.progress")
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A command: the function that runs it, its help, and where its options come from."""
+
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str | None = None
+    sources: tuple[_Source, ...] = ()
+    extras: tuple[_Extra, ...] = ()
+    config_keys: Callable[[str], bool] | None = None
+    """The config keys that get a flag of their own."""
+    extra: str | None = None
+    """The package extra that the command's module needs."""
+
+
+_COMMANDS: dict[str, _Command] = {
+    "train": _Command(
+        cmd_train,
+        "train a LoRA adapter + head and write a run folder",
+        "Train within the budget (checked before any work) and write a run folder: "
+        "config.yaml, budget.json, adapter, tokenizer, history.jsonl, metrics.json, report.md and plots.",
+        (_RUN_OPTIONS,),
+        (_SET, _PRINT_CONFIG),
+        lambda key: not key.startswith("distill."),
+    ),
+    "evaluate": _Command(
+        cmd_evaluate,
+        "metrics and report of a run on a labelled split",
+        "Score a run on a labelled split and write RUN_DIR/eval-SPLIT/ (metrics.json, report.md, plots).",
+        (_Source("budgetlora.inference.predict:evaluate"),),
+    ),
+    "predict": _Command(
+        cmd_predict,
+        "write an ID,Label submission CSV for unlabelled text",
+        "Label every row of INPUT (CSV/TSV/JSONL/Parquet with a text column, a classic AG News CSV, "
+        "or a pickled HF Dataset with --allow-pickle) and write ID,Label plus a .probs.csv beside it.",
+        (_Source("budgetlora.inference.predict:predict", shown={"input_path": _Shown("INPUT")}),),
+    ),
+    "shift": _Command(
+        cmd_shift,
+        "how texts differ from a run's training rows, and the accuracy to expect on them",
+        "Compare DATA (any input predict reads) with the run's training rows: lengths and "
+        "truncation, repeated texts and texts shared with the training rows, a domain classifier "
+        "(TF-IDF + logistic regression) that tells them apart, the model's class shares and confidences, "
+        "and the accuracy to expect without labels (estimators fitted on the validation rows). Writes "
+        "shift.md with plots, shift.json and shift_rows.csv.",
+        (_Source("budgetlora.inference.shift:shift"),),
+    ),
+    "classify": _Command(
+        cmd_classify,
+        "label a few texts given on the command line",
+        sources=(_Source("budgetlora.inference.predict:classify", shown={"texts": _Shown("TEXT")}),),
+        extras=((("--json",), {"action": "store_true", "help": "one JSON object per line"}),),
+    ),
+    "export": _Command(
+        cmd_export,
+        "write a run as a merged transformers model (and/or an ONNX graph) with a model card",
+        "Merge the run's LoRA adapter into the encoder (float32) and write OUT: with --format merged "
+        "a save_pretrained folder that transformers.pipeline('text-classification', model=OUT) loads; with "
+        "--format onnx model.onnx for onnxruntime; always the tokenizer, a model card (README.md) and "
+        "export.json. Each form is checked against the run's logits before the folder appears.",
+        (
+            _Source(
+                "budgetlora.inference.export:export",
+                shown={"run_dir": _Shown("RUN"), "output": _Shown("OUT"), "formats": _Shown("--format")},
+            ),
         ),
-    )
-    parser.add_argument("--model", help="base model folder or Hub id, if not the one recorded in the run")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="samples per inference batch (default 256 on a GPU, 16 on a CPU)",
-    )
+    ),
+    "serve": _Command(
+        cmd_serve,
+        "an HTTP classifier (POST /classify) over an export or a run folder",
+        "Serve PATH over HTTP: an export folder runs on onnxruntime, a run folder on torch. "
+        'POST /classify {"texts": [...]} returns labels and probabilities; GET /health, GET /info. '
+        "Requests arriving together share one length-sorted forward pass. Needs the serve extra (fastapi, uvicorn).",
+        (_Source("budgetlora.inference.serve:serve"),),
+        extra="serve",
+    ),
+    "plan": _Command(
+        cmd_plan,
+        "what fits a budget: head x targets x layers at the largest LoRA rank",
+        "Count configurations on the model's weightless skeleton (only config.json is read: "
+        "seconds, no weights) and print, for each head, target set and layers, the largest uniform "
+        "LoRA rank that fits the budget, its exact trainable count and its share of the budget.",
+        (
+            _Source(
+                "budgetlora.model.plan:plan",
+                ("model", "budget", "labels"),
+                {"model": _Shown("--model"), "budget": _Shown("--budget")},
+            ),
+            _Source("budgetlora.model.plan:format_plan", ("style",), {"style": _Shown("--format")}),
+            _Source(
+                "budgetlora.model.plan:plan_methods",
+                ("head", "targets", "layers"),
+                {"targets": _Shown("--target-modules")},
+                note="with --methods: ",
+            ),
+        ),
+        (
+            (
+                ("--methods",),
+                {
+                    "action": "store_true",
+                    "dest": "by_method",  # not plan_methods' own `methods`
+                    "help": "instead: every adapter method (lora, vera, fourierft, ia3, loha, lokr) at its "
+                    "largest size that fits, on one head, target set and layers",
+                },
+            ),
+        ),
+    ),
+    "distill": _Command(
+        cmd_distill,
+        "train a budgeted student on a teacher's soft labels",
+        "Train a student (all train options; the budget is enforced) on (1 - alpha) * CE + "
+        "alpha * T^2 * KL(teacher || student). The teacher's logits are computed once and cached. "
+        "The teacher, alpha and T are config keys (distill.*): the run's config.yaml re-runs it. "
+        "The run folder also gets distill.json and a Distillation section in report.md.",
+        (_RUN_OPTIONS, _Source("budgetlora.api:distill", ("compare_baseline",))),
+        (_SET, _PRINT_CONFIG),
+        lambda key: True,
+    ),
+    "sweep": _Command(
+        cmd_sweep,
+        "budget-aware hyperparameter search (optuna)",
+        "Search a YAML space around a base config with optuna. Over-budget trials are pruned before "
+        "training; weak ones are pruned early (median rule). Writes trial folders, trials.csv/.md, best.yaml, plots. "
+        "Start the same command several times on one --storage (PostgreSQL for several machines) to run the study "
+        "with several workers: together they run --trials exactly.",
+        (
+            _Source(
+                "budgetlora.training.sweep:sweep",
+                ("space", "n_trials", "output", "sampler", "storage", "study_name", "seed", "heartbeat"),
+                {
+                    "space": _Shown("--space", "FILE", given_as=str),
+                    "n_trials": _Shown("--trials"),
+                    "output": _Shown("--output", "DIR"),
+                    "storage": _Shown(metavar="URL"),
+                    "heartbeat": _Shown(metavar="SECONDS"),
+                },
+            ),
+        ),
+        (_BASE_CONFIG, _SET),
+        _SWEEP_KEYS.__contains__,
+    ),
+}
 
 
-def _add_text_input_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text-column", default="text", help="text column name (default text)")
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow a pickled input (unpickling runs code: trusted files only)",
-    )
+def _add_command(sub: Any, name: str, command: _Command, *, options: bool) -> None:
+    """The command's sub-parser; with ``options``, its arguments too (importing the library functions they come from)."""
+    parser = sub.add_parser(name, help=command.help, description=command.description)
+    parser.set_defaults(func=command.run)
+    if not options:
+        return
+    try:
+        for source in command.sources:
+            _add_source(parser, source)
+    except ImportError as err:
+        raise BudgetloraError(
+            f"budgetlora {name} needs the {command.extra} extra ({err.name} is missing): "
+            f"pip install 'budgetlora[{command.extra}]'"
+        ) from err
+    for flags, keywords in command.extras:
+        parser.add_argument(*flags, **keywords)
+    if command.config_keys is not None:
+        _add_config_options(parser, command.config_keys, grouped=name in ("train", "distill"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; the options only of ``commands`` (default: of all of them)."""
+    wanted = set(_COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(
         prog="budgetlora",
         description="Fine-tune a pretrained encoder for text classification with LoRA under a hard budget of trainable parameters.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "train",
-        help="train a LoRA adapter + head and write a run folder",
-        description="Train within the budget (checked before any work) and write a run folder: "
-        "config.yaml, budget.json, adapter, tokenizer, history.jsonl, metrics.json, report.md and plots.",
-    )
-    _add_train_options(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="metrics and report of a run on a labelled split",
-        description="Score a run on a labelled split and write RUN_DIR/eval-SPLIT/ (metrics.json, report.md, plots).",
-    )
-    _add_inference_common(p)
-    p.add_argument("--data", help="data source (default: the run's own)")
-    p.add_argument(
-        "--split",
-        default="test",
-        help="train, validation or test (default test); a --data file is scored whole",
-    )
-    p.add_argument("--output", help="output folder (default RUN_DIR/eval-SPLIT, or RUN_DIR/eval-FILESTEM)")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser(
-        "predict",
-        help="write an ID,Label submission CSV for unlabelled text",
-        description="Label every row of INPUT (CSV/TSV/JSONL/Parquet with a text column, a classic AG News CSV, "
-        "or a pickled HF Dataset with --allow-pickle) and write ID,Label plus a .probs.csv beside it.",
-    )
-    _add_inference_common(p, export=True)
-    p.add_argument("input", metavar="INPUT", help="file of texts to label")
-    p.add_argument("--output", default="submission.csv", help="submission path (default submission.csv)")
-    _add_text_input_options(p)
-    p.add_argument(
-        "--shift",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also print the shift report's summary and write it whole to <output>.shift.json "
-        "(default on; a run folder only)",
-    )
-    p.add_argument(
-        "--prior-correction",
-        choices=("none", "em"),
-        default="none",
-        help="em: label the rows under the class shares that EM re-estimates on them (calibrated on the "
-        "run's validation rows; for a test set whose classes are not balanced as the training rows are). "
-        "Default none",
-    )
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser(
-        "shift",
-        help="how texts differ from a run's training rows, and the accuracy to expect on them",
-        description="Compare DATA (any input predict reads) with the run's training rows: lengths and "
-        "truncation, repeated texts and texts shared with the training rows, a domain classifier "
-        "(TF-IDF + logistic regression) that tells them apart, the model's class shares and confidences, "
-        "and the accuracy to expect without labels (estimators fitted on the validation rows). Writes "
-        "shift.md with plots, shift.json and shift_rows.csv.",
-    )
-    _add_inference_common(p)
-    p.add_argument("data", metavar="DATA", help="file of texts (as predict's INPUT)")
-    p.add_argument("--output", help="output folder (default RUN_DIR/shift-<DATA's name>)")
-    _add_text_input_options(p)
-    p.set_defaults(func=cmd_shift)
-
-    p = sub.add_parser("classify", help="label a few texts given on the command line")
-    _add_inference_common(p, export=True)
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_classify)
-
-    p = sub.add_parser(
-        "export",
-        help="write a run as a merged transformers model (and/or an ONNX graph) with a model card",
-        description="Merge the run's LoRA adapter into the encoder (float32) and write OUT: with --format merged "
-        "a save_pretrained folder that transformers.pipeline('text-classification', model=OUT) loads; with "
-        "--format onnx model.onnx for onnxruntime; always the tokenizer, a model card (README.md) and "
-        "export.json. Each form is checked against the run's logits before the folder appears.",
-    )
-    p.add_argument("run_dir", metavar="RUN", help="a finished run folder (from budgetlora train)")
-    p.add_argument("out", metavar="OUT", help="export folder to write")
-    p.add_argument(
-        "--format",
-        default="merged",
-        help="merged (default), onnx, or all (both; also merged,onnx)",
-    )
-    p.add_argument("--model", help="base model folder or Hub id, if not the one recorded in the run")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing export (once the new one is complete)"
-    )
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser(
-        "serve",
-        help="an HTTP classifier (POST /classify) over an export or a run folder",
-        description="Serve PATH over HTTP: an export folder runs on onnxruntime, a run folder on torch. "
-        'POST /classify {"texts": [...]} returns labels and probabilities; GET /health, GET /info. '
-        "Requests arriving together share one length-sorted forward pass. Needs the serve extra (fastapi, uvicorn).",
-    )
-    p.add_argument("path", metavar="PATH", help="an export folder (budgetlora export) or a run folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-texts", type=int, default=256, help="most texts one request may send (default 256)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=32,
-        help="most texts of waiting requests scored in one forward pass (default 32)",
-    )
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=5.0,
-        help="how long a batch waits for more requests after the first (default 5 ms)",
-    )
-    p.add_argument(
-        "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1,000,000 bytes)"
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=2048,
-        help="most texts waiting to be scored; a request past it gets 503 with Retry-After (default 2048)",
-    )
-    p.add_argument(
-        "--max-connections",
-        type=int,
-        default=512,
-        help="most open connections; past it new ones get 503 at once (default 512)",
-    )
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser(
-        "plan",
-        help="what fits a budget: head x targets x layers at the largest LoRA rank",
-        description="Count configurations on the model's weightless skeleton (only config.json is read: "
-        "seconds, no weights) and print, for each head, target set and layers, the largest uniform "
-        "LoRA rank that fits the budget, its exact trainable count and its share of the budget.",
-    )
-    p.add_argument("--model", required=True, help="Hub model id or a local folder (config.json is enough)")
-    p.add_argument(
-        "--budget", type=int, required=True, help="hard cap on trainable parameters, head included"
-    )
-    p.add_argument("--labels", type=int, default=4, help="number of classes (default 4)")
-    p.add_argument(
-        "--format",
-        choices=("table", "markdown", "csv", "json"),
-        default="table",
-        help="output format (default table)",
-    )
-    p.add_argument(
-        "--methods",
-        action="store_true",
-        help="instead: every adapter method (lora, vera, fourierft, ia3, loha, lokr) at its largest size "
-        "that fits, on one head, target set and layers",
-    )
-    p.add_argument("--head", default="linear", help="with --methods: the head (default linear)")
-    p.add_argument(
-        "--target-modules", default="all", help="with --methods: role or module names (default all)"
-    )
-    p.add_argument("--layers", default=None, help="with --methods: layers, e.g. 6,7,8 (default all)")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser(
-        "distill",
-        help="train a budgeted student on a teacher's soft labels",
-        description="Train a student (all train options; the budget is enforced) on (1 - alpha) * CE + "
-        "alpha * T^2 * KL(teacher || student). The teacher's logits are computed once and cached. "
-        "The teacher, alpha and T are config keys (distill.*): the run's config.yaml re-runs it. "
-        "The run folder also gets distill.json and a Distillation section in report.md.",
-    )
-    _add_train_options(p, distill=True)
-    p.add_argument(
-        "--compare-baseline",
-        action="store_true",
-        help="also train the same student without distillation into OUTPUT-baseline",
-    )
-    p.set_defaults(func=cmd_distill)
-
-    p = sub.add_parser(
-        "sweep",
-        help="budget-aware hyperparameter search (optuna)",
-        description="Search a YAML space around a base config with optuna. Over-budget trials are pruned before "
-        "training; weak ones are pruned early (median rule). Writes trial folders, trials.csv/.md, best.yaml, plots. "
-        "Start the same command several times on one --storage (PostgreSQL for several machines) to run the study "
-        "with several workers: together they run --trials exactly.",
-    )
-    p.add_argument("--config", metavar="FILE", help="base config YAML (default: the built-in defaults)")
-    p.add_argument(
-        "--space", required=True, metavar="FILE", help="search space YAML (config key -> range or choices)"
-    )
-    p.add_argument(
-        "--trials", type=int, default=20, help="trials in the study, pruned ones included (default 20)"
-    )
-    p.add_argument(
-        "--output", required=True, metavar="DIR", help="sweep folder (study.db, trial-NNNN/, best.yaml)"
-    )
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "grid"], help="optuna sampler (default tpe)")
-    p.add_argument("--storage", metavar="URL", help="optuna storage URL (default sqlite:///DIR/study.db)")
-    p.add_argument("--study-name", help="study name in the storage (default: the name of DIR)")
-    p.add_argument(
-        "--heartbeat",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="a running trial records a beat this often; one silent for 3 beats (its worker killed) is marked "
-        "failed and run again by a worker of the study (default 60)",
-    )
-    p.add_argument(
-        "--teacher", metavar="PATH_OR_ID", help="distil every trial from this teacher [distill.teacher]"
-    )
-    p.add_argument(
-        "--alpha", type=float, help="distillation alpha unless searched (default 0.5) [distill.alpha]"
-    )
-    p.add_argument(
-        "--temperature", type=float, help="distillation T unless searched (default 2.0) [distill.temperature]"
-    )
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a base config key")
-    p.add_argument("--no-progress", action="store_true", help="No progress bars (logs only).")
-    p.set_defaults(func=cmd_sweep)
-
+    for name, command in _COMMANDS.items():
+        _add_command(sub, name, command, options=name in wanted)
     return parser
 
 
@@ -695,7 +721,13 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = argv[:1] if argv[:1] and argv[0] in _COMMANDS else []  # only its options are built
+    try:
+        parser = build_parser(named)
+    except BudgetloraError as err:
+        print(f"budgetlora {named[0]}: error: {err}", file=sys.stderr)
+        return err.exit_code
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:

@@ -75,7 +75,11 @@ class _LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # type: ignore[no-any-return]
 
 
-def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+def _check_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """The forms asked for, each once; text is ``all`` or names joined by commas."""
+    if isinstance(formats, str):
+        names = [f.strip() for f in formats.split(",") if f.strip()]
+        formats = FORMATS if names == ["all"] else names
     chosen = tuple(dict.fromkeys(formats))
     bad = [f for f in chosen if f not in FORMATS]
     if not chosen or bad:
@@ -96,17 +100,25 @@ def export(
     run_dir: str | Path,
     output: str | Path,
     *,
-    formats: Sequence[str] = ("merged",),
+    formats: str | Sequence[str] = "merged",
     model: str | None = None,
     opset: int = 18,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Merge the run's adapter and write ``formats`` (``merged``: a transformers
-    ``save_pretrained`` folder; ``onnx``: ``model.onnx``) into ``output`` with the tokenizer,
-    a model card (``README.md``) and ``export.json``, checked, in one rename.
+    """Merge the run's adapter and write ``formats`` into ``output`` with the tokenizer, a
+    model card (``README.md``) and ``export.json``, checked, in one rename.
 
-    ``model`` replaces the base model path recorded in the run. Every input is checked
-    before any weights load; a failure leaves ``output`` as it was (absent or the old export).
+    Every input is checked before any weights load; a failure leaves ``output`` as it was
+    (absent or the old export).
+
+    Args:
+        run_dir: a finished run folder (from budgetlora train)
+        output: export folder to write
+        formats: merged (a transformers save_pretrained folder), onnx (model.onnx), or all (both;
+            also merged,onnx)
+        model: base model folder or Hub id, if not the one recorded in the run
+        opset: ONNX opset of the graph, 18 to 23
+        overwrite: replace an existing export (once the new one is complete)
     """
     from budgetlora.inference.merged import read_run_config
     from budgetlora.model.modeling import load_model_config
@@ -251,22 +263,32 @@ def _compare(logits: np.ndarray, reference: np.ndarray, what: str) -> float:
 
 def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
     """The export's README.md in the Hub's model-card format (YAML metadata + markdown)."""
+    budget = info.get("budget") or {}
+    sections = (
+        _card_metadata(cfg),
+        _card_summary(cfg, info, budget),
+        _card_results(cfg, info, budget),
+        _card_training(cfg),
+        _card_loading(info["formats"]),
+    )
+    return "\n".join(line for section in sections for line in section)
+
+
+def _card_metadata(cfg: RunConfig) -> list[str]:
     base, data = cfg.model.name_or_path, cfg.data.source
     meta = ["library_name: transformers", "pipeline_tag: text-classification"]
     meta += [f"base_model: {base}"] if is_hub_id(base) else []
     meta += [f"datasets:\n- {data}"] if is_hub_id(data) else []
     meta += ["tags:\n- budgetlora\n- lora\n- text-classification", "metrics:\n- accuracy\n- f1"]
-    lora, train = cfg.model.lora, cfg.train
-    budget = info.get("budget") or {}
-    groups = budget.get("groups", {})
-    lines = [
-        "---",
-        *meta,
-        "---",
-        "",
+    return ["---", *meta, "---", ""]
+
+
+def _card_summary(cfg: RunConfig, info: dict[str, Any], budget: dict[str, Any]) -> list[str]:
+    """The title, what the model is, its labels and the data it learnt from."""
+    return [
         f"# {Path(info['run']).name}",
         "",
-        f"A {len(info['label_names'])}-class text classifier: `{base}` fine-tuned with LoRA by "
+        f"A {len(info['label_names'])}-class text classifier: `{cfg.model.name_or_path}` fine-tuned with LoRA by "
         f"budgetlora under a budget of {budget.get('budget', cfg.budget):,} trainable "
         f"parameters ({budget.get('trainable', 0):,} trained), the adapter merged into the weights: "
         "no peft or budgetlora is needed to use it.",
@@ -279,15 +301,21 @@ def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
         "",
         "## Data",
         "",
-        f"Trained on `{data}` (text column `{cfg.data.text_column}`, label column `{cfg.data.label_column}`), "
-        f"texts truncated at {cfg.data.max_length} tokens; validation and test rows held out with split seed "
-        f"{cfg.data.split_seed}.",
+        f"Trained on `{cfg.data.source}` (text column `{cfg.data.text_column}`, label column "
+        f"`{cfg.data.label_column}`), texts truncated at {cfg.data.max_length} tokens; validation and test "
+        f"rows held out with split seed {cfg.data.split_seed}.",
         "",
+    ]
+
+
+def _card_results(cfg: RunConfig, info: dict[str, Any], budget: dict[str, Any]) -> list[str]:
+    """The trainable parameters by group and the run's scores."""
+    return [
         "## Trainable parameters",
         "",
         "| group | parameters |",
         "| --- | ---: |",
-        *[f"| {group} | {count:,} |" for group, count in groups.items()],
+        *[f"| {group} | {count:,} |" for group, count in budget.get("groups", {}).items()],
         f"| trainable | {budget.get('trainable', 0):,} |",
         f"| budget | {budget.get('budget', cfg.budget):,} |",
         "",
@@ -300,6 +328,12 @@ def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
             for split, m in info["metrics"].items()
         ],
         "",
+    ]
+
+
+def _card_training(cfg: RunConfig) -> list[str]:
+    lora, train = cfg.model.lora, cfg.train
+    return [
         "## Training",
         "",
         f"- LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g} on {', '.join(lora.target_modules)}"
@@ -310,10 +344,13 @@ def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
         + f", scheduler {train.scheduler}, seed {train.seed}, mixed precision {train.mixed_precision}",
         "- the kept checkpoint: the best validation " + train.best_metric,
         "",
-        "## How to load",
-        "",
     ]
-    if "merged" in info["formats"]:
+
+
+def _card_loading(formats: Sequence[str]) -> list[str]:
+    """How to load each form the export holds."""
+    lines = ["## How to load", ""]
+    if "merged" in formats:
         lines += [
             "```python",
             "from transformers import pipeline",
@@ -323,7 +360,7 @@ def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
             "```",
             "",
         ]
-    if "onnx" in info["formats"]:
+    if "onnx" in formats:
         lines += [
             "```python",
             "import numpy as np, onnxruntime as ort",
@@ -338,4 +375,4 @@ def model_card(cfg: RunConfig, info: dict[str, Any]) -> str:
             "",
         ]
     lines += ["Or serve it over HTTP: `budgetlora serve PATH` (`pip install 'budgetlora[serve]'`).", ""]
-    return "\n".join(lines)
+    return lines

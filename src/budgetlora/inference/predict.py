@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
+import typing
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference.backends import OnnxClassifier, backend_of, load_classifier
@@ -25,7 +26,8 @@ from budgetlora.rundir import (
 )
 from budgetlora.runtime import writer_lock
 
-PRIOR_CORRECTIONS = ("none", "em")
+PriorCorrection = Literal["none", "em"]
+PRIOR_CORRECTIONS: tuple[str, ...] = typing.get_args(PriorCorrection)
 
 __all__ = [
     "PRIOR_CORRECTIONS",
@@ -46,11 +48,19 @@ def evaluate(
     model: str | None = None,
     batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Score a labelled split and write ``metrics.json`` + a report into ``output``
-    (default ``RUN_DIR/eval-SPLIT``). Returns the metrics.
+    """Score a labelled split and write ``metrics.json`` + a report into ``output``. Returns the metrics.
 
     A ``data`` file (rather than a folder or Hub dataset with splits) is scored whole,
-    whatever ``split`` says, into ``RUN_DIR/eval-FILESTEM`` by default."""
+    whatever ``split`` says, into ``RUN_DIR/eval-FILESTEM`` by default.
+
+    Args:
+        run_dir: a finished run folder (from budgetlora train)
+        data: data source (default: the run's own)
+        split: train, validation or test; a data file is scored whole
+        output: output folder (default RUN_DIR/eval-SPLIT, or RUN_DIR/eval-FILESTEM)
+        model: base model folder or Hub id, if not the one recorded in the run
+        batch_size: samples per inference batch (default 256 on a GPU, 16 on a CPU)
+    """
     from budgetlora.data.tables import load_rows, load_splits
     from budgetlora.reporting.report import write_report
 
@@ -99,16 +109,29 @@ def predict(
     model: str | None = None,
     batch_size: int | None = None,
     shift: bool = True,
-    prior_correction: str = "none",
+    prior_correction: PriorCorrection = "none",
 ) -> Path:
     """Write ``ID,Label`` for every row of ``input_path`` (in input order) and, beside it,
     ``<name>.probs.csv`` with label names and class probabilities. Returns the submission path.
 
-    With ``shift`` (and a run folder whose training rows can be read), also the shift
-    report's summary: printed, and written whole as ``<name>.shift.json`` beside it (see
-    :mod:`budgetlora.inference.shift`). ``prior_correction="em"`` labels the rows under the class priors
-    that EM re-estimates on them (a run folder only). ``run_dir`` may also be an export folder
-    with ``model.onnx`` (``budgetlora export``): it is scored on onnxruntime, with no shift report."""
+    An export folder is scored on onnxruntime, with no shift report (see
+    :mod:`budgetlora.inference.shift`).
+
+    Args:
+        run_dir: a finished run folder (from budgetlora train), or an export folder with
+            model.onnx (budgetlora export --format onnx): onnxruntime
+        input_path: file of texts to label
+        output: submission path
+        text_column: text column name
+        allow_pickle: allow a pickled input (unpickling runs code: trusted files only)
+        model: base model folder or Hub id, if not the one recorded in the run
+        batch_size: samples per inference batch (default 256 on a GPU, 16 on a CPU)
+        shift: also print the shift report's summary and write it whole to <output>.shift.json
+            (a run folder only)
+        prior_correction: em: label the rows under the class shares that EM re-estimates on them
+            (calibrated on the run's validation rows; for a test set whose classes are not balanced as
+            the training rows are; a run folder only)
+    """
     from budgetlora.data.tables import read_table
 
     check_batch_size(batch_size)
@@ -210,8 +233,15 @@ def _write_csv(path: Path, header: list[str], rows: Any) -> None:
 def classify(
     run_dir: str | Path, texts: Sequence[str], *, model: str | None = None, batch_size: int | None = None
 ) -> list[dict[str, Any]]:
-    """Label and class probabilities for each text (of a run folder, or of an export folder
-    with ``model.onnx`` on onnxruntime)."""
+    """Label and class probabilities for each text.
+
+    Args:
+        run_dir: a finished run folder (from budgetlora train), or an export folder with
+            model.onnx (budgetlora export --format onnx): onnxruntime
+        texts: texts to classify
+        model: base model folder or Hub id, if not the one recorded in the run
+        batch_size: samples per inference batch (default 256 on a GPU, 16 on a CPU)
+    """
     if not texts:
         raise BudgetloraError("classify needs at least one text")
     empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,39 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.inference.backends import Classifier, load_classifier
 from budgetlora.reporting.metrics import softmax
 
-__all__ = ["Batcher", "Busy", "RequestError", "create_app", "parse_texts", "serve", "check_port"]
+__all__ = ["Limits", "Batcher", "Busy", "RequestError", "create_app", "parse_texts", "serve", "check_port"]
 
 _Job = tuple[list[str], "Future[np.ndarray]"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one server takes on at once, checked where it is built.
+
+    Attributes:
+        max_texts: most texts one request may send
+        batch_size: most texts of waiting requests scored in one forward pass
+        max_wait_ms: how long a batch waits for more requests after the first, in milliseconds
+        max_body_bytes: largest request body, in bytes
+        max_queue: most texts waiting to be scored; a request past it gets 503 with Retry-After
+        max_connections: most open connections; past it new ones get 503 at once
+    """
+
+    max_texts: int = 256
+    batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_body_bytes: int = 1_000_000
+    max_queue: int = 2048
+    max_connections: int = 512
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if name != "max_wait_ms" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BudgetloraError(
+                    f"invalid value for --{name.replace('_', '-')}: {value!r} (a positive integer)"
+                )
+        if not (isinstance(self.max_wait_ms, int | float) and 0 <= self.max_wait_ms <= 10_000):
+            raise BudgetloraError(f"invalid value for --max-wait-ms: {self.max_wait_ms!r} (0 to 10000)")
 
 
 class Busy(Exception):
@@ -51,13 +82,11 @@ class Batcher:
     texts wait or are being scored at a time: past that, :meth:`submit` refuses (memory stays
     bounded under any load, and a refused client can come back)."""
 
-    def __init__(
-        self, classifier: Classifier, *, batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 2048
-    ) -> None:
+    def __init__(self, classifier: Classifier, limits: Limits) -> None:
         self.classifier = classifier
-        self.batch_size = batch_size
-        self.max_wait_s = max_wait_ms / 1000
-        self.max_queue = max_queue
+        self.batch_size = limits.batch_size
+        self.max_wait_s = limits.max_wait_ms / 1000
+        self.max_queue = limits.max_queue
         self.batches = 0  # forward passes run, for /info
         self.refused = 0  # requests refused as busy, for /info
         self._held = 0  # texts submitted and not yet answered
@@ -170,17 +199,9 @@ def _predictions(texts: Sequence[str], probs: np.ndarray, label_names: Sequence[
     ]
 
 
-def create_app(
-    classifier: Classifier,
-    *,
-    max_texts: int = 256,
-    batch_size: int = 32,
-    max_wait_ms: float = 5.0,
-    max_body_bytes: int = 1_000_000,
-    max_queue: int = 2048,
-) -> FastAPI:
+def create_app(classifier: Classifier, limits: Limits) -> FastAPI:
     """The FastAPI app; its batcher thread starts now and stops when the app shuts down."""
-    batcher = Batcher(classifier, batch_size=batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    batcher = Batcher(classifier, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -198,11 +219,7 @@ def create_app(
         "labels": list(classifier.label_names),
         "backend": classifier.backend,
         "max_length": classifier.max_length,
-        "max_texts": max_texts,
-        "batch_size": batch_size,
-        "max_wait_ms": max_wait_ms,
-        "max_body_bytes": max_body_bytes,
-        "max_queue": max_queue,
+        **asdict(limits),
     }
 
     @app.get("/health")
@@ -215,19 +232,26 @@ def create_app(
 
     @app.post("/classify")
     async def classify(request: Request) -> JSONResponse:
-        try:
-            texts = parse_texts(await _read_body(request, max_body_bytes), max_texts)
-        except RequestError as err:
-            return JSONResponse({"detail": str(err)}, status_code=err.status_code)
-        try:
-            probs = await asyncio.wrap_future(batcher.submit(texts))
-        except Busy as err:
-            return JSONResponse({"detail": f"busy: {err}"}, status_code=503, headers={"Retry-After": "1"})
-        except Exception as err:
-            return JSONResponse({"detail": f"inference failed: {type(err).__name__}: {err}"}, status_code=500)
-        return JSONResponse({"predictions": _predictions(texts, probs, classifier.label_names)})
+        return await _classify(request, batcher, limits, classifier.label_names)
 
     return app
+
+
+async def _classify(
+    request: Request, batcher: Batcher, limits: Limits, label_names: Sequence[str]
+) -> JSONResponse:
+    """One /classify request: its texts scored in the batcher's next batch, or the status that says why not."""
+    try:
+        texts = parse_texts(await _read_body(request, limits.max_body_bytes), limits.max_texts)
+    except RequestError as err:
+        return JSONResponse({"detail": str(err)}, status_code=err.status_code)
+    try:
+        probs = await asyncio.wrap_future(batcher.submit(texts))
+    except Busy as err:
+        return JSONResponse({"detail": f"busy: {err}"}, status_code=503, headers={"Retry-After": "1"})
+    except Exception as err:
+        return JSONResponse({"detail": f"inference failed: {type(err).__name__}: {err}"}, status_code=500)
+    return JSONResponse({"predictions": _predictions(texts, probs, label_names)})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -265,46 +289,27 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(
-    path: str | Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_texts: int = 256,
-    batch_size: int = 32,
-    max_wait_ms: float = 5.0,
-    max_body_bytes: int = 1_000_000,
-    max_queue: int = 2048,
-    max_connections: int = 512,
+    path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None
 ) -> None:
-    """Serve ``path`` (an export folder on onnxruntime, or a run folder on torch) until stopped.
-    SIGTERM or Ctrl-C stops taking new connections and answers the requests in flight first."""
+    """Serve ``path`` until stopped. SIGTERM or Ctrl-C stops taking new connections and answers
+    the requests in flight first.
+
+    Args:
+        path: an export folder (budgetlora export) on onnxruntime, or a run folder on torch
+        host: address to listen on
+        port: port
+        limits: how much the server takes on at once (default: :class:`Limits`' defaults)
+    """
     import uvicorn
 
-    for option, value in (
-        ("--max-texts", max_texts),
-        ("--batch-size", batch_size),
-        ("--max-body-bytes", max_body_bytes),
-        ("--max-queue", max_queue),
-        ("--max-connections", max_connections),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BudgetloraError(f"invalid value for {option}: {value!r} (a positive integer)")
-    if not (isinstance(max_wait_ms, int | float) and 0 <= max_wait_ms <= 10_000):
-        raise BudgetloraError(f"invalid value for --max-wait-ms: {max_wait_ms!r} (0 to 10000)")
+    limits = limits or Limits()
     check_port(host, port)
-    classifier = load_classifier(path, batch_size=batch_size)
-    app = create_app(
-        classifier,
-        max_texts=max_texts,
-        batch_size=batch_size,
-        max_wait_ms=max_wait_ms,
-        max_body_bytes=max_body_bytes,
-        max_queue=max_queue,
-    )
+    classifier = load_classifier(path, batch_size=limits.batch_size)
+    app = create_app(classifier, limits)
     print(
         f"budgetlora serve: {path} on {classifier.backend} ({', '.join(classifier.label_names)}) "
         f"at http://{host}:{port}",
         flush=True,
     )
     # Past max_connections open connections uvicorn answers 503 at once rather than hold them.
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections)
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=limits.max_connections)

@@ -521,8 +521,17 @@ def shift(
     model: str | None = None,
     batch_size: int | None = None,
 ) -> ShiftReport:
-    """The shift report of ``data`` (any input ``predict`` reads) against the run's training
-    rows, written into ``output`` (default ``RUN_DIR/shift-<data's stem>``)."""
+    """The shift report of ``data`` against the run's training rows, written into ``output``.
+
+    Args:
+        run_dir: a finished run folder (from budgetlora train)
+        data: file of texts (any input predict reads)
+        output: output folder (default RUN_DIR/shift-<DATA's name>)
+        text_column: text column name
+        allow_pickle: allow a pickled input (unpickling runs code: trusted files only)
+        model: base model folder or Hub id, if not the one recorded in the run
+        batch_size: samples per inference batch (default 256 on a GPU, 16 on a CPU)
+    """
 
     check_batch_size(batch_size)
     run_dir = Path(run_dir)

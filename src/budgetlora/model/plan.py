@@ -302,6 +302,13 @@ def plan(
     dropped. Rows are ordered by head, then target set, then layers.
 
     Raises :class:`OverBudgetError` when nothing fits at all.
+
+    Args:
+        model: Hub model id or a local folder (config.json is enough)
+        budget: hard cap on trainable parameters, head included
+        labels: number of classes
+        heads: the heads to count
+        target_sets: the target sets to count, each as --target-modules takes it
     """
     _check_budget_and_labels(budget, labels)
     unknown = [h for h in heads if h not in HEADS]
@@ -401,7 +408,12 @@ def _footnotes(rows: Sequence[PlanRow]) -> list[str]:
 
 
 def format_plan(rows: Sequence[PlanRow], style: Style = "table") -> str:
-    """The rows as a terminal ``table``, ``markdown``, ``csv`` (one line per row) or ``json`` (a list)."""
+    """The rows as a terminal ``table``, ``markdown``, ``csv`` (one line per row) or ``json`` (a list).
+
+    Args:
+        rows: the rows of :func:`plan`
+        style: output format
+    """
     if style == "json":
         return json.dumps([row.to_dict() for row in rows], indent=2)
     if style == "csv":
@@ -544,6 +556,15 @@ def plan_methods(
     :func:`budget.measure`, as ``train`` counts them. LoRA's rank, like the other methods'
     sizes, stops at :func:`budgetlora.model.methods.size_cap` (``capped``). A method that does not
     fit even at size 1 is kept with ``size=None``.
+
+    Args:
+        model: Hub model id or a local folder (config.json is enough)
+        budget: hard cap on trainable parameters, head included
+        labels: number of classes
+        head: the head
+        targets: role or module names
+        layers: layers, e.g. 6,7,8 (default all)
+        methods: the adapter methods to size
     """
     _check_budget_and_labels(budget, labels)
     unknown = [m for m in methods if m not in METHODS]

@@ -412,24 +412,35 @@ def sweep(
     base_cfg: RunConfig,
     space: dict[str, Any],
     *,
-    n_trials: int,
+    n_trials: int = 20,
     output: str | Path,
-    sampler: str = "tpe",
+    sampler: Literal["tpe", "grid"] = "tpe",
     storage: str | None = None,
     study_name: str | None = None,
     seed: int = 0,
     pruner: Literal["median", "none"] = "median",
     heartbeat: float = 60.0,
 ) -> SweepResult:
-    """Search ``space`` around ``base_cfg`` until the study holds ``n_trials`` finished or
-    pruned trials (a resumed study runs only what is missing). Maximises the validation
-    ``train.best_metric`` (minimises ``loss``); writes trials.csv, trials.md, best.yaml and plots
-    into ``output``.
-    With ``base_cfg.distill.teacher`` set, every trial distils from that teacher (and the
-    space may search ``distill.alpha`` and ``distill.temperature``).
-    Several workers (processes or machines) may run the same sweep on one ``storage``: together
-    they run ``n_trials`` exactly, and a trial whose worker stops for ``3 * heartbeat`` seconds
-    is marked failed and run again."""
+    """Search ``space`` around ``base_cfg`` until the study holds ``n_trials`` finished or pruned
+    trials (a resumed study runs only what is missing), maximising the validation
+    ``train.best_metric`` (minimising ``loss``); with ``base_cfg.distill.teacher`` set, every
+    trial distils from it (and the space may search ``distill.alpha`` and ``distill.temperature``).
+    Several workers (processes or machines) may run the same sweep on one
+    ``storage``: together they run ``n_trials`` exactly.
+
+    Args:
+        base_cfg: the config every trial starts from
+        space: search space (config key -> range or choices), as load_space reads it from YAML
+        n_trials: trials in the study, pruned ones included
+        output: sweep folder (study.db, trial-NNNN/, best.yaml; also trials.csv, trials.md, plots)
+        sampler: optuna sampler
+        storage: optuna storage URL (default sqlite:///DIR/study.db)
+        study_name: study name in the storage (default: the name of DIR)
+        seed: sampler seed
+        pruner: median: weak trials stop early (median rule); none: every trial runs to the end
+        heartbeat: a running trial records a beat this often, in seconds; one silent for 3 beats (its
+            worker killed) is marked failed and run again by a worker of the study
+    """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise BudgetloraError(f"invalid value for --trials: {n_trials!r} (a positive integer)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
