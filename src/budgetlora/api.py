@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from budgetlora.config import RunConfig, config_fields, load_config, option_name, with_overrides
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, name_options
 
 __all__ = [
     "Run",
@@ -108,8 +108,8 @@ def resolve_config(config: str | Path | RunConfig | None = None, **options: Any)
             f"{n!r} (did you mean {', '.join(difflib.get_close_matches(n, keys, 3)) or '?'})" for n in unknown
         ]
         raise BudgetloraError(
-            f"unknown option {', '.join(hints)}: the options are the flags of `budgetlora train --help` "
-            "with _ for -, e.g. lora_r=8 for --lora-r 8"
+            f"unknown option {', '.join(hints)}: each option is a config key's name "
+            "(budgetlora.config.option_name), e.g. lora_r=8 sets model.lora.r"
         )
     values = {keys[name]: list(v) if isinstance(v, tuple) else v for name, v in options.items()}
     return with_overrides(base, values)
@@ -152,7 +152,9 @@ def plan(model: str, budget: int = 1_000_000, labels: int = 4) -> Any:
     from budgetlora.model.plan import format_plan
     from budgetlora.model.plan import plan as plan_rows
 
-    return pd.DataFrame(json.loads(format_plan(plan_rows(model, budget, labels), "json")))
+    return pd.DataFrame(
+        json.loads(name_options(format_plan(plan_rows(model, budget, labels), "json"), option_name))
+    )
 
 
 def evaluate(run: str | Path | Run, **options: Any) -> Page:
