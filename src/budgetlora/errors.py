@@ -11,7 +11,7 @@ is written by :func:`setting`. Each front end shows a marked option in its own w
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -45,10 +45,9 @@ def name_options(text: str, name: Callable[[str], str], assign: str = "=") -> st
     return _MARKED.sub(lambda m: name(m.group(1)) + (assign if m.group(2) else ""), text)
 
 
-def settings_text(values: dict[str, Any] | Sequence[tuple[str, Any]]) -> str:
-    """Several settings, space-separated, in the order given."""
-    pairs = values.items() if isinstance(values, dict) else values
-    return " ".join(setting(key, value) for key, value in pairs)
+def settings_text(values: dict[str, Any]) -> str:
+    """Several settings (key -> value), space-separated, in their order."""
+    return " ".join(setting(key, value) for key, value in values.items())
 
 
 class BudgetloraError(Exception):
