@@ -3,6 +3,12 @@
 Every field has a one-line docstring-style comment; the CLI's ``--help`` and the
 README are written from the same words. Variants are made with
 ``dataclasses.replace`` (or :func:`with_overrides` for dotted keys), never by mutation.
+
+The config also holds the vocabulary: every key's option name (:func:`option_name`, from which
+the CLI makes its flags and the Python API takes its keywords) and the short names a key goes by
+(:func:`key_of`), and one record per adapter method (:data:`ADAPTER_METHODS`). The records live
+here, beneath the model code, because the config checks a method's options and the CLI titles
+them without importing peft; :mod:`budgetlora.model.methods` turns a record into peft's config.
 """
 
 from __future__ import annotations
