@@ -365,6 +365,9 @@ class AdapterMethod:
     """The field of ModelConfig that holds its settings; None: it has none."""
     size_knob: str | None = None
     """Its main size knob, a key below model (lora.r), which may be 'auto'; None: it has none."""
+    size_stops: Literal["side", "area", "kronecker"] = "side"
+    """Where more size adds no rank: the adapted matrices' smaller side, in x out (area), or where
+    every low-rank Kronecker factor is full (kronecker: its settings' decompose_factor and decompose_both)."""
     trains: str = ""
     """What the name of a parameter it trains holds (the budget groups its parameters by it)."""
     frozen: dict[str, str] = field(default_factory=dict)
@@ -399,11 +402,13 @@ ADAPTER_METHODS: dict[str, AdapterMethod] = {
         ),
         AdapterMethod(
             "fourierft", "FourierFT", "FourierFTConfig", settings="fourierft", size_knob="fourierft.n_frequency",
-            trains=".fourierft_spectrum", bias="fourier_only",
+            size_stops="area", trains=".fourierft_spectrum", bias="fourier_only",
         ),
         AdapterMethod("ia3", "IA3", "IA3Config", trains=".ia3_l", feedforward=True),
         AdapterMethod("loha", "LoHa", "LoHaConfig", settings="loha", size_knob="loha.r", trains=".hada_"),
-        AdapterMethod("lokr", "LoKr", "LoKrConfig", settings="lokr", size_knob="lokr.r", trains=".lokr_"),
+        AdapterMethod(
+            "lokr", "LoKr", "LoKrConfig", settings="lokr", size_knob="lokr.r", size_stops="kronecker", trains=".lokr_",
+        ),
     )
 }  # fmt: skip
 Method = Literal["lora", "vera", "fourierft", "ia3", "loha", "lokr"]

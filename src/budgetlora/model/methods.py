@@ -70,27 +70,35 @@ def with_size(cfg: ModelConfig, size: int) -> ModelConfig:
 
 
 def size_cap(cfg: ModelConfig, shapes: Sequence[tuple[int, int]]) -> int | None:
-    """The largest useful size for adapted matrices of these (in, out) shapes.
+    """The largest useful size for adapted matrices of these (in, out) shapes, by the method's
+    record (``size_stops``); None for a method without a size knob (IA3).
 
     LoRA, VeRA and LoHa stop at the matrices' smaller side (a larger rank adds parameters
     and time, not rank to the update); FourierFT at in * out (peft refuses more); LoKr at the
     rank where every low-rank Kronecker factor is full (beyond it only alpha / r changes).
-    None for IA3 (no knob).
     """
-    if cfg.method == "ia3":
+    method = ADAPTER_METHODS[cfg.method]
+    if method.size_knob is None:
         return None
-    if cfg.method == "fourierft":
+    if method.size_stops == "area":
         return min(i * o for i, o in shapes)
-    if cfg.method == "lokr":
-        factor = cfg.lokr.decompose_factor
-        sides = []
-        for i, o in shapes:
-            (in_small, in_large), (out_small, out_large) = factorization(i, factor), factorization(o, factor)
-            sides.append(max(in_large, out_large))
-            if cfg.lokr.decompose_both:
-                sides.append(max(in_small, out_small))
-        return max(math.ceil(side / 2) for side in sides)
+    if method.size_stops == "kronecker":
+        return _kronecker_cap(getattr(cfg, str(method.settings)), shapes)
     return min(min(i, o) for i, o in shapes)
+
+
+def _kronecker_cap(settings: Any, shapes: Sequence[tuple[int, int]]) -> int:
+    """The rank where every low-rank factor of peft's Kronecker split of these shapes is full."""
+    sides = []
+    for i, o in shapes:
+        (in_small, in_large), (out_small, out_large) = (
+            factorization(i, settings.decompose_factor),
+            factorization(o, settings.decompose_factor),
+        )
+        sides.append(max(in_large, out_large))
+        if settings.decompose_both:
+            sides.append(max(in_small, out_small))
+    return max(math.ceil(side / 2) for side in sides)
 
 
 def adapter_config(cfg: ModelConfig, targets: list[str], size: int | None, heads: list[str]) -> PeftConfig:
