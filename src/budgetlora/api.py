@@ -146,7 +146,8 @@ def distill(
 
 def plan(model: str, budget: int = 1_000_000, labels: int = 4) -> Any:
     """``budgetlora plan``: what fits ``budget`` on ``model``, as a pandas DataFrame (one row a
-    head × targets × layers, with the largest LoRA rank that fits and its exact count)."""
+    head × targets × layers, with the largest LoRA rank that fits and its exact count; ``options``:
+    the keywords that train it, as ``head=default target_modules=query,value lora_r=11``)."""
     import pandas as pd
 
     from budgetlora.model.plan import format_plan
