@@ -53,6 +53,16 @@ def test_the_functions_at_the_top_are_not_the_modules_that_do_the_work() -> None
     assert callable(prepare_run)
 
 
+def test_the_plan_gives_the_keywords_that_train_each_row(tiny_model_dir: Path) -> None:
+    table = budgetlora.plan(str(tiny_model_dir), budget=5_000)
+    row = table[table["fits"]].iloc[0]
+    keywords = dict(pair.split("=") for pair in row["options"].split())
+    assert set(keywords) == {"head", "target_modules", "lora_r"}
+    cfg = budgetlora.resolve_config(model=str(tiny_model_dir), budget=5_000, **keywords)
+    assert (cfg.model.head, cfg.model.lora.target_modules) == (row["head"], tuple(row["targets"].split(",")))
+    assert cfg.model.lora.r == row["rank"]
+
+
 @pytest.mark.slow
 def test_a_course_job_from_python(tiny_model_dir: Path, tiny_data_csv: Path, tmp_path: Path) -> None:
     run = budgetlora.train(

@@ -74,7 +74,7 @@ def test_over_budget_refusal_names_what_fits(roberta_base_dir: Path) -> None:
     with pytest.raises(OverBudgetError) as info:
         check_budget(budget, cfg, LABELS)
     message = str(info.value)
-    assert "1,478,404" in message and "lora.key" in message and "--lora-r 7" in message
+    assert "1,478,404" in message and "lora.key" in message and "`model.lora.r`=7" in message
     assert OverBudgetError.exit_code == 2
 
 
@@ -233,7 +233,7 @@ def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path: Path) ->
     assert str(excinfo.value) == (
         f"data.max_length=2048 is more than {str(roberta)!r} can read: at most 512 tokens"
         " (max_position_embeddings 514 less pad_token_id + 1 = 2, the positions roberta reserves for"
-        " padding); use --max-length 512 or less"
+        " padding); use `data.max_length`=512 or less"
     )
     bert = tmp_path / "bert"
     BertConfig(max_position_embeddings=64).save_pretrained(bert)

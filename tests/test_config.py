@@ -7,8 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from budgetlora.config import ConfigError, TrainSettings, config_from_dict, load_config
-from budgetlora.errors import BudgetloraError
+from budgetlora.cli import build_parser, flag_of
+from budgetlora.config import (
+    ADAPTER_METHODS,
+    METHODS,
+    ConfigError,
+    ModelConfig,
+    TrainSettings,
+    config_fields,
+    config_from_dict,
+    key_of,
+    load_config,
+    option_name,
+)
+from budgetlora.errors import BudgetloraError, name_options, option, setting
 from commands import cli
 
 
@@ -114,3 +126,45 @@ def test_the_cli_prints_every_problem_of_its_flags_and_exits_2(tmp_path: Path) -
     assert "train.warmup_steps=10 and train.warmup_ratio=0.2" in fixed.stderr
     assert "train.momentum=0.9 applies to train.optimizer=sgd only" in fixed.stderr
     assert not out.exists()
+
+
+def test_one_vocabulary_names_each_key() -> None:
+    # A key, the key without its model., and its option name all mean the key (sweep spaces take each).
+    assert {key_of(n) for n in ("model.lora.r", "lora.r", "lora_r")} == {"model.lora.r"}
+    assert (key_of("lr"), key_of("head"), key_of("teacher"), key_of("vera.r")) == (
+        "train.lr",
+        "model.head",
+        "distill.teacher",
+        "model.vera.r",
+    )
+    assert key_of("learning_rate") is None and key_of("r") is None
+    # every option name (a flag, a Python keyword) leads back to its own key
+    assert all(key_of(option_name(key)) == key for key, _ in config_fields())
+
+
+def test_messages_name_options_by_key_and_each_front_end_shows_its_own_name() -> None:
+    text = f"use {setting('model.lora.r', 7)} with {setting('model.lora.target_modules', ('query', 'value'))}"
+    text += f", or another {option('output')} (see `budgetlora plan`)"
+    assert (
+        text
+        == "use `model.lora.r`=7 with `model.lora.target_modules`=query,value, or another `output` (see `budgetlora plan`)"
+    )
+    assert name_options(text, flag_of, assign=" ") == (
+        "use --lora-r 7 with --target-modules query,value, or another --output (see `budgetlora plan`)"
+    )
+    assert name_options(text, option_name) == (
+        "use lora_r=7 with target_modules=query,value, or another output (see `budgetlora plan`)"
+    )
+
+
+def test_each_adapter_method_is_one_record(capsys: pytest.CaptureFixture[str]) -> None:
+    assert tuple(ADAPTER_METHODS) == METHODS
+    for method in ADAPTER_METHODS.values():
+        if method.size_knob is not None:  # the knob is a field of the method's own settings
+            block, knob = method.size_knob.split(".")
+            assert block == method.settings and hasattr(getattr(ModelConfig(), block), knob)
+    # the CLI titles each method's options from its record
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "config: model.vera (--method vera):" in shown and "config: model.lokr (--method lokr):" in shown

@@ -386,7 +386,7 @@ def test_many_empty_texts_are_counted_and_listed(tmp_path: Path) -> None:
     message = error(excinfo)
     assert "e.csv: 10 row(s) with empty or whitespace-only text" in message
     assert "rows 2, 4, 6, 8, 10, ... (10 in all)" in message
-    assert "--drop-empty" in message
+    assert "`data.drop_empty`" in message
 
 
 def test_all_empty_with_drop_empty(tmp_path: Path) -> None:
@@ -457,7 +457,11 @@ def test_pickle_needs_allow_pickle(tmp_path: Path) -> None:
     pd.DataFrame({"text": ["a"]}).to_pickle(path)
     with pytest.raises(BudgetloraError) as excinfo:
         read_table(path, require_labels=False)
-    assert "x.pkl" in error(excinfo) and "runs code" in error(excinfo) and "--allow-pickle" in error(excinfo)
+    assert (
+        "x.pkl" in error(excinfo)
+        and "runs code" in error(excinfo)
+        and "`data.allow_pickle`" in error(excinfo)
+    )
 
 
 def test_pickle_of_something_else(tmp_path: Path) -> None:
@@ -872,7 +876,7 @@ def test_offline_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     assert time.monotonic() - start < 5
     assert error(excinfo) == (
         "cannot load dataset 'nobody-xyz/no-such-dataset' from the Hugging Face Hub (offline or unreachable);"
-        " download it where you have internet, or pass a local file or folder with --data"
+        " download it where you have internet, or pass a local file or folder with `data.source`"
     )
 
 

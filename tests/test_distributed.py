@@ -81,7 +81,7 @@ def test_processes_share_failures_folders_and_stops(tmp_path: Path) -> None:
     assert "rank 0 shared: ok" in out and "rank 1 shared: ok" in out
     assert not (tmp_path / "shared" / ".budgetlora-shared-check").exists()
     for rank in (0, 1):
-        assert f"rank {rank} separate: --output {tmp_path / f'node-{rank}'}: 1 of 2 processes" in out
+        assert f"rank {rank} separate: `output` {tmp_path / f'node-{rank}'}: 1 of 2 processes" in out
     # Rank 1 got the signal at step 6; both agree at the next agreement, step 8.
     assert "rank 0 stopped at step 8: a signal to another process" in out
     assert "rank 1 stopped at step 8: SIGTERM" in out

@@ -118,11 +118,14 @@ def test_a_head_the_architecture_cannot_take_is_a_clear_error(tiny_model_dir: Pa
     FunnelConfig(
         vocab_size=100, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1]
     ).save_pretrained(funnel)
-    with pytest.raises(BudgetloraError, match="--head mean is not supported for funnel; use --head default"):
+    with pytest.raises(
+        BudgetloraError, match="`model.head`=mean is not supported for funnel; use `model.head`=default"
+    ):
         build_model(ModelConfig(str(funnel), head="mean"), LABELS, weights=False)
     modernbert = tiny_model("modernbert", tiny_model_dir, tmp_path / "modernbert", pretrain=False)
     with pytest.raises(
-        BudgetloraError, match="--head pooler needs a model whose classifier sits on a pretrained pooler"
+        BudgetloraError,
+        match="`model.head`=pooler needs a model whose classifier sits on a pretrained pooler",
     ):
         build_model(ModelConfig(str(modernbert), head="pooler"), LABELS, weights=False)
 

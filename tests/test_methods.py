@@ -152,8 +152,14 @@ def test_plan_every_method_on_all_projections_under_one_million(method_rows: dic
     assert method_rows["ia3"].trainable == 113_668 and method_rows["lokr"].trainable == 156_676
     # VeRA at r=768 keeps 2 x 768 x 3,072 frozen (A: r x the widest input; B: the widest output x r).
     assert method_rows["vera"].frozen == {"vera.shared_A": HIDDEN * FFN, "vera.shared_B": FFN * HIDDEN}
-    assert method_rows["vera"].options == "--method vera --head linear --target-modules all --vera-r 768"
-    assert method_rows["ia3"].options == "--method ia3 --head linear --target-modules all"
+    assert method_rows["vera"].options == (
+        "`model.method`=vera `model.head`=linear `model.lora.target_modules`=all `model.vera.r`=768"
+    )
+    assert method_rows["ia3"].settings == {
+        "model.method": "ia3",
+        "model.head": "linear",
+        "model.lora.target_modules": ("all",),
+    }
 
 
 def test_plan_rows_equal_the_models_built_for_training(
@@ -397,8 +403,8 @@ def test_format_method_plan_styles(method_rows: dict[str, MethodRow]) -> None:
     assert "| vera | vera.r | 768* |" in markdown and "4,718,592" in markdown
     csv_text = format_method_plan(rows, "csv").splitlines()
     assert len(csv_text) == 1 + len(METHODS) and csv_text[0].startswith("method,head,targets")
-    assert json.loads(format_method_plan(rows, "json"))[0]["options"].startswith("--method lora")
-    with pytest.raises(BudgetloraError, match="--format"):
+    assert json.loads(format_method_plan(rows, "json"))[0]["options"].startswith("`model.method`=lora")
+    with pytest.raises(BudgetloraError, match="`format`"):
         format_method_plan(rows, "html")  # type: ignore[arg-type]
 
     # The method that measured best (RECOMMENDED_METHOD, from benchmarks/methods.py) is marked once.

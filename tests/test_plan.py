@@ -147,7 +147,7 @@ def test_bert_pooler_head_is_folded_into_default(tmp_path: Path) -> None:
     table = format_plan(rows).splitlines()
     assert table[1].startswith("default = pooler  query,value") and table[3].startswith("linear = mean")
     assert table[-2] == (
-        "a = b: these --head values train the same parameters (linear reads the first token, mean the mean "
+        "a = b: these `model.head` values train the same parameters (linear reads the first token, mean the mean "
         "of the tokens; the model's own head is its frozen pretrained pooler + one linear layer)"
     )
 
@@ -172,8 +172,8 @@ def test_nothing_fits_is_a_clear_error(tiny_config_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"budget": 0}, "--budget: 0"),
-        ({"budget": 10**6, "labels": 1}, "--labels: 1"),
+        ({"budget": 0}, "`budget`: 0"),
+        ({"budget": 10**6, "labels": 1}, "`labels`: 1"),
         ({"budget": 10**6, "heads": ("mlp",)}, "unknown head 'mlp'"),
     ],
 )
@@ -186,7 +186,15 @@ def test_format_plan_styles(roberta_plan: list[PlanRow]) -> None:
     rows = roberta_plan[:3]
     records = json.loads(format_plan(rows, "json"))
     assert records == [row.to_dict() for row in rows]
-    assert records[0]["options"] == "--head default --target-modules query,value --lora-r 11"
+    assert (
+        records[0]["options"]
+        == "`model.head`=default `model.lora.target_modules`=query,value `model.lora.r`=11"
+    )
+    assert rows[0].settings == {
+        "model.head": "default",
+        "model.lora.target_modules": ("query", "value"),
+        "model.lora.r": 11,
+    }
     assert records[1]["layers"] == [6, 7, 8, 9, 10, 11]
     parsed = list(csv.DictReader(io.StringIO(format_plan(rows, "csv"))))
     assert [(r["targets"], r["layers"], r["rank"], r["trainable"]) for r in parsed] == [
@@ -208,7 +216,7 @@ def test_format_plan_styles(roberta_plan: list[PlanRow]) -> None:
     ]  # fmt: skip
     assert table[1].split() == [*ROBERTA_QV_ROW, "<-", "recommended"]
     assert [r["recommended"] for r in records] == [True, False, False]
-    with pytest.raises(BudgetloraError, match="--format"):
+    with pytest.raises(BudgetloraError, match="`format`"):
         format_plan(rows, "html")  # type: ignore[arg-type]
 
 

@@ -75,7 +75,7 @@ def test_wide_r16_is_refused_with_its_breakdown(roberta_base_dir: Path) -> None:
     message = str(info.value)
     assert "3,330,820 trainable parameters > budget 1,000,000" in message
     assert "lora.ffn_out" in message and "OVER by 2,330,820" in message
-    assert "--lora-r 1" in message  # (10**6 - 82,944 - HEAD) // 165,888 per rank = 1
+    assert "`model.lora.r`=1" in message  # (10**6 - 82,944 - HEAD) // 165,888 per rank = 1
     assert "3,330,820 trainable" in (PRESETS / "wide-r16.yaml").read_text()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from budgetlora.config import RunConfig, config_fields, load_config, option_name, with_overrides
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, name_options
 
 __all__ = [
     "Run",
@@ -108,8 +108,8 @@ def resolve_config(config: str | Path | RunConfig | None = None, **options: Any)
             f"{n!r} (did you mean {', '.join(difflib.get_close_matches(n, keys, 3)) or '?'})" for n in unknown
         ]
         raise BudgetloraError(
-            f"unknown option {', '.join(hints)}: the options are the flags of `budgetlora train --help` "
-            "with _ for -, e.g. lora_r=8 for --lora-r 8"
+            f"unknown option {', '.join(hints)}: each option is a config key's name "
+            "(budgetlora.config.option_name), e.g. lora_r=8 sets model.lora.r"
         )
     values = {keys[name]: list(v) if isinstance(v, tuple) else v for name, v in options.items()}
     return with_overrides(base, values)
@@ -162,13 +162,17 @@ def distill(
 def plan(model: str, budget: int = RunConfig.budget, **options: Any) -> Any:
     """``budgetlora plan``: what fits ``budget`` (default: the config's) on ``model``, as a pandas
     DataFrame (one row a head × targets × layers, with the largest LoRA rank that fits and its
-    exact count); ``options`` as :func:`budgetlora.model.plan.plan` takes them (``labels``)."""
+    exact count; ``options``: the keywords that train it, as
+    ``head=default target_modules=query,value lora_r=11``); keywords as
+    :func:`budgetlora.model.plan.plan` takes them (``labels``)."""
     import pandas as pd
 
     from budgetlora.model.plan import format_plan
     from budgetlora.model.plan import plan as plan_rows
 
-    return pd.DataFrame(json.loads(format_plan(plan_rows(model, budget, **options), "json")))
+    return pd.DataFrame(
+        json.loads(name_options(format_plan(plan_rows(model, budget, **options), "json"), option_name))
+    )
 
 
 def evaluate(run: str | Path | Run, **options: Any) -> Page:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from budgetlora.config import (
+    ADAPTER_METHODS,
     RunConfig,
     choices,
     config_fields,
@@ -39,7 +40,7 @@ from budgetlora.config import (
     union_members,
     with_overrides,
 )
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, name_options
 
 __all__ = ["main", "build_parser", "flag_of"]
 
@@ -47,11 +48,7 @@ _GROUPS = {
     "": "run",
     "data": "data",
     "model": "model",
-    "model.lora": "model.lora (target_modules and layers serve every method)",
-    "model.vera": "model.vera (--method vera)",
-    "model.fourierft": "model.fourierft (--method fourierft)",
-    "model.loha": "model.loha (--method loha)",
-    "model.lokr": "model.lokr (--method lokr)",
+    **{f"model.{m.settings}": m.group_title for m in ADAPTER_METHODS.values() if m.settings},
     "train": "train",
     "distill": "distill",
     "augment": "augment (training-time augmentation)",
@@ -66,6 +63,11 @@ def flag_of(key: str) -> str:
 
 
 _SEQUENCES = (tuple, list, collections.abc.Sequence)
+
+
+def _flags(text: str) -> str:
+    """Library text with each option it names (:func:`budgetlora.errors.option`) shown as its flag."""
+    return name_options(text, flag_of, assign=" ")
 
 
 def _value_type(annotation: Any) -> Any:
@@ -280,7 +282,9 @@ def _add_config_options(
     parser: argparse.ArgumentParser, keys: Callable[[str], bool], *, grouped: bool
 ) -> None:
     """A flag for each config key that ``keys`` takes, in groups by block (``train``, ``model.lora``, ...)."""
-    groups = {block: parser.add_argument_group(f"config: {title}") for block, title in _GROUPS.items()}
+    groups = {
+        block: parser.add_argument_group(f"config: {_flags(title)}") for block, title in _GROUPS.items()
+    }
     for key, annotation in config_fields():
         if keys(key):
             _add_config_option(groups[key.rpartition(".")[0]] if grouped else parser, key, annotation)
@@ -460,7 +464,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{args.model}, {args.labels} labels: the largest uniform LoRA rank that fits a budget of "
             f"{args.budget:,} trainable parameters (head included), by head, targets and layers\n"
         )
-    print(format_plan(rows, args.style))
+    print(_flags(format_plan(rows, args.style)))
     if args.style == "table":
         print(
             "\ntrain a row: budgetlora train --model MODEL --head H --target-modules T [--layers L] --lora-r R"
@@ -479,9 +483,11 @@ def _plan_methods(args: argparse.Namespace) -> int:
             f"{where}: each adapter method at the largest size that fits a budget of {args.budget:,} "
             "trainable parameters (head included)\n"
         )
-    print(format_method_plan(rows, args.style))
+    print(_flags(format_method_plan(rows, args.style)))
     if args.style == "table":
-        print("\ntrain a row, e.g.: budgetlora train " + next((r.options for r in rows if r.fits), ""))
+        print(
+            "\ntrain a row, e.g.: budgetlora train " + _flags(next((r.options for r in rows if r.fits), ""))
+        )
     return 0
 
 
@@ -733,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BudgetloraError as err:
-        print(f"budgetlora {args.command}: error: {err}", file=sys.stderr)
+        print(f"budgetlora {args.command}: error: {_flags(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"budgetlora {args.command}: interrupted", file=sys.stderr)

@@ -3,6 +3,12 @@
 Every field has a one-line docstring-style comment; the CLI's ``--help`` and the
 README are written from the same words. Variants are made with
 ``dataclasses.replace`` (or :func:`with_overrides` for dotted keys), never by mutation.
+
+The config also holds the vocabulary: every key's option name (:func:`option_name`, from which
+the CLI makes its flags and the Python API takes its keywords) and the short names a key goes by
+(:func:`key_of`), and one record per adapter method (:data:`ADAPTER_METHODS`). The records live
+here, beneath the model code, because the config checks a method's options and the CLI titles
+them without importing peft; :mod:`budgetlora.model.methods` turns a record into peft's config.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Literal, NoReturn, Union
 
 import yaml
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, setting
 
 __all__ = [
     "ConfigError",
@@ -29,6 +35,8 @@ __all__ = [
     "FourierFTSettings",
     "LohaSettings",
     "LokrSettings",
+    "AdapterMethod",
+    "ADAPTER_METHODS",
     "METHODS",
     "ModelConfig",
     "TrainSettings",
@@ -45,6 +53,7 @@ __all__ = [
     "field_help",
     "config_fields",
     "option_name",
+    "key_of",
     "choices",
     "union_members",
     "config_to_yaml",
@@ -250,9 +259,20 @@ def _check_size_knob(option: str, value: Any) -> None:
         _fail(option, value, "a positive integer or 'auto'")
 
 
+def _check_method_settings(
+    settings: Any, block: str, knob: str, positive: Sequence[str] = (), seeds: Sequence[str] = ()
+) -> None:
+    """An adapter method's settings: its size knob, the fields that must be > 0, its seeds."""
+    _check_size_knob(f"{block}.{knob}", getattr(settings, knob))
+    for name in positive:
+        _check_positive(f"{block}.{name}", getattr(settings, name))
+    for name in seeds:
+        _check_seed(f"{block}.{name}", getattr(settings, name))
+
+
 @dataclass(frozen=True)
 class VeraSettings:
-    """VeRA (--method vera): frozen random matrices shared by all layers, two trained scaling vectors per module."""
+    """VeRA (model.method vera): frozen random matrices shared by all layers, two trained scaling vectors per module."""
 
     r: int | Literal["auto"] = 256
     """VeRA rank: the width of the shared frozen matrices (costs one trained scalar per module per unit); 'auto': the largest that fits."""
@@ -264,14 +284,12 @@ class VeraSettings:
     """Save the shared frozen matrices with the adapter (reloads exactly without regenerating them)."""
 
     def __post_init__(self) -> None:
-        _check_size_knob("vera.r", self.r)
-        _check_positive("vera.d_initial", self.d_initial)
-        _check_seed("vera.projection_prng_key", self.projection_prng_key)
+        _check_method_settings(self, "vera", "r", positive=["d_initial"], seeds=["projection_prng_key"])
 
 
 @dataclass(frozen=True)
 class FourierFTSettings:
-    """FourierFT (--method fourierft): a few trained spectral coefficients per module, at fixed random frequencies."""
+    """FourierFT (model.method fourierft): a few trained spectral coefficients per module, at fixed random frequencies."""
 
     n_frequency: int | Literal["auto"] = 1000
     """Trained spectral coefficients per adapted module; 'auto': the largest number that fits."""
@@ -281,14 +299,14 @@ class FourierFTSettings:
     """Seed of the frequencies each module trains."""
 
     def __post_init__(self) -> None:
-        _check_size_knob("fourierft.n_frequency", self.n_frequency)
-        _check_positive("fourierft.scaling", self.scaling)
-        _check_seed("fourierft.random_loc_seed", self.random_loc_seed)
+        _check_method_settings(
+            self, "fourierft", "n_frequency", positive=["scaling"], seeds=["random_loc_seed"]
+        )
 
 
 @dataclass(frozen=True)
 class LohaSettings:
-    """LoHa (--method loha): the update is the Hadamard product of two low-rank products."""
+    """LoHa (model.method loha): the update is the Hadamard product of two low-rank products."""
 
     r: int | Literal["auto"] = 8
     """LoHa rank (each module trains 2 * r * (in + out)); 'auto': the largest that fits."""
@@ -296,13 +314,12 @@ class LohaSettings:
     """LoHa scaling numerator (scale = alpha / r)."""
 
     def __post_init__(self) -> None:
-        _check_size_knob("loha.r", self.r)
-        _check_positive("loha.alpha", self.alpha)
+        _check_method_settings(self, "loha", "r", positive=["alpha"])
 
 
 @dataclass(frozen=True)
 class LokrSettings:
-    """LoKr (--method lokr): the update is a Kronecker product of a small full matrix and a low-rank one."""
+    """LoKr (model.method lokr): the update is a Kronecker product of a small full matrix and a low-rank one."""
 
     r: int | Literal["auto"] = 8
     """LoKr rank of the larger Kronecker factor (full once r reaches half its side); 'auto': the largest that adds parameters and fits."""
@@ -314,8 +331,7 @@ class LokrSettings:
     """Also make the small Kronecker factor low-rank."""
 
     def __post_init__(self) -> None:
-        _check_size_knob("lokr.r", self.r)
-        _check_positive("lokr.alpha", self.alpha)
+        _check_method_settings(self, "lokr", "r", positive=["alpha"])
         if (
             isinstance(self.decompose_factor, bool)
             or not isinstance(self.decompose_factor, int)
@@ -324,6 +340,77 @@ class LokrSettings:
             _fail("lokr.decompose_factor", self.decompose_factor, "-1 or a positive integer")
 
 
+# --- adapter methods ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """One peft adapter method: what budgetlora knows of it, in one record.
+
+    Adding a method is its settings class (above), its field of :class:`ModelConfig`, its name
+    in ``Method`` and its record in :data:`ADAPTER_METHODS`, all in this module. The record is
+    plain data, so that the config tree (beneath the model code) checks a method's options and
+    the CLI titles its options without importing peft; :mod:`budgetlora.model.methods` makes
+    peft's config from it: the class named ``peft_config``, given the settings' fields under
+    their own names (they are named as peft names them, but where ``peft_names`` says).
+    """
+
+    name: str
+    """The value of model.method."""
+    title: str
+    """The method's name as its paper writes it (report titles)."""
+    peft_config: str
+    """The name of peft's config class."""
+    settings: str | None = None
+    """The field of ModelConfig that holds its settings; None: it has none."""
+    size_knob: str | None = None
+    """Its main size knob, a key below model (lora.r), which may be 'auto'; None: it has none."""
+    size_stops: Literal["side", "area", "kronecker"] = "side"
+    """Where more size adds no rank: the adapted matrices' smaller side, in x out (area), or where
+    every low-rank Kronecker factor is full (kronecker: its settings' decompose_factor and decompose_both)."""
+    trains: str = ""
+    """What the name of a parameter it trains holds (the budget groups its parameters by it)."""
+    frozen: dict[str, str] = field(default_factory=dict)
+    """Frozen tensors it adds (buffers: never trained, not counted): what their name holds -> label."""
+    bias: str | None = None
+    """peft's bias value for lora.bias lora_only (the biases of adapted modules); None: it trains no biases."""
+    peft_names: dict[str, str | None] = field(default_factory=dict)
+    """Settings fields that peft names otherwise, or (None) that it does not take."""
+    feedforward: bool = False
+    """Its peft config takes feedforward_modules: the adapted ffn_out modules (whose input it scales)."""
+    help: str | None = None
+    """What its options are for, in the title of their group in the CLI's help (default: the method)."""
+
+    @property
+    def group_title(self) -> str:
+        """The title of the group of its settings' options: ``model.vera (`model.method`=vera)``."""
+        return f"model.{self.settings} ({self.help or setting('model.method', self.name)})"
+
+
+ADAPTER_METHODS: dict[str, AdapterMethod] = {
+    record.name: record
+    for record in (
+        AdapterMethod(
+            "lora", "LoRA", "LoraConfig", settings="lora", size_knob="lora.r", trains=".lora_", bias="lora_only",
+            peft_names={"alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": None,
+                        "layers": None, "bias": None},
+            help="target_modules and layers serve every method",
+        ),
+        AdapterMethod(
+            "vera", "VeRA", "VeraConfig", settings="vera", size_knob="vera.r", trains=".vera_lambda_",
+            frozen={".vera_A.": "vera.shared_A", ".vera_B.": "vera.shared_B"}, bias="vera_only",
+        ),
+        AdapterMethod(
+            "fourierft", "FourierFT", "FourierFTConfig", settings="fourierft", size_knob="fourierft.n_frequency",
+            size_stops="area", trains=".fourierft_spectrum", bias="fourier_only",
+        ),
+        AdapterMethod("ia3", "IA3", "IA3Config", trains=".ia3_l", feedforward=True),
+        AdapterMethod("loha", "LoHa", "LoHaConfig", settings="loha", size_knob="loha.r", trains=".hada_"),
+        AdapterMethod(
+            "lokr", "LoKr", "LoKrConfig", settings="lokr", size_knob="lokr.r", size_stops="kronecker", trains=".lokr_",
+        ),
+    )
+}  # fmt: skip
 Method = Literal["lora", "vera", "fourierft", "ia3", "loha", "lokr"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 # Options of the lora block that only LoRA has (target_modules and layers serve every method).
@@ -346,13 +433,13 @@ class ModelConfig:
     method: Method = "lora"
     """The peft adapter method: lora, vera, fourierft, ia3 (no size knob: one vector per module), loha or lokr."""
     vera: VeraSettings = field(default_factory=VeraSettings)
-    """VeRA's settings (with --method vera)."""
+    """VeRA's settings (with model.method vera)."""
     fourierft: FourierFTSettings = field(default_factory=FourierFTSettings)
-    """FourierFT's settings (with --method fourierft)."""
+    """FourierFT's settings (with model.method fourierft)."""
     loha: LohaSettings = field(default_factory=LohaSettings)
-    """LoHa's settings (with --method loha)."""
+    """LoHa's settings (with model.method loha)."""
     lokr: LokrSettings = field(default_factory=LokrSettings)
-    """LoKr's settings (with --method lokr)."""
+    """LoKr's settings (with model.method lokr)."""
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -366,7 +453,7 @@ class ModelConfig:
             _invalid(f"lora.{name}", getattr(self.lora, name), f"LoRA only; model.method is {self.method}")
             for name in lora_only
         ]
-        if self.lora.bias != "none" and self.method in ("ia3", "loha", "lokr"):
+        if self.lora.bias != "none" and ADAPTER_METHODS[self.method].bias is None:
             problems.append(
                 _invalid("lora.bias", self.lora.bias, f"{self.method} trains no biases: only none")
             )
@@ -653,16 +740,7 @@ def _convert(value: Any, annotation: Any, option: str) -> Any:
             _fail(option, value, "a mapping")
         return _build(annotation, value, option + ".")  # type: ignore[arg-type]
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        for arg in args:
-            if typing.get_origin(arg) is Literal and value in typing.get_args(arg):
-                return value
-        non_literal = [a for a in args if typing.get_origin(a) is not Literal]
-        if non_literal:
-            return _convert(value, non_literal[0], option)
-        return value
+        return _convert_union(value, annotation, option)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -674,41 +752,65 @@ def _convert(value: Any, annotation: Any, option: str) -> Any:
         if not isinstance(value, dict):
             _fail(option, value, "a mapping")
         return dict(value)
-    # YAML and --set give any type: each field gets its own, or a message naming it.
-    if annotation is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            _fail(option, value, "text")
-        return str(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            _fail(option, value, "a number")
-        try:
-            return float(value)
-        except ValueError:
-            _fail(option, value, "a number")
-    if annotation is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                try:
-                    value = float(value)  # "1e3"
-                except ValueError:
-                    _fail(option, value, "an integer")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(option, value, "an integer")
-        if isinstance(value, float) and not value.is_integer():  # also inf and nan
-            _fail(option, value, "an integer")
-        return int(value)
-    if annotation is bool:
-        if isinstance(value, bool):
+    converter = _SCALARS.get(annotation)
+    return value if converter is None else converter(value, option)
+
+
+def _convert_union(value: Any, annotation: Any, option: str) -> Any:
+    """``None``, one of the union's literal words, or the value as its first other type."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if value is None:
+        return None
+    for arg in args:
+        if typing.get_origin(arg) is Literal and value in typing.get_args(arg):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        _fail(option, value, "true or false")
-    return value
+    non_literal = [a for a in args if typing.get_origin(a) is not Literal]
+    return _convert(value, non_literal[0], option) if non_literal else value
+
+
+# YAML and --set give any type: each field gets its own, or a message naming it.
+def _to_str(value: Any, option: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        _fail(option, value, "text")
+    return str(value)
+
+
+def _to_float(value: Any, option: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        _fail(option, value, "a number")
+    try:
+        return float(value)
+    except ValueError:
+        _fail(option, value, "a number")
+
+
+def _to_int(value: Any, option: str) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)  # "1e3"
+            except ValueError:
+                _fail(option, value, "an integer")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(option, value, "an integer")
+    if isinstance(value, float) and not value.is_integer():  # also inf and nan
+        _fail(option, value, "an integer")
+    return int(value)
+
+
+def _to_bool(value: Any, option: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    _fail(option, value, "true or false")
+
+
+_SCALARS: dict[Any, Any] = {str: _to_str, float: _to_float, int: _to_int, bool: _to_bool}
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -810,8 +912,11 @@ OPTION_ALIASES: dict[str, str] = {
     "distill.transfer": "transfer_unlabelled",
 }
 _NAMED_BLOCKS = (
-    "model.lora", "model.vera", "model.fourierft", "model.loha", "model.lokr", "augment", "self_training", "tapt",
-)  # fmt: skip
+    *(f"model.{m.settings}" for m in ADAPTER_METHODS.values() if m.settings),
+    "augment",
+    "self_training",
+    "tapt",
+)
 
 
 def option_name(key: str) -> str:
@@ -820,6 +925,21 @@ def option_name(key: str) -> str:
         return OPTION_ALIASES[key]
     block, _, leaf = key.rpartition(".")
     return f"{block.rsplit('.', 1)[-1]}_{leaf}" if block in _NAMED_BLOCKS else leaf
+
+
+@functools.cache
+def _names_of_keys() -> dict[str, str]:
+    names: dict[str, str] = {}
+    for key, _ in config_fields():
+        for name in (key, key.removeprefix("model."), option_name(key)):
+            names.setdefault(name, key)
+    return names
+
+
+def key_of(name: str) -> str | None:
+    """The config key a name means: the key itself (``model.lora.r``), the key without its
+    ``model.`` (``lora.r``), or its option name (``lora_r``, ``lr``); None when it names none."""
+    return _names_of_keys().get(name)
 
 
 def config_fields() -> list[tuple[str, Any]]:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option, setting
 
 __all__ = [
     "CONFIG",
@@ -100,15 +100,17 @@ def check_run_dir(run_dir: Path) -> None:
 def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse to write over a finished run (unless ``overwrite``), or to resume what is not there."""
     if resume and not run_dir.is_dir():
-        raise BudgetloraError(f"--resume: run folder {run_dir} does not exist")
+        raise BudgetloraError(f"{option('resume')}: run folder {run_dir} does not exist")
     if resume and is_finished(run_dir):
-        raise BudgetloraError(f"--resume: {run_dir} already finished ({METRICS} exists); nothing to resume")
+        raise BudgetloraError(
+            f"{option('resume')}: {run_dir} already finished ({METRICS} exists); nothing to resume"
+        )
     if is_finished(run_dir) and not overwrite:
         raise BudgetloraError(
-            f"{run_dir} already holds a finished run; choose another --output, or pass --overwrite "
+            f"{run_dir} already holds a finished run; choose another {option('output')}, or pass {option('overwrite')} "
             "(its files are replaced only when the new run finishes)"
         )
-    check_output_path(run_dir, "--output", folder=True)
+    check_output_path(run_dir, option("output"), folder=True)
 
 
 def read_export_info(path: Path, option: str = "PATH") -> dict[str, Any]:
@@ -133,7 +135,7 @@ def check_export_dir(path: Path, option: str = "PATH") -> dict[str, Any]:
     info = read_export_info(path, option)
     if "onnx" not in info.get("formats", []) or not (path / ONNX_FILE).is_file():
         raise BudgetloraError(
-            f"{option} {path}: the export has no {ONNX_FILE}; re-export it with --format onnx (or all)"
+            f"{option} {path}: the export has no {ONNX_FILE}; re-export it with {setting('format', 'onnx')} (or all)"
         )
     return info
 
@@ -157,7 +159,7 @@ _HELD: dict[Path, int] = {}  # the outputs this process holds the lock of, and h
 
 
 @contextmanager
-def output_lock(path: Path, option: str = "--output") -> Iterator[None]:
+def output_lock(path: Path, option: str = option("output")) -> Iterator[None]:
     """Hold the one-writer lock of ``path`` (a folder or a file to write) while the block runs.
 
     The lock is an exclusive ``flock`` on ``.<name>.lock`` beside ``path`` (beside, not in it:

@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 from budgetlora.rundir import output_lock
 
 __all__ = [
@@ -310,7 +310,7 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T], what: str) 
     return result
 
 
-def writer_lock(path: Path, option: str = "--output") -> AbstractContextManager[None]:
+def writer_lock(path: Path, option: str = option("output")) -> AbstractContextManager[None]:
     """The one-writer lock of an output (:func:`budgetlora.rundir.output_lock`), taken by the
     main process alone: it is the one that writes, and the others would find it taken."""
     return output_lock(path, option) if is_main_process() else nullcontext()
@@ -347,7 +347,7 @@ def check_shared_folder(accelerator: Accelerator, folder: Path) -> None:
         marker.unlink(missing_ok=True)
     if blind:
         raise BudgetloraError(
-            f"--output {folder}: {blind} of {accelerator.num_processes} processes do not see the folder the "
-            "main process writes. Training with several nodes needs an --output on a filesystem that "
+            f"{option('output')} {folder}: {blind} of {accelerator.num_processes} processes do not see the folder the "
+            f"main process writes. Training with several nodes needs an {option('output')} on a filesystem that "
             f"every node shares (NFS, Lustre, ...), given as an absolute path (host {os.uname().nodename})"
         )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -143,7 +143,7 @@ def _read_hub(name: str) -> dict[str, RawTable]:
 
     offline = (
         f"cannot load dataset {name!r} from the Hugging Face Hub (offline or unreachable); download it"
-        " where you have internet, or pass a local file or folder with --data"
+        f" where you have internet, or pass a local file or folder with {option('data.source')}"
     )
     # datasets reads HF_HUB_OFFLINE once, at import; set later (tests, notebooks) it would be
     # ignored and load_dataset would retry the network for about 25 s before failing.
@@ -421,7 +421,7 @@ def _read_pickle(path: Path, allow_pickle: bool) -> RawTable:
     if not allow_pickle:
         raise BudgetloraError(
             f"refusing to read {path}: unpickling a file runs code from it; if you trust the file,"
-            " pass --allow-pickle (data.allow_pickle: true)"
+            f" pass {option('data.allow_pickle')}"
         )
     import datasets
     import pandas as pd

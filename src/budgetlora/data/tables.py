@@ -19,7 +19,7 @@ import numpy as np
 
 from budgetlora.config import DataConfig
 from budgetlora.data.formats import RawTable, classic_agnews_label_names, read_raw, read_source
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 
 __all__ = [
     "TextTable",
@@ -196,7 +196,7 @@ def _to_table(
     if empty and not drop_empty:
         raise BudgetloraError(
             f"{raw.source}: {len(empty)} row(s) with empty or whitespace-only text in column"
-            f" {text_column!r}: rows {_rows([i + 1 for i in empty])}; fix them, or pass --drop-empty"
+            f" {text_column!r}: rows {_rows([i + 1 for i in empty])}; fix them, or pass {option('data.drop_empty')}"
             " (data.drop_empty: true) to drop them"
         )
     keep = [i for i, text in enumerate(texts) if text.strip()]

@@ -137,7 +137,7 @@ def _check_export(folder: Path, option: str, model: str | None) -> None:
     """Refuse an export that cannot be scored here, or a base model to replace in it."""
     if model is not None:
         raise BudgetloraError(
-            f"--model applies to a run folder; {folder} is an export, its model is inside it"
+            f"{option('model')} applies to a run folder; {folder} is an export, its model is inside it"
         )
     check_export_dir(folder, option)
     if importlib.util.find_spec("onnxruntime") is None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from budgetlora.config import RunConfig
-from budgetlora.errors import BudgetloraError, ExportCheckError
+from budgetlora.errors import BudgetloraError, ExportCheckError, option, setting
 from budgetlora.model.modeling import is_hub_id
 from budgetlora.rundir import (
     EXPORT_INFO,
@@ -83,7 +83,9 @@ def _check_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(formats))
     bad = [f for f in chosen if f not in FORMATS]
     if not chosen or bad:
-        raise BudgetloraError(f"--format {','.join(bad) or '(none)'}: allowed: {', '.join(FORMATS)} (or all)")
+        raise BudgetloraError(
+            f"{option('format')} {','.join(bad) or '(none)'}: allowed: {', '.join(FORMATS)} (or all)"
+        )
     return chosen
 
 
@@ -91,7 +93,7 @@ def _check_output(output: Path, overwrite: bool) -> None:
     check_output_path(output, "OUT", folder=True)
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise BudgetloraError(
-            f"OUT {output} exists and is not empty; pass --overwrite to replace it "
+            f"OUT {output} exists and is not empty; pass {option('overwrite')} to replace it "
             "(the old folder stays until the new export is complete)"
         )
 
@@ -126,11 +128,11 @@ def export(
     run_dir, output = Path(run_dir), Path(output)
     chosen = _check_formats(formats)
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23:
-        raise BudgetloraError(f"--opset {opset!r}: allowed: 18..23")
+        raise BudgetloraError(f"{option('opset')} {opset!r}: allowed: 18..23")
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if "onnx" in chosen and missing:
         raise BudgetloraError(
-            f"--format onnx needs {', '.join(missing)}: pip install 'budgetlora[onnx]' (or pass --format merged)"
+            f"{setting('format', 'onnx')} needs {', '.join(missing)}: pip install 'budgetlora[onnx]' (or pass {setting('format', 'merged')})"
         )
     cfg = read_run_config(run_dir, model)
     if not is_finished(run_dir):
@@ -144,9 +146,9 @@ def export(
         raise BudgetloraError(f"the base model of {run_dir} cannot be read: {err}") from err
     if "merged" in chosen and cfg.model.head not in _TRANSFORMERS_HEADS:
         raise BudgetloraError(
-            f"--format merged: the run {run_dir} uses model.head={cfg.model.head!r}, which no "
+            f"{setting('format', 'merged')}: the run {run_dir} uses model.head={cfg.model.head!r}, which no "
             "transformers class reproduces (budgetlora's own linear layer); export it with "
-            "--format onnx, or train with --head default"
+            f"{setting('format', 'onnx')}, or train with {setting('model.head', 'default')}"
         )
     _check_output(output, overwrite)
     with output_lock(output):

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from budgetlora.config import RunConfig, load_config
 from budgetlora.data.batching import Collator, Encoded, encode, iterate, pad_id, sorted_batches
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 from budgetlora.model.modeling import check_max_length, load_base_model, load_tokenizer
 from budgetlora.rundir import CONFIG, check_run_dir, tokenizer_source
 from budgetlora.runtime import Runtime, make_runtime, unwrap
@@ -76,7 +76,9 @@ def check_batch_size(batch_size: int | None) -> None:
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
-        raise BudgetloraError(f"invalid value for --batch-size: {batch_size!r} (a positive integer)")
+        raise BudgetloraError(
+            f"invalid value for {option('batch_size')}: {batch_size!r} (a positive integer)"
+        )
 
 
 def read_run_config(run_dir: Path, model: str | None) -> RunConfig:
@@ -116,7 +118,7 @@ def load_run(
         raise BudgetloraError(
             f"the adapter in {run_dir} does not fit the model {cfg.model.name_or_path!r} "
             f"({type(base).__name__}): {str(err).splitlines()[0][:300]}. Pass the base model the run "
-            "was trained on with --model"
+            f"was trained on with {option('model')}"
         ) from err
     merged = inference_model(peft_model, runtime)
     tokenizer = load_tokenizer(tokenizer_source(run_dir, cfg.model.name_or_path))

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option, setting
 from budgetlora.inference.backends import OnnxClassifier, backend_of, load_classifier
 from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.reporting.metrics import score, softmax
@@ -65,7 +65,7 @@ def evaluate(
     from budgetlora.reporting.report import write_report
 
     if split not in ("train", "validation", "test"):
-        raise BudgetloraError(f"--split {split!r}: allowed: train, validation, test")
+        raise BudgetloraError(f"{option('split')} {split!r}: allowed: train, validation, test")
     check_batch_size(batch_size)
     cfg = read_run_config(Path(run_dir), model)
     data_cfg = cfg.data if data is None else replace(cfg.data, source=data)
@@ -77,11 +77,11 @@ def evaluate(
         found = {"train": splits.train, "validation": splits.validation, "test": splits.test}.get(split)
         if found is None:
             raise BudgetloraError(
-                f"{data_cfg.source} has no test split; use --split validation, or pass --data with a labelled test file"
+                f"{data_cfg.source} has no test split; use {setting('split', 'validation')}, or pass {option('data')} with a labelled test file"
             )
         table, scored = found, split
     out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
-    check_output_path(out_dir, "--output", folder=True)
+    check_output_path(out_dir, option("output"), folder=True)
     with writer_lock(out_dir):
         run = load_run(run_dir, cfg=cfg)
         logits = run.logits(table.texts, batch_size=batch_size, progress=True)
@@ -137,15 +137,15 @@ def predict(
     check_batch_size(batch_size)
     output = Path(output)
     for path in (output, output.with_suffix(".probs.csv"), output.with_suffix(".shift.json")):
-        check_output_path(path, "--output", folder=False)
+        check_output_path(path, option("output"), folder=False)
     if prior_correction not in PRIOR_CORRECTIONS:
         raise BudgetloraError(
-            f"invalid value for --prior-correction: {prior_correction!r} (allowed: {', '.join(PRIOR_CORRECTIONS)})"
+            f"invalid value for {option('prior_correction')}: {prior_correction!r} (allowed: {', '.join(PRIOR_CORRECTIONS)})"
         )
     onnx = backend_of(run_dir, "RUN_DIR", model=model) == "onnx"
     if onnx and prior_correction != "none":
         raise BudgetloraError(
-            f"--prior-correction {prior_correction} needs the run folder (its validation rows calibrate the "
+            f"{setting('prior_correction', prior_correction)} needs the run folder (its validation rows calibrate the "
             f"model); {run_dir} is an export"
         )
     cfg = (

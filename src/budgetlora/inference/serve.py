@@ -34,7 +34,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option, setting
 from budgetlora.inference.backends import Classifier, load_classifier
 from budgetlora.reporting.metrics import softmax
 
@@ -66,11 +66,11 @@ class Limits:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if name != "max_wait_ms" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise BudgetloraError(
-                    f"invalid value for --{name.replace('_', '-')}: {value!r} (a positive integer)"
-                )
+                raise BudgetloraError(f"invalid value for {option(name)}: {value!r} (a positive integer)")
         if not (isinstance(self.max_wait_ms, int | float) and 0 <= self.max_wait_ms <= 10_000):
-            raise BudgetloraError(f"invalid value for --max-wait-ms: {self.max_wait_ms!r} (0 to 10000)")
+            raise BudgetloraError(
+                f"invalid value for {option('max_wait_ms')}: {self.max_wait_ms!r} (0 to 10000)"
+            )
 
 
 class Busy(Exception):
@@ -271,11 +271,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def check_port(host: str, port: int) -> None:
     """Refuse, before any model loads, a port out of range or one that cannot be bound."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise BudgetloraError(f"--port {port!r}: allowed: 1..65535")
+        raise BudgetloraError(f"{option('port')} {port!r}: allowed: 1..65535")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise BudgetloraError(f"--host {host!r}: cannot be resolved ({err.strerror})") from None
+        raise BudgetloraError(f"{option('host')} {host!r}: cannot be resolved ({err.strerror})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -285,7 +285,7 @@ def check_port(host: str, port: int) -> None:
             why = (
                 "is already in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
             )
-            raise BudgetloraError(f"--port {port} on --host {host} {why}") from None
+            raise BudgetloraError(f"{setting('port', port)} on {setting('host', host)} {why}") from None
 
 
 def serve(

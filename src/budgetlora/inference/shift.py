@@ -23,7 +23,7 @@ import numpy as np
 
 from budgetlora.data.batching import encode
 from budgetlora.data.tables import Splits, TextTable, load_splits, read_table
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.reporting.estimate import ESTIMATORS, em_priors, estimate_accuracy, fit_temperature
 from budgetlora.reporting.report import figure, md_table, pct, save_png
@@ -537,7 +537,7 @@ def shift(
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, model)
     out = Path(output) if output is not None else run_dir / f"shift-{Path(data).stem}"
-    check_output_path(out, "--output", folder=True)
+    check_output_path(out, option("output"), folder=True)
     table = read_table(data, text_column=text_column, require_labels=False, allow_pickle=allow_pickle)
     if len(table) < 10:
         raise BudgetloraError(f"{data}: {len(table)} rows; a shift report needs at least 10")

@@ -10,8 +10,8 @@ from typing import Any
 from torch import nn
 
 from budgetlora.config import ModelConfig
-from budgetlora.errors import BudgetloraError, OverBudgetError
-from budgetlora.model.methods import FROZEN_MARKERS, PARAM_MARKERS, SIZE_KEYS, size_cap, size_flag, size_of
+from budgetlora.errors import BudgetloraError, OverBudgetError, setting
+from budgetlora.model.methods import FROZEN_MARKERS, PARAM_MARKERS, SIZE_KEYS, size_cap, size_of
 from budgetlora.model.modeling import build_model, load_base_model, resolve_targets
 from budgetlora.model.roles import is_head_parameter, role_of
 
@@ -115,7 +115,7 @@ def resolve_rank(cfg: ModelConfig, label_names: Sequence[str], limit: int) -> in
     if best < 1:
         raise OverBudgetError(
             f"no LoRA rank fits the budget of {limit:,}: the head and other trainable parts alone "
-            f"take {fixed + per_rank:,} at rank 1. Try --head linear or fewer target modules."
+            f"take {fixed + per_rank:,} at rank 1. Try {setting('model.head', 'linear')} or fewer target modules."
         )
     return int(best)
 
@@ -145,7 +145,7 @@ def resolve_size(cfg: ModelConfig, label_names: Sequence[str], limit: int) -> in
     if at1 > limit:
         raise OverBudgetError(
             f"no {SIZE_KEYS[cfg.method]} fits the budget of {limit:,}: {cfg.method} at size 1 with this "
-            f"head and these targets takes {at1:,}. Try --head linear or fewer target modules."
+            f"head and these targets takes {at1:,}. Try {setting('model.head', 'linear')} or fewer target modules."
         )
     if cap == 1:
         return 1
@@ -169,13 +169,14 @@ def _suggestion(cfg: ModelConfig, label_names: Sequence[str], limit: int) -> str
     tips = []
     try:
         rank = resolve_rank(cfg, label_names, limit)
-        tips.append(f"--lora-r {rank} (the largest rank that fits these targets and head)")
+        tips.append(f"{setting('model.lora.r', rank)} (the largest rank that fits these targets and head)")
     except OverBudgetError:
         pass
     if cfg.head == "default":
         linear = replace(cfg, head="linear")
         with contextlib.suppress(BudgetloraError):
-            tips.append(f"--head linear with --lora-r {resolve_rank(linear, label_names, limit)}")
+            rank = resolve_rank(linear, label_names, limit)
+            tips.append(f"{setting('model.head', 'linear')} with {setting('model.lora.r', rank)}")
     return "; or ".join(tips) if tips else "fewer target modules or layers (see `budgetlora plan`)"
 
 
@@ -191,7 +192,7 @@ def check_budget(budget: Budget, cfg: ModelConfig, label_names: Sequence[str]) -
 
 
 def _method_suggestion(cfg: ModelConfig, label_names: Sequence[str], limit: int) -> str:
-    flag = size_flag(cfg.method)
+    knob = f"model.{SIZE_KEYS[cfg.method]}"
     tips = []
     for head in dict.fromkeys((cfg.head, "linear")):
         variant = replace(cfg, head=head)  # type: ignore[arg-type]
@@ -199,12 +200,12 @@ def _method_suggestion(cfg: ModelConfig, label_names: Sequence[str], limit: int)
             size = resolve_size(variant, label_names, limit)
         except BudgetloraError:
             continue
-        where = "" if head == cfg.head else "--head linear with "
+        where = "" if head == cfg.head else f"{setting('model.head', 'linear')} with "
         if size is None:
             if not measure(variant, label_names, limit).fits:
                 continue
-            tips.append(f"--head {head}" if head != cfg.head else "")
+            tips.append(setting("model.head", head) if head != cfg.head else "")
         elif size != size_of(cfg) or head != cfg.head:
-            tips.append(f"{where}{flag} {size}")
+            tips.append(f"{where}{setting(knob, size)}")
     tips = [t for t in tips if t]
     return "; or ".join(tips) if tips else "fewer target modules or layers (see `budgetlora plan --methods`)"

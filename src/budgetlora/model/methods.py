@@ -1,5 +1,11 @@
 """The peft adapter methods budgetlora trains, and the one place each becomes a peft config.
 
+Each method is one record, :data:`budgetlora.config.ADAPTER_METHODS` (its settings, size knob,
+the parameters it trains, peft's config class): a plain record in the config module, which the
+config tree beneath this one checks options with and the CLI titles its help with, without
+importing peft. This module is the peft side: :func:`adapter_config` makes peft's config from a
+record, :func:`size_cap` knows where a size stops adding rank.
+
 Every method adapts the same Linear modules (``lora.target_modules`` and ``lora.layers``,
 resolved by :func:`budgetlora.model.modeling.resolve_targets`), trains the same head
 (``modules_to_save``) and merges into the weights for inference. Each has at most one main
@@ -8,15 +14,17 @@ size knob (``SIZE_KEYS``), which may be ``auto``: the largest value that fits th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from peft import FourierFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, VeraConfig
+import peft
+from peft import PeftConfig
 from peft.tuners.lokr.layer import factorization
 
-from budgetlora.config import METHODS, ModelConfig
+from budgetlora.config import ADAPTER_METHODS, METHODS, ModelConfig
 from budgetlora.errors import BudgetloraError
 from budgetlora.model.roles import role_of
 
@@ -30,33 +38,17 @@ __all__ = [
     "size_of",
     "with_size",
     "size_cap",
-    "size_flag",
 ]
 
+# Views of the records, by what each asks.
 # method -> its main size knob (model.<key>); IA3 has none: one vector per adapted module.
-SIZE_KEYS: dict[str, str | None] = {
-    "lora": "lora.r",
-    "vera": "vera.r",
-    "fourierft": "fourierft.n_frequency",
-    "ia3": None,
-    "loha": "loha.r",
-    "lokr": "lokr.r",
-}
+SIZE_KEYS: dict[str, str | None] = {m.name: m.size_knob for m in ADAPTER_METHODS.values()}
 # The methods' names as their papers write them (report titles).
-TITLES: dict[str, str] = {
-    "lora": "LoRA", "vera": "VeRA", "fourierft": "FourierFT", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr",
-}  # fmt: skip
+TITLES: dict[str, str] = {m.name: m.title for m in ADAPTER_METHODS.values()}
 # A trained parameter's name holds one of these -> the method it belongs to (the budget groups).
-PARAM_MARKERS: dict[str, str] = {
-    ".lora_": "lora",
-    ".vera_lambda_": "vera",
-    ".fourierft_spectrum": "fourierft",
-    ".ia3_l": "ia3",
-    ".hada_": "loha",
-    ".lokr_": "lokr",
-}
+PARAM_MARKERS: dict[str, str] = {m.trains: m.name for m in ADAPTER_METHODS.values()}
 # Frozen tensors a method adds (buffers, never trained): reported, not counted.
-FROZEN_MARKERS: dict[str, str] = {".vera_A.": "vera.shared_A", ".vera_B.": "vera.shared_B"}
+FROZEN_MARKERS: dict[str, str] = {k: v for m in ADAPTER_METHODS.values() for k, v in m.frozen.items()}
 
 
 def size_of(cfg: ModelConfig) -> int | str | None:
@@ -77,90 +69,63 @@ def with_size(cfg: ModelConfig, size: int) -> ModelConfig:
     return replace(cfg, **{block: replace(getattr(cfg, block), **{knob: size})})
 
 
-def size_flag(method: str) -> str | None:
-    """The ``budgetlora train`` option of a method's size knob: --lora-r, --vera-r, ..."""
-    key = SIZE_KEYS[method]
-    return None if key is None else "--" + key.replace(".", "-").replace("_", "-")
-
-
 def size_cap(cfg: ModelConfig, shapes: Sequence[tuple[int, int]]) -> int | None:
-    """The largest useful size for adapted matrices of these (in, out) shapes.
+    """The largest useful size for adapted matrices of these (in, out) shapes, by the method's
+    record (``size_stops``); None for a method without a size knob (IA3).
 
     LoRA, VeRA and LoHa stop at the matrices' smaller side (a larger rank adds parameters
     and time, not rank to the update); FourierFT at in * out (peft refuses more); LoKr at the
     rank where every low-rank Kronecker factor is full (beyond it only alpha / r changes).
-    None for IA3 (no knob).
     """
-    if cfg.method == "ia3":
+    method = ADAPTER_METHODS[cfg.method]
+    if method.size_knob is None:
         return None
-    if cfg.method == "fourierft":
+    if method.size_stops == "area":
         return min(i * o for i, o in shapes)
-    if cfg.method == "lokr":
-        factor = cfg.lokr.decompose_factor
-        sides = []
-        for i, o in shapes:
-            (in_small, in_large), (out_small, out_large) = factorization(i, factor), factorization(o, factor)
-            sides.append(max(in_large, out_large))
-            if cfg.lokr.decompose_both:
-                sides.append(max(in_small, out_small))
-        return max(math.ceil(side / 2) for side in sides)
+    if method.size_stops == "kronecker":
+        return _kronecker_cap(getattr(cfg, str(method.settings)), shapes)
     return min(min(i, o) for i, o in shapes)
 
 
-def _bias(bias: str, own: str) -> str:
-    return own if bias == "lora_only" else bias
+def _kronecker_cap(settings: Any, shapes: Sequence[tuple[int, int]]) -> int:
+    """The rank where every low-rank factor of peft's Kronecker split of these shapes is full."""
+    sides = []
+    for i, o in shapes:
+        (in_small, in_large), (out_small, out_large) = (
+            factorization(i, settings.decompose_factor),
+            factorization(o, settings.decompose_factor),
+        )
+        sides.append(max(in_large, out_large))
+        if settings.decompose_both:
+            sides.append(max(in_small, out_small))
+    return max(math.ceil(side / 2) for side in sides)
 
 
 def adapter_config(cfg: ModelConfig, targets: list[str], size: int | None, heads: list[str]) -> PeftConfig:
     """The peft config of ``cfg.method`` for these module names, main size knob and head modules.
 
-    ``size`` is the method's main size knob (ignored by IA3). Feed-forward output modules
-    (role ffn_out) are IA3 feedforward modules: their input is scaled, as in the IA3 paper.
+    ``size`` is the method's main size knob (ignored by a method without one). The settings'
+    fields go to peft under their own names (or the record's ``peft_names``); ``lora.bias``
+    to the methods that train biases; the feed-forward output modules (role ffn_out) to a
+    method that scales their input (IA3, as in its paper).
     """
-    common: dict[str, Any] = {"target_modules": targets, "modules_to_save": heads, "task_type": "SEQ_CLS"}
-    if cfg.method != "ia3" and not isinstance(size, int):
-        raise BudgetloraError(f"{SIZE_KEYS[cfg.method]} is 'auto': resolve it with budget.resolve_size first")
-    lora = cfg.lora
-    if cfg.method == "lora":
-        return LoraConfig(
-            r=size,  # type: ignore[arg-type]
-            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts a float scale
-            lora_dropout=lora.dropout,
-            bias=lora.bias,
-            use_dora=lora.use_dora,
-            use_rslora=lora.use_rslora,
-            rank_pattern=dict(lora.rank_pattern),
-            alpha_pattern=dict(lora.alpha_pattern),
-            **common,
+    method = ADAPTER_METHODS.get(cfg.method)
+    if method is None:
+        raise BudgetloraError(
+            f"invalid value for model.method: {cfg.method!r} (allowed: {', '.join(METHODS)})"
         )
-    if cfg.method == "vera":
-        return VeraConfig(
-            r=size,  # type: ignore[arg-type]
-            d_initial=cfg.vera.d_initial,
-            projection_prng_key=cfg.vera.projection_prng_key,
-            save_projection=cfg.vera.save_projection,
-            bias=_bias(lora.bias, "vera_only"),
-            **common,
-        )
-    if cfg.method == "fourierft":
-        return FourierFTConfig(
-            n_frequency=size,  # type: ignore[arg-type]
-            scaling=cfg.fourierft.scaling,
-            random_loc_seed=cfg.fourierft.random_loc_seed,
-            bias=_bias(lora.bias, "fourier_only"),
-            **common,
-        )
-    if cfg.method == "ia3":
-        feedforward = [name for name in targets if role_of(name) == "ffn_out"]
-        return IA3Config(feedforward_modules=feedforward, **common)
-    if cfg.method == "loha":
-        return LoHaConfig(r=size, alpha=cfg.loha.alpha, **common)  # type: ignore[arg-type]
-    if cfg.method == "lokr":
-        return LoKrConfig(
-            r=size,  # type: ignore[arg-type]
-            alpha=cfg.lokr.alpha,  # type: ignore[arg-type]
-            decompose_factor=cfg.lokr.decompose_factor,
-            decompose_both=cfg.lokr.decompose_both,
-            **common,
-        )
-    raise BudgetloraError(f"invalid value for model.method: {cfg.method!r} (allowed: {', '.join(METHODS)})")
+    if method.size_knob is not None and not isinstance(size, int):
+        raise BudgetloraError(f"{method.size_knob} is 'auto': resolve it with budget.resolve_size first")
+    fields: dict[str, Any] = {"target_modules": targets, "modules_to_save": heads, "task_type": "SEQ_CLS"}
+    if method.settings is not None:
+        settings = getattr(cfg, method.settings)
+        for f in dataclasses.fields(settings):
+            name = method.peft_names.get(f.name, f.name)
+            value = size if f"{method.settings}.{f.name}" == method.size_knob else getattr(settings, f.name)
+            if name is not None:
+                fields[name] = dict(value) if isinstance(value, dict) else value  # peft keeps the mapping
+    if method.bias is not None:
+        fields["bias"] = method.bias if cfg.lora.bias == "lora_only" else cfg.lora.bias
+    if method.feedforward:
+        fields["feedforward_modules"] = [name for name in targets if role_of(name) == "ffn_out"]
+    return getattr(peft, method.peft_config)(**fields)  # type: ignore[no-any-return]

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from budgetlora.config import ModelConfig
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option, setting
 from budgetlora.model.methods import SIZE_KEYS, adapter_config, size_of
 from budgetlora.model.roles import (
     HEAD_MODULES,
@@ -62,7 +62,7 @@ def _hub_hint(name: str) -> str:
     return (
         f"cannot load model {name!r}: it is not a local folder and {why}. "
         "Download it where you have internet (it is then cached), or pass a local "
-        "save_pretrained folder with --model"
+        f"save_pretrained folder with {option('model.name_or_path')}"
     )
 
 
@@ -142,7 +142,7 @@ def check_max_length(cfg: ModelConfig, max_length: int, option: str = "data.max_
     )
     raise BudgetloraError(
         f"{option}={max_length} is more than {cfg.name_or_path!r} can read: at most {limit} tokens"
-        f" ({why}); use --max-length {limit} or less"
+        f" ({why}); use {setting('data.max_length', limit)} or less"
     )
 
 
@@ -222,7 +222,7 @@ def _mean_of_real_tokens(hidden_states: torch.Tensor, attention_mask: torch.Tens
 
 
 def _pool_mean(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-    """Forward hook of the encoder for ``--head mean``: where the classifier reads the first token
+    """Forward hook of the encoder for ``model.head`` mean: where the classifier reads the first token
     (or BERT's pooled output), it reads the mean over the real tokens instead, as sentence-transformers pool."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     hidden = output[0]
@@ -267,8 +267,8 @@ def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
     if head == "pooler":
         if not has_pooler or not isinstance(classifier, nn.Linear):
             raise BudgetloraError(
-                f"--head pooler needs a model whose classifier sits on a pretrained pooler (BERT style); "
-                f"{config.model_type} has none: use --head linear or --head default"
+                f"{setting('model.head', 'pooler')} needs a model whose classifier sits on a pretrained pooler (BERT style); "
+                f"{config.model_type} has none: use {setting('model.head', 'linear')} or {setting('model.head', 'default')}"
             )
         return  # BERT's own head is already a frozen pooler + one trained linear layer
     # head == "linear" or "mean": one linear layer on the first token, where "mean" puts the
@@ -295,7 +295,9 @@ def _set_head(model: PreTrainedModel, head: str, num_labels: int) -> None:
         model.pre_classifier = SignSplit()
         model.classifier = SplitLinear(config.hidden_size, num_labels)
     else:
-        raise BudgetloraError(f"--head {head} is not supported for {config.model_type}; use --head default")
+        raise BudgetloraError(
+            f"{setting('model.head', head)} is not supported for {config.model_type}; use {setting('model.head', 'default')}"
+        )
     if head == "mean":
         encoder.register_forward_hook(_pool_mean, with_kwargs=True)
 

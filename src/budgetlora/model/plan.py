@@ -19,9 +19,9 @@ from typing import Any, Literal
 from torch import nn
 
 from budgetlora.config import LoraSettings, ModelConfig
-from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.errors import BudgetloraError, OverBudgetError, option, settings_text
 from budgetlora.model.budget import measure, resolve_rank, resolve_size
-from budgetlora.model.methods import METHODS, SIZE_KEYS, size_cap, size_flag
+from budgetlora.model.methods import METHODS, SIZE_KEYS, size_cap
 from budgetlora.model.modeling import load_base_model, load_model_config, resolve_targets
 from budgetlora.model.roles import layer_index
 
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 HEADS: tuple[str, ...] = ("default", "linear", "mean", "pooler")
-# Target sets from the cheapest to the widest, each as --target-modules takes it.
+# Target sets from the cheapest to the widest, each as model.lora.target_modules takes it.
 TARGET_SETS: tuple[tuple[str, ...], ...] = (
     ("query", "value"),
     ("query", "key", "value"),
@@ -68,11 +68,8 @@ RECOMMENDED = Recommendation(
     head="default",
     targets=("query", "value"),
     why="the model's own head + LoRA on query,value (at r=8, lr 2e-3: budgetlora's defaults) is in the top "
-    "group on all-mpnet-base-v2, a roberta-base-sized encoder, and no recipe beat it beyond noise in four seeds "
-    "(DoRA on attention with a linear head: +0.36 points on average, at 1.6x the training time); over "
-    "3 epochs, both kept by validation loss, it beat the best course preset (adam-r4-lora-only) on all "
-    "three seeds measured, by 0.62, 0.71 and 0.80 points on the same test rows (paired p 0.32, 0.36, 0.26) "
-    "(benchmarks/results/quality_all-mpnet-base-v2.md, benchmarks/results/quality_3_epochs/)",
+    "group of the quality benchmark on all-mpnet-base-v2, a roberta-base-sized encoder, and no recipe beat it "
+    "beyond noise (benchmarks/results/quality_all-mpnet-base-v2.md)",
 )
 
 
@@ -88,23 +85,48 @@ class MethodRecommendation:
 # size under the same exact budget, head, targets, split and epochs (one seed each).
 RECOMMENDED_METHOD = MethodRecommendation(
     method="lora",
-    why="LoRA scored highest of the six methods at a budget of 1,000,000 on all-MiniLM-L6-v2 (91.2%; IA3 at "
-    "lr 1e-2 90.6% with 29,188 parameters, LoHa 90.3%, VeRA at lr 1e-2 89.8%, within one to two standard "
-    "errors), tied LoHa at 100,000, and tied LoHa on all-mpnet-base-v2 (90.7%; LoKr 90.5%, IA3 90.4%) "
+    why="LoRA scored highest of the six methods in the adapter-methods benchmark at a budget of 1,000,000 on "
+    "all-MiniLM-L6-v2 and tied LoHa on all-mpnet-base-v2, the others within noise "
     "(benchmarks/results/methods_*.md)",
 )
 
 
+class _Row:
+    """What planned rows share: the count by group against the budget, and the settings that train them."""
+
+    groups: dict[str, int]
+    budget: int
+
+    @property
+    def trainable(self) -> int:
+        return sum(self.groups.values())
+
+    @property
+    def share(self) -> float:
+        """Fraction of the budget used."""
+        return self.trainable / self.budget
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The config keys to train this row with, and their values (empty when it does not fit)."""
+        raise NotImplementedError
+
+    @property
+    def options(self) -> str:
+        """:attr:`settings` as text, each marked (:func:`budgetlora.errors.setting`) for a front end to name."""
+        return settings_text(self.settings)
+
+
 @dataclass(frozen=True)
-class PlanRow:
+class PlanRow(_Row):
     """One configuration: head, LoRA targets and layers, the largest uniform rank that fits, its count."""
 
     head: str
-    """The --head value."""
+    """The model.head value."""
     targets: tuple[str, ...]
-    """The --target-modules value (role names)."""
+    """The model.lora.target_modules value (role names)."""
     layers: tuple[int, ...] | None
-    """The --layers value; None: every layer."""
+    """The model.lora.layers value; None: every layer."""
     modules: int
     """Linear modules the adapter goes into."""
     rank: int | None
@@ -116,22 +138,13 @@ class PlanRow:
     capped: bool = False
     """The rank stopped at the adapted matrices' smaller side: more would add parameters, not rank."""
     same_heads: tuple[str, ...] = ()
-    """Other --head values that build exactly this model (e.g. pooler on BERT, whose own head is one)."""
+    """Other model.head values that build exactly this model (e.g. pooler on BERT, whose own head is one)."""
     recommended: bool = False
     """The row of :data:`RECOMMENDED` (its head, its targets, every layer), when it fits."""
 
     @property
-    def trainable(self) -> int:
-        return sum(self.groups.values())
-
-    @property
     def fits(self) -> bool:
         return self.rank is not None and self.trainable <= self.budget
-
-    @property
-    def share(self) -> float:
-        """Fraction of the budget used."""
-        return self.trainable / self.budget
 
     @property
     def head_params(self) -> int:
@@ -146,9 +159,8 @@ class PlanRow:
         return _layers_label(self.layers)
 
     @property
-    def options(self) -> str:
-        """The ``budgetlora train`` options for this row (empty when it does not fit)."""
-        return "" if self.rank is None else _options(self, self.rank)
+    def settings(self) -> dict[str, Any]:
+        return {} if self.rank is None else _settings(None, self.head, self.targets, self.layers, self.rank)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,20 +174,27 @@ class PlanRow:
             "lora_params": self.lora_params,
             "head_params": self.head_params,
             "trainable": self.trainable,
-            "budget": self.budget,
-            "share": round(self.share, 6),
-            "fits": self.fits,
-            "groups": dict(self.groups),
-            "options": self.options,
-            "recommended": self.recommended,
+            **_outcome(self),
         }
 
 
-def _options(row: PlanRow, rank: int) -> str:
-    parts = [f"--head {row.head}", f"--target-modules {','.join(row.targets)}"]
-    if row.layers is not None:
-        parts.append("--layers " + ",".join(map(str, row.layers)))
-    return " ".join([*parts, f"--lora-r {rank}"])
+def _settings(
+    method: str | None,
+    head: str,
+    targets: Sequence[str],
+    layers: Sequence[int] | None,
+    size: int | None,
+) -> dict[str, Any]:
+    """The config keys of a planned row (the method when it is not implied, the layers when not all,
+    the size when the method has a knob), and their values."""
+    values: dict[str, Any] = {} if method is None else {"model.method": method}
+    values |= {"model.head": head, "model.lora.target_modules": tuple(targets)}
+    if layers is not None:
+        values["model.lora.layers"] = tuple(layers)
+    knob = SIZE_KEYS[method or "lora"]
+    if knob is not None:
+        values[f"model.{knob}"] = size
+    return values
 
 
 def _layers_label(layers: tuple[int, ...] | None) -> str:
@@ -278,9 +297,13 @@ def _plan_head(
 
 def _check_budget_and_labels(budget: int, labels: int) -> None:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise BudgetloraError(f"invalid value for --budget: {budget!r} (a positive number of parameters)")
+        raise BudgetloraError(
+            f"invalid value for {option('budget')}: {budget!r} (a positive number of parameters)"
+        )
     if isinstance(labels, bool) or not isinstance(labels, int) or labels < 2:
-        raise BudgetloraError(f"invalid value for --labels: {labels!r} (a number of classes, at least 2)")
+        raise BudgetloraError(
+            f"invalid value for {option('labels')}: {labels!r} (a number of classes, at least 2)"
+        )
 
 
 def plan(
@@ -330,8 +353,9 @@ def plan(
         smallest = min(rows, key=lambda row: row.trainable)
         raise OverBudgetError(
             f"nothing fits a budget of {budget:,} trainable parameters: the smallest configuration "
-            f"({_options(smallest, 1)}) takes {smallest.trainable:,} "
-            f"({smallest.head_params:,} of them the head). Raise --budget to at least {smallest.trainable:,}."
+            f"({settings_text(_settings(None, smallest.head, smallest.targets, smallest.layers, 1))}) takes "
+            f"{smallest.trainable:,} ({smallest.head_params:,} of them the head). "
+            f"Raise {option('budget')} to at least {smallest.trainable:,}."
         )
     return [replace(row, recommended=_is_recommended(row)) for row in rows]
 
@@ -401,7 +425,10 @@ def _footnotes(rows: Sequence[PlanRow]) -> list[str]:
     folded = sorted({head for row in rows for head in row.same_heads})
     if folded:
         why = "; ".join(_WHY_SAME[head] for head in folded if head in _WHY_SAME)
-        notes.append("a = b: these --head values train the same parameters" + (f" ({why})" if why else ""))
+        notes.append(
+            f"a = b: these {option('model.head')} values train the same parameters"
+            + (f" ({why})" if why else "")
+        )
     if any(row.recommended for row in rows):
         notes.append(f"<- recommended: {RECOMMENDED.why}")
     return notes
@@ -437,7 +464,9 @@ def format_plan(rows: Sequence[PlanRow], style: Style = "table") -> str:
             lines.append("| " + " | ".join([head, *cells[1:]]) + " |")
         return "\n".join(lines + ["", *(f"{n}  " for n in _footnotes(rows))]).rstrip()
     if style != "table":
-        raise BudgetloraError(f"invalid value for --format: {style!r} (allowed: table, markdown, csv, json)")
+        raise BudgetloraError(
+            f"invalid value for {option('format')}: {style!r} (allowed: table, markdown, csv, json)"
+        )
     widths = [max(len(c), *(len(cells[i]) for cells in body)) for i, c in enumerate(_COLUMNS)]
 
     def line(cells: Sequence[str]) -> str:
@@ -457,17 +486,17 @@ def format_plan(rows: Sequence[PlanRow], style: Style = "table") -> str:
 
 
 @dataclass(frozen=True)
-class MethodRow:
+class MethodRow(_Row):
     """One adapter method at the largest main size knob that fits, for the chosen head, targets and layers."""
 
     method: str
-    """The --method value."""
+    """The model.method value."""
     head: str
-    """The --head value."""
+    """The model.head value."""
     targets: tuple[str, ...]
-    """The --target-modules value."""
+    """The model.lora.target_modules value."""
     layers: tuple[int, ...] | None
-    """The --layers value; None: every layer."""
+    """The model.lora.layers value; None: every layer."""
     modules: int
     """Linear modules the adapter goes into."""
     size_key: str | None
@@ -484,10 +513,6 @@ class MethodRow:
     """The size stopped at :func:`budgetlora.model.methods.size_cap`: more would add parameters but no rank."""
 
     @property
-    def trainable(self) -> int:
-        return sum(self.groups.values())
-
-    @property
     def fits(self) -> bool:
         return self.trainable <= self.budget and (self.size is not None or self.size_key is None)
 
@@ -501,21 +526,8 @@ class MethodRow:
         return self.fits and self.method == RECOMMENDED_METHOD.method
 
     @property
-    def options(self) -> str:
-        """The ``budgetlora train`` options for this row (empty when it does not fit)."""
-        if not self.fits:
-            return ""
-        parts = [
-            f"--method {self.method}",
-            f"--head {self.head}",
-            f"--target-modules {','.join(self.targets)}",
-        ]
-        if self.layers is not None:
-            parts.append("--layers " + ",".join(map(str, self.layers)))
-        flag = size_flag(self.method)
-        if flag is not None:
-            parts.append(f"{flag} {self.size}")
-        return " ".join(parts)
+    def settings(self) -> dict[str, Any]:
+        return _settings(self.method, self.head, self.targets, self.layers, self.size) if self.fits else {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -531,13 +543,20 @@ class MethodRow:
             "head_params": self.groups.get("head", 0),
             "trainable": self.trainable,
             "frozen_not_counted": sum(self.frozen.values()),
-            "budget": self.budget,
-            "share": round(self.trainable / self.budget, 6),
-            "fits": self.fits,
-            "groups": dict(self.groups),
-            "options": self.options,
-            "recommended": self.recommended,
+            **_outcome(self),
         }
+
+
+def _outcome(row: PlanRow | MethodRow) -> dict[str, Any]:
+    """What every row's record ends with: its budget, share, verdict, groups, settings and mark."""
+    return {
+        "budget": row.budget,
+        "share": round(row.share, 6),
+        "fits": row.fits,
+        "groups": dict(row.groups),
+        "options": row.options,
+        "recommended": row.recommended,
+    }
 
 
 def plan_methods(
@@ -630,7 +649,7 @@ def format_method_plan(rows: Sequence[MethodRow], style: Style = "table") -> str
             f"{row.adapter_params:,}",
             f"{row.groups.get('head', 0):,}",
             f"{row.trainable:,}",
-            f"{row.trainable / row.budget:.1%}" if row.fits else "does not fit",
+            f"{row.share:.1%}" if row.fits else "does not fit",
             f"{sum(row.frozen.values()):,}" if row.frozen else "",
         ]
         for row in rows
@@ -652,7 +671,9 @@ def format_method_plan(rows: Sequence[MethodRow], style: Style = "table") -> str
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines + ["", *(f"{n}  " for n in notes)]).rstrip()
     if style != "table":
-        raise BudgetloraError(f"invalid value for --format: {style!r} (allowed: table, markdown, csv, json)")
+        raise BudgetloraError(
+            f"invalid value for {option('format')}: {style!r} (allowed: table, markdown, csv, json)"
+        )
     widths = [max(len(c), *(len(cells[i]) for cells in body)) for i, c in enumerate(_METHOD_COLUMNS)]
     marks = ["", *("  <- recommended" if row.recommended else "" for row in rows)]
     lines = [

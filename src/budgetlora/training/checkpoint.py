@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 from budgetlora.runtime import Runtime, is_main_process, rng_state
 
 __all__ = [
@@ -120,7 +120,7 @@ def load_newest_readable(
         raise BudgetloraError(
             f"no checkpoint of {run_dir} can be read: "
             + "; ".join(problems)
-            + ". Start the run again without --resume (or with --overwrite)"
+            + f". Start the run again without {option('resume')} (or with {option('overwrite')})"
         )
     return None
 

@@ -26,7 +26,7 @@ import torch
 from budgetlora.config import DistillSettings, ModelConfig, RunConfig, load_config
 from budgetlora.data.batching import cache_dir, cache_key, encode, pad_id
 from budgetlora.data.tables import Splits, TextTable, read_unlabelled
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 from budgetlora.inference.merged import inference_model, load_run, predict_logits
 from budgetlora.model.modeling import (
     check_max_length,
@@ -337,10 +337,12 @@ def distill(
     settings = replace(student_cfg.distill, **{k: v for k, v in given.items() if v is not None})
     if settings.teacher is None:
         raise BudgetloraError(
-            "no teacher: give --teacher (distill.teacher: a run folder, model folder or Hub id)"
+            f"no teacher: give {option('distill.teacher')} (a run folder, model folder or Hub id)"
         )
     if resume and compare_baseline:
-        raise BudgetloraError("--resume continues the student only: leave out --compare-baseline")
+        raise BudgetloraError(
+            f"{option('resume')} continues the student only: leave out {option('compare_baseline')}"
+        )
     # prepare_run checks the budget: an over-budget student fails before the teacher runs.
     cfg, splits, budget = prepare_run(replace(student_cfg, distill=settings))
     run_dir = Path(cfg.output)

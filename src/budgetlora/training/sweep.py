@@ -21,7 +21,7 @@ import socket
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,10 +36,11 @@ from budgetlora.config import (
     RunConfig,
     config_from_dict,
     config_to_dict,
+    key_of,
     save_config,
     with_overrides,
 )
-from budgetlora.errors import BudgetloraError, OverBudgetError
+from budgetlora.errors import BudgetloraError, OverBudgetError, option, setting
 from budgetlora.reporting.metrics import as_score, lower_is_better
 from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
 from budgetlora.training.train import prepare_run, train
@@ -74,39 +75,17 @@ def _label(value: Any) -> Any:
     return yaml.safe_dump(value, default_flow_style=True).strip()
 
 
-def _config_keys() -> dict[str, str]:
-    """Every dotted leaf key of the config tree, and the unique short aliases of each."""
-    keys: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for f in fields(node):
-            value = getattr(node, f.name)
-            if is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                keys[prefix + f.name] = prefix + f.name
-
-    walk(RunConfig(), "")
-    leaves: dict[str, list[str]] = {}
-    for key in list(keys):
-        leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
-        if key.startswith("model.") and key.count(".") == 2:
-            keys[key.removeprefix("model.")] = key  # lora.r -> model.lora.r, vera.r -> model.vera.r
-    for leaf, full in leaves.items():
-        if len(full) == 1:
-            keys.setdefault(leaf, full[0])  # lr -> train.lr, head -> model.head
-    return keys
-
-
-def _normalize_key(key: str, known: dict[str, str], teacher: bool) -> str:
-    if key not in known:
+def _normalize_key(key: str, teacher: bool) -> str:
+    """The config key a search space names (:func:`budgetlora.config.key_of`: the key, or a short name)."""
+    full = key_of(key)
+    if full is None:
         raise BudgetloraError(
             f"search space key {key!r} is not a config key; use dotted keys such as train.lr, "
             "model.lora.r (or lora.r), model.method, vera.r, model.head, train.batch_size, distill.alpha"
         )
-    if known[key] in _DISTILL_KEYS and not teacher:
-        raise BudgetloraError(f"search space key {key} needs a teacher (--teacher)")
-    return known[key]
+    if full in _DISTILL_KEYS and not teacher:
+        raise BudgetloraError(f"search space key {key} needs a teacher ({option('distill.teacher')})")
+    return full
 
 
 def parse_space(space: dict[str, Any], *, teacher: bool = False) -> list[SearchParam]:
@@ -116,10 +95,9 @@ def parse_space(space: dict[str, Any], *, teacher: bool = False) -> list[SearchP
         raise BudgetloraError(
             "a search space must be a non-empty mapping of config keys to ranges or choices"
         )
-    known = _config_keys()
     params: dict[str, SearchParam] = {}
     for raw_key, spec in space.items():
-        key = _normalize_key(str(raw_key), known, teacher)
+        key = _normalize_key(str(raw_key), teacher)
         if key in params:
             raise BudgetloraError(f"search space names {key} twice")
         where = f"search space {raw_key}"
@@ -222,7 +200,9 @@ def _grid(params: Sequence[SearchParam]) -> dict[str, list[Any]]:
         elif p.kind == "int" and not p.log:
             grid[p.key] = list(range(int(p.low or 0), int(p.high or 0) + 1, int(p.step or 1)))
         elif p.kind != "fixed":
-            raise BudgetloraError(f"--sampler grid needs lists or int ranges; {p.key} is a {p.kind} range")
+            raise BudgetloraError(
+                f"{setting('sampler', 'grid')} needs lists or int ranges; {p.key} is a {p.kind} range"
+            )
     return grid
 
 
@@ -263,7 +243,7 @@ def _make_sampler(name: str, params: Sequence[SearchParam], seed: int) -> optuna
         return optuna.samplers.GridSampler(_grid(params), seed=seed)
     if name == "tpe":
         return _SeededByTrial(seed)
-    raise BudgetloraError(f"--sampler {name!r}: allowed: tpe, grid")
+    raise BudgetloraError(f"{option('sampler')} {name!r}: allowed: tpe, grid")
 
 
 class _SeededByTrial(optuna.samplers.BaseSampler):
@@ -404,7 +384,7 @@ def _check_same_study(study: optuna.Study, fingerprint: dict[str, Any]) -> None:
     if changed:
         raise BudgetloraError(
             f"study {study.study_name!r} was started with another {' and '.join(changed)}; "
-            "use another --output or --study-name for a new search"
+            f"use another {option('output')} or {option('study_name')} for a new search"
         )
 
 
@@ -442,18 +422,18 @@ def sweep(
             worker killed) is marked failed and run again by a worker of the study
     """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise BudgetloraError(f"invalid value for --trials: {n_trials!r} (a positive integer)")
+        raise BudgetloraError(f"invalid value for {option('trials')}: {n_trials!r} (a positive integer)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise BudgetloraError(f"invalid value for --seed: {seed!r} (an integer in 0..2**32-1)")
+        raise BudgetloraError(f"invalid value for {option('seed')}: {seed!r} (an integer in 0..2**32-1)")
     teacher = base_cfg.distill.teacher
     params = parse_space(space, teacher=teacher is not None)
     if sampler not in ("tpe", "grid"):
-        raise BudgetloraError(f"--sampler {sampler!r}: allowed: tpe, grid")
+        raise BudgetloraError(f"{option('sampler')} {sampler!r}: allowed: tpe, grid")
     if sampler == "grid":
         _grid(params)
     _check_before_writing(base_cfg, params)
     out = Path(output)
-    check_output_path(out, "--output", folder=True)
+    check_output_path(out, option("output"), folder=True)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -471,7 +451,7 @@ def sweep(
         if made:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty
-        raise BudgetloraError(f"--storage {storage!r}: cannot open the study: {err}") from None
+        raise BudgetloraError(f"{option('storage')} {storage!r}: cannot open the study: {err}") from None
     base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
     _check_same_study(
         study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}

@@ -37,7 +37,7 @@ from budgetlora.config import RunConfig, TrainSettings, config_to_dict, save_con
 from budgetlora.data.augment import augment_table
 from budgetlora.data.batching import Collator, Encoded, encode, iterate, length_grouped_batches, pad_id
 from budgetlora.data.tables import Splits, TextTable, concat_tables, load_splits, read_unlabelled
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, option
 from budgetlora.inference.merged import LoadedRun, inference_model, predict_logits
 from budgetlora.inference.shift import expectation
 from budgetlora.model.budget import Budget, check_budget, count_trainable, measure, resolve_size
@@ -175,7 +175,7 @@ class _History:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise BudgetloraError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                    f"{option('train.tensorboard')} needs the tensorboard package: pip install tensorboard"
                 ) from err
             self._tb = SummaryWriter(str(tensorboard_dir))
 
@@ -427,7 +427,7 @@ def _find_checkpoint(
     if state["config"] != _comparable(cfg):
         raise BudgetloraError(
             f"cannot resume {run_dir}: the config differs from the interrupted run's "
-            f"(see {run_dir / 'config.yaml'}); resume without changing options, or start a new --output"
+            f"(see {run_dir / 'config.yaml'}); resume without changing options, or start a new {option('output')}"
         )
     if runtime.is_main_process:
         print(f"resuming from {checkpoint}", flush=True)
@@ -863,7 +863,7 @@ def _write_run(
     if is_finished(run_dir) and not overwrite:  # checked at the start too; the lock makes this the last word
         raise BudgetloraError(
             f"{run_dir} holds a finished run that appeared while this one trained: nothing of this run was "
-            "written over it; pass --overwrite to replace it"
+            f"written over it; pass {option('overwrite')} to replace it"
         )
     cfg, model, tokenizer, train_enc = session.cfg, session.bare, session.tokenizer, session.train_enc
     staging = Path(tempfile.mkdtemp(prefix=".save.", dir=run_dir))
