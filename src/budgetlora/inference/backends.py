@@ -13,6 +13,7 @@ import numpy as np
 
 from budgetlora.data.batching import Collator, encode, pad_id, sorted_batches
 from budgetlora.errors import BudgetloraError
+from budgetlora.errors import option as named
 from budgetlora.inference.merged import load_run
 from budgetlora.model.modeling import load_tokenizer
 from budgetlora.rundir import CONFIG, EXPORT_INFO, ONNX_FILE, check_export_dir, headline_metrics, read_budget
@@ -137,7 +138,7 @@ def _check_export(folder: Path, option: str, model: str | None) -> None:
     """Refuse an export that cannot be scored here, or a base model to replace in it."""
     if model is not None:
         raise BudgetloraError(
-            f"{option('model')} applies to a run folder; {folder} is an export, its model is inside it"
+            f"{named('model')} applies to a run folder; {folder} is an export, its model is inside it"
         )
     check_export_dir(folder, option)
     if importlib.util.find_spec("onnxruntime") is None:
