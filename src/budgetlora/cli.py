@@ -31,6 +31,7 @@ from budgetlora.config import (
     with_overrides,
 )
 from budgetlora.errors import BudgetloraError
+from budgetlora.rundir import RunFolder
 
 __all__ = ["main", "build_parser", "flag_of"]
 
@@ -176,7 +177,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     With ``--resume`` and no ``--config``, the base is the run folder's own config.yaml.
     """
-    run_config = Path(vars(args).get("output") or RunConfig().output) / "config.yaml"
+    run_config = RunFolder(Path(vars(args).get("output") or RunConfig().output)).config
     if args.config:
         cfg = load_config(args.config)
     elif getattr(args, "resume", False) and run_config.is_file():

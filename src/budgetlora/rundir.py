@@ -1,10 +1,15 @@
-"""The layout of a run folder and of an export folder (which file says what), the checks
-that a folder is one, and files written atomically: a crash never leaves a truncated file.
+"""The layout of the folders budgetlora writes (which file says what), the checks that a
+folder is one, and files written atomically: a crash never leaves a truncated file.
 
-A run folder (``budgetlora train``) holds ``config.yaml`` from its start; the adapter, the
-tokenizer, ``budget.json`` and the report when it finishes, and ``metrics.json`` last, whose
-presence marks a finished run. An export folder (``budgetlora export``) holds ``export.json``
-and, with ``--format onnx``, ``model.onnx``.
+One object owns each layout; everything else asks it for paths: :class:`RunFolder`
+(``budgetlora train``, docs/run-folder.md), :class:`ReportFolder` (the report and plots of a
+run or an evaluation), :class:`ShiftFolder`, :class:`ExportFolder`, :class:`SweepFolder` and
+:class:`Submission` (``budgetlora predict``'s files).
+
+A run folder holds ``config.yaml`` from its start; the adapter, the tokenizer, ``budget.json``
+and the report when it finishes, and ``metrics.json`` last, whose presence marks a finished
+run. An export folder (``budgetlora export``) holds ``export.json`` and, with
+``--format onnx``, ``model.onnx``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,13 @@ __all__ = [
     "TOKENIZER_CONFIG",
     "EXPORT_INFO",
     "ONNX_FILE",
+    "ReportFolder",
+    "RunFolder",
+    "CheckpointFolder",
+    "ShiftFolder",
+    "ExportFolder",
+    "SweepFolder",
+    "Submission",
     "is_finished",
     "tokenizer_source",
     "read_budget",
@@ -53,28 +66,326 @@ ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 EXPORT_INFO = "export.json"
 ONNX_FILE = "model.onnx"
+_CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class _Folder:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # a str is taken too
+
+
+@dataclass(frozen=True)
+class ReportFolder(_Folder):
+    """A folder with ``metrics.json``, ``report.md`` and the report's plots: a run folder, or
+    an evaluation of one (``RUN/eval-SPLIT``)."""
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def confusion_matrix_plot(self) -> Path:
+        return self.path / "confusion_matrix.png"
+
+    @property
+    def predicted_distribution_plot(self) -> Path:
+        return self.path / "predicted_distribution.png"
+
+    @property
+    def learning_curves_plot(self) -> Path:
+        return self.path / "learning_curves.png"
+
+    @property
+    def budget_plot(self) -> Path:
+        return self.path / "budget.png"
+
+    @property
+    def class_distribution_plot(self) -> Path:
+        return self.path / "class_distribution.png"
+
+    @property
+    def token_lengths_plot(self) -> Path:
+        return self.path / "token_lengths.png"
+
+    def read_metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """``metrics.json``; in a run folder, the last file written: it marks the run finished."""
+        write_json_atomic(self.metrics, metrics)
+
+
+@dataclass(frozen=True)
+class RunFolder(ReportFolder):
+    """Every path of a run folder (docs/run-folder.md), its checks, its writers and its lock."""
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def budget(self) -> Path:
+        return self.path / BUDGET
+
+    @property
+    def adapter_files(self) -> tuple[Path, ...]:
+        return tuple(self.path / name for name in ADAPTER_FILES)
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.path / ADAPTER_CONFIG
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
+    def history_partial(self) -> Path:
+        """``history.jsonl`` while the run goes (renamed over it when the run finishes)."""
+        return self.path / ".history.jsonl.partial"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def distill(self) -> Path:
+        return self.path / "distill.json"
+
+    @property
+    def baseline(self) -> Path:
+        """Beside the folder: where ``budgetlora distill --compare-baseline`` trains the student
+        without distillation."""
+        return self.path.with_name(self.path.name + "-baseline")
+
+    @property
+    def shift(self) -> Path:
+        """The shift report of the run's ``data.unlabelled`` texts."""
+        return self.path / "shift"
+
+    def shift_of(self, data: str | Path) -> Path:
+        """``budgetlora shift``'s default folder for ``data``."""
+        return self.path / f"shift-{Path(data).stem}"
+
+    def evaluation(self, split: str) -> Path:
+        """``budgetlora evaluate``'s default folder for ``split`` (or a file's stem)."""
+        return self.path / f"eval-{split}"
+
+    @property
+    def self_training(self) -> Path:
+        """Where the self-training rounds before the last are."""
+        return self.path / "self-training"
+
+    @property
+    def rounds(self) -> Path:
+        """What each self-training round pseudo-labelled."""
+        return self.self_training / "rounds.json"
+
+    def round(self, number: int) -> RunFolder:
+        """The run folder of self-training round ``number`` (all but the last)."""
+        return RunFolder(self.self_training / f"round-{number}")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> CheckpointFolder:
+        return CheckpointFolder(self.checkpoints / f"{_CHECKPOINT_PREFIX}{step:08d}")
+
+    def checkpoint_folders(self) -> list[Path]:
+        """The checkpoint folders, oldest first."""
+        return sorted(self.checkpoints.glob(f"{_CHECKPOINT_PREFIX}*"))
+
+    def is_finished(self) -> bool:
+        return self.metrics.is_file()
+
+    def tokenizer_source(self, fallback: str) -> str:
+        """The folder itself where a tokenizer was saved in it, else ``fallback`` (the base model)."""
+        return str(self.path) if (self.path / TOKENIZER_CONFIG).is_file() else fallback
+
+    def read_budget(self) -> dict[str, Any] | None:
+        """``budget.json`` (the trainable-parameter breakdown), or None before it is written."""
+        return json.loads(self.budget.read_text(encoding="utf-8")) if self.budget.is_file() else None
+
+    def write_budget(self, budget: dict[str, Any]) -> None:
+        write_json_atomic(self.budget, budget)
+
+    def keep_history(self) -> None:
+        """The history written as the run went becomes ``history.jsonl``."""
+        os.replace(self.history_partial, self.history)
+
+    def adopt(self, fill: Callable[[Path], None]) -> None:
+        """The files ``fill(folder)`` writes (``save_pretrained``), each moved in by a rename."""
+        staging = Path(tempfile.mkdtemp(prefix=".save.", dir=self.path))
+        try:
+            fill(staging)
+            for item in staging.iterdir():
+                if item.is_file():
+                    os.replace(item, self.path / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def lock(self, option: str = "--output") -> AbstractContextManager[None]:
+        """The one-writer lock of the folder (:func:`output_lock`)."""
+        return output_lock(self.path, option)
+
+
+@dataclass(frozen=True)
+class CheckpointFolder(_Folder):
+    """One resumable checkpoint, ``RUN/checkpoints/step-NNNNNNNN/``."""
+
+    @property
+    def staging(self) -> Path:
+        """Where the checkpoint is written before it is renamed into place."""
+        return self.path.with_name(f".{self.path.name}.tmp")
+
+    @property
+    def state(self) -> Path:
+        """The run's state (main process)."""
+        return self.path / "state.pt"
+
+    def process(self, index: int) -> Path:
+        """Process ``index``'s own state (its RNG)."""
+        return self.path / f"process-{index}.pt"
+
+
+@dataclass(frozen=True)
+class ShiftFolder(_Folder):
+    """A shift report: ``shift.json``, ``shift.md``, ``shift_rows.csv`` and two plots."""
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "shift.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "shift.md"
+
+    @property
+    def rows(self) -> Path:
+        return self.path / "shift_rows.csv"
+
+    @property
+    def confidence_plot(self) -> Path:
+        return self.path / "shift_confidence.png"
+
+    @property
+    def domain_plot(self) -> Path:
+        return self.path / "shift_domain.png"
+
+
+@dataclass(frozen=True)
+class ExportFolder(_Folder):
+    """An export (``budgetlora export``): ``export.json``, the model card, ``model.onnx``."""
+
+    @property
+    def info(self) -> Path:
+        return self.path / EXPORT_INFO
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def card(self) -> Path:
+        return self.path / "README.md"
+
+    def is_export(self) -> bool:
+        return self.info.is_file()
+
+
+@dataclass(frozen=True)
+class SweepFolder(_Folder):
+    """A sweep (``budgetlora sweep``): the study, its tables and plots, a folder per trial."""
+
+    @property
+    def study(self) -> Path:
+        return self.path / "study.db"
+
+    @property
+    def space(self) -> Path:
+        return self.path / "space.yaml"
+
+    @property
+    def base_config(self) -> Path:
+        return self.path / "base.yaml"
+
+    @property
+    def best_config(self) -> Path:
+        return self.path / "best.yaml"
+
+    @property
+    def best_run(self) -> Path:
+        """Where the best config's run goes when it is run again (its ``output``)."""
+        return self.path / "best"
+
+    @property
+    def trials_csv(self) -> Path:
+        return self.path / "trials.csv"
+
+    @property
+    def trials_md(self) -> Path:
+        return self.path / "trials.md"
+
+    @property
+    def history_plot(self) -> Path:
+        return self.path / "optimization_history.png"
+
+    @property
+    def importances_plot(self) -> Path:
+        return self.path / "param_importances.png"
+
+    def trial(self, number: int, study_name: str) -> Path:
+        """Trial ``number``'s run folder; another study sharing the folder gets its own."""
+        prefix = "" if study_name == self.path.resolve().name else f"{study_name}-"
+        return self.path / f"{prefix}trial-{number:04d}"
+
+
+@dataclass(frozen=True)
+class Submission(_Folder):
+    """``budgetlora predict``'s files: ``NAME.csv`` and, beside it, the probabilities and the
+    shift summary."""
+
+    @property
+    def probs(self) -> Path:
+        return self.path.with_suffix(".probs.csv")
+
+    @property
+    def shift(self) -> Path:
+        return self.path.with_suffix(".shift.json")
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        return self.path, self.probs, self.shift
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / METRICS).is_file()
+    return RunFolder(run_dir).is_finished()
 
 
 def tokenizer_source(folder: Path, fallback: str) -> str:
     """The folder itself where a tokenizer was saved in it, else ``fallback`` (the base model)."""
-    return str(folder) if (folder / TOKENIZER_CONFIG).is_file() else fallback
+    return RunFolder(folder).tokenizer_source(fallback)
 
 
 def read_budget(run_dir: Path) -> dict[str, Any] | None:
     """A run's ``budget.json`` (the trainable-parameter breakdown), or None before it is written."""
-    path = run_dir / BUDGET
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return RunFolder(run_dir).read_budget()
 
 
 def headline_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
     """Accuracy, macro-F1 and row count of each scored split of a run ({} before it finishes)."""
-    if not is_finished(run_dir):
+    folder = RunFolder(run_dir)
+    if not folder.is_finished():
         return {}
-    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    metrics = folder.read_metrics()
     return {
         split: {key: metrics[split][key] for key in ("accuracy", "macro_f1", "n")}
         for split in ("validation", "test")
@@ -84,11 +395,12 @@ def headline_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
 
 def check_run_dir(run_dir: Path) -> None:
     """Refuse what is not a run folder with a trained adapter, saying what is missing."""
+    folder = RunFolder(run_dir)
     if not run_dir.is_dir():
         raise BudgetloraError(f"run folder not found: {run_dir}")
-    if not (run_dir / CONFIG).is_file():
+    if not folder.config.is_file():
         raise BudgetloraError(f"{run_dir} is not a budgetlora run folder: {CONFIG} is missing")
-    missing = [f for f in ADAPTER_FILES if not (run_dir / f).is_file()]
+    missing = [f.name for f in folder.adapter_files if not f.is_file()]
     if missing:
         raise BudgetloraError(
             f"run folder {run_dir} has no trained adapter ({', '.join(missing)} missing): "
@@ -113,7 +425,7 @@ def check_output(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
 
 def read_export_info(path: Path, option: str = "PATH") -> dict[str, Any]:
     """The ``export.json`` of an export folder; a clear error if it is missing or unreadable."""
-    file = path / EXPORT_INFO
+    file = ExportFolder(path).info
     if not file.is_file():
         raise BudgetloraError(f"{option} {path} is not a budgetlora export: {EXPORT_INFO} is missing")
     try:
@@ -131,7 +443,7 @@ def read_export_info(path: Path, option: str = "PATH") -> dict[str, Any]:
 def check_export_dir(path: Path, option: str = "PATH") -> dict[str, Any]:
     """``export.json`` of an export folder with its ONNX graph, checked (no model loaded)."""
     info = read_export_info(path, option)
-    if "onnx" not in info.get("formats", []) or not (path / ONNX_FILE).is_file():
+    if "onnx" not in info.get("formats", []) or not ExportFolder(path).onnx.is_file():
         raise BudgetloraError(
             f"{option} {path}: the export has no {ONNX_FILE}; re-export it with --format onnx (or all)"
         )

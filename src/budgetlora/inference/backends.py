@@ -15,7 +15,7 @@ from budgetlora.data.batching import Collator, encode, pad_id, sorted_batches
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference.merged import load_run, read_run_config
 from budgetlora.model.modeling import load_tokenizer
-from budgetlora.rundir import CONFIG, EXPORT_INFO, ONNX_FILE, check_export_dir, headline_metrics, read_budget
+from budgetlora.rundir import ExportFolder, RunFolder, check_export_dir, headline_metrics, read_budget
 
 __all__ = ["Classifier", "OnnxClassifier", "TorchClassifier", "load_classifier"]
 
@@ -77,7 +77,7 @@ class OnnxClassifier:
         if threads is not None:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
-            str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+            str(ExportFolder(folder).onnx), options, providers=["CPUExecutionProvider"]
         )
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
@@ -103,7 +103,7 @@ def load_classifier(path: str | Path, *, option: str = "PATH", batch_size: int |
     folder = Path(path)
     if not folder.is_dir():
         raise BudgetloraError(f"{option} {folder}: no such folder (a run folder or an export folder)")
-    if (folder / EXPORT_INFO).is_file():
+    if ExportFolder(folder).is_export():
         check_export_dir(folder, option)
         if importlib.util.find_spec("onnxruntime") is None:
             raise BudgetloraError(
@@ -111,7 +111,7 @@ def load_classifier(path: str | Path, *, option: str = "PATH", batch_size: int |
                 "(pip install 'budgetlora[serve]')"
             )
         return OnnxClassifier(folder, batch_size=batch_size)
-    if (folder / CONFIG).is_file():
+    if RunFolder(folder).config.is_file():
         read_run_config(folder, None)
         return TorchClassifier(folder, batch_size=batch_size)
     raise BudgetloraError(

@@ -17,8 +17,10 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.reporting.metrics import score, softmax
 from budgetlora.rundir import (
-    EXPORT_INFO,
-    METRICS,
+    ExportFolder,
+    ReportFolder,
+    RunFolder,
+    Submission,
     atomic_path,
     check_export_dir,
     check_output_path,
@@ -71,7 +73,7 @@ def evaluate(
                 f"{data_cfg.source} has no test split; use --split validation, or pass --data with a labelled test file"
             )
         table, scored = found, split
-    out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
+    out_dir = Path(output) if output is not None else RunFolder(Path(run_dir)).evaluation(split)
     check_output_path(out_dir, "--output", folder=True)
     with writer_lock(out_dir):
         run = load_run(run_dir, cfg=cfg)
@@ -79,7 +81,7 @@ def evaluate(
         assert table.labels is not None
         metrics = score(logits, table.labels, run.label_names)
         if run.runtime.is_main_process:
-            write_json_atomic(out_dir / METRICS, {"source": data_cfg.source, "split": split, **metrics})
+            ReportFolder(out_dir).write_metrics({"source": data_cfg.source, "split": split, **metrics})
             write_report(
                 out_dir,
                 title=f"Evaluation of {Path(run_dir).name} on {scored}",
@@ -114,7 +116,7 @@ def predict(
 
     check_batch_size(batch_size)
     output = Path(output)
-    for path in (output, output.with_suffix(".probs.csv"), output.with_suffix(".shift.json")):
+    for path in Submission(output).files:
         check_output_path(path, "--output", folder=False)
     if prior_correction not in PRIOR_CORRECTIONS:
         raise BudgetloraError(
@@ -174,11 +176,11 @@ def _predict(
             [i, int(p), label_names[p], *[f"{x:.6f}" for x in prob]]
             for i, p, prob in zip(ids, preds, probs, strict=True)
         )
-        _write_csv(output.with_suffix(".probs.csv"), header, rows)
+        _write_csv(Submission(output).probs, header, rows)
     if is_main:  # a report of an earlier submission under this name no longer describes this one
-        output.with_suffix(".shift.json").unlink(missing_ok=True)
+        Submission(output).shift.unlink(missing_ok=True)
     if shift and not onnx:
-        _shift_summary(run, table, source, logits, output.with_suffix(".shift.json"))
+        _shift_summary(run, table, source, logits, Submission(output).shift)
     return output
 
 
@@ -203,7 +205,7 @@ def _shift_summary(run: LoadedRun, table: Any, source: str, logits: Any, path: P
 
 def _check_export(folder: Path, model: str | None) -> bool:
     """True for an export folder (scored on onnxruntime), checked; False for anything else."""
-    if not (folder / EXPORT_INFO).is_file():
+    if not ExportFolder(folder).is_export():
         return False
     if model is not None:
         raise BudgetloraError(
