@@ -31,7 +31,7 @@ from budgetlora.config import (
     with_overrides,
 )
 from budgetlora.errors import BudgetloraError
-from budgetlora.rundir import RunFolder
+from budgetlora.rundir import RunFolder, ShiftFolder, Submission, SweepFolder
 
 __all__ = ["main", "build_parser", "flag_of"]
 
@@ -249,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         prior_correction=args.prior_correction,
     )
     if _is_main_process():
-        print(f"wrote {path} and {path.with_suffix('.probs.csv')}")
+        print(f"wrote {path} and {Submission(path).probs}")
     return 0
 
 
@@ -266,9 +266,9 @@ def cmd_shift(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     if _is_main_process():
-        out = args.output or Path(args.run_dir) / f"shift-{Path(args.data).stem}"
+        out = args.output or RunFolder(Path(args.run_dir)).shift_of(args.data)
         print("\n".join(report.lines()))
-        print(f"wrote {Path(out) / 'shift.md'} (shift.json, shift_rows.csv, plots)")
+        print(f"wrote {ShiftFolder(Path(out)).report} (shift.json, shift_rows.csv, plots)")
     return 0
 
 
@@ -411,13 +411,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
     )
     print(
-        f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {result.output / 'trials.md'}"
+        f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {SweepFolder(result.output).trials_md}"
     )
     if result.best_config is not None:
         print(
             f"best: trial {result.best_trial}, validation {cfg.train.best_metric} {result.best_value:.4f}; "
             f"re-run: budgetlora {'distill' if result.best_config.distill.teacher else 'train'} "
-            f"--config {result.output / 'best.yaml'}"
+            f"--config {SweepFolder(result.output).best_config}"
         )
     return 0
 

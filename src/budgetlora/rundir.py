@@ -69,8 +69,21 @@ ONNX_FILE = "model.onnx"
 _CHECKPOINT_PREFIX = "step-"
 
 
+class _File:
+    """A path inside a folder, by its name: ``folder.report`` is ``folder.path / "report.md"``."""
+
+    def __init__(self, name: str, doc: str = "") -> None:
+        self.name = name
+        self.__doc__ = doc or f"``{name}``"
+
+    def __get__(self, folder: _Layout, owner: type | None = None) -> Path:
+        return folder.path / self.name
+
+
 @dataclass(frozen=True)
-class _Folder:
+class _Layout:
+    """What a layout object knows: where it is (a folder, or a file with its companions)."""
+
     path: Path
 
     def __post_init__(self) -> None:
@@ -78,41 +91,18 @@ class _Folder:
 
 
 @dataclass(frozen=True)
-class ReportFolder(_Folder):
+class ReportFolder(_Layout):
     """A folder with ``metrics.json``, ``report.md`` and the report's plots: a run folder, or
     an evaluation of one (``RUN/eval-SPLIT``)."""
 
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def report(self) -> Path:
-        return self.path / "report.md"
-
-    @property
-    def confusion_matrix_plot(self) -> Path:
-        return self.path / "confusion_matrix.png"
-
-    @property
-    def predicted_distribution_plot(self) -> Path:
-        return self.path / "predicted_distribution.png"
-
-    @property
-    def learning_curves_plot(self) -> Path:
-        return self.path / "learning_curves.png"
-
-    @property
-    def budget_plot(self) -> Path:
-        return self.path / "budget.png"
-
-    @property
-    def class_distribution_plot(self) -> Path:
-        return self.path / "class_distribution.png"
-
-    @property
-    def token_lengths_plot(self) -> Path:
-        return self.path / "token_lengths.png"
+    metrics = _File(METRICS, "The scores (and, in a run folder, timing, data sizes, budget); written last.")
+    report = _File("report.md", "The report, linking the plots beside it.")
+    confusion_matrix_plot = _File("confusion_matrix.png")
+    predicted_distribution_plot = _File("predicted_distribution.png")
+    learning_curves_plot = _File("learning_curves.png")
+    budget_plot = _File("budget.png")
+    class_distribution_plot = _File("class_distribution.png")
+    token_lengths_plot = _File("token_lengths.png")
 
     def read_metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
@@ -126,49 +116,28 @@ class ReportFolder(_Folder):
 class RunFolder(ReportFolder):
     """Every path of a run folder (docs/run-folder.md), its checks, its writers and its lock."""
 
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def budget(self) -> Path:
-        return self.path / BUDGET
+    config = _File(CONFIG, "The resolved config, from the start: `--config` on it runs the run again.")
+    budget = _File(BUDGET, "Trainable parameters by group, the budget, whether it fits.")
+    adapter_config = _File(ADAPTER_CONFIG)
+    history = _File("history.jsonl", "A JSON line per logged training step and per evaluation.")
+    history_partial = _File(
+        ".history.jsonl.partial", "``history.jsonl`` while the run goes (renamed at its end)."
+    )
+    tensorboard = _File("tensorboard")
+    distill = _File("distill.json", "Distillation: the teacher, student and baseline scores.")
+    shift = _File("shift", "The shift report of the run's ``data.unlabelled`` texts.")
+    self_training = _File("self-training", "Where the self-training rounds before the last are.")
+    checkpoints = _File("checkpoints")
 
     @property
     def adapter_files(self) -> tuple[Path, ...]:
         return tuple(self.path / name for name in ADAPTER_FILES)
 
     @property
-    def adapter_config(self) -> Path:
-        return self.path / ADAPTER_CONFIG
-
-    @property
-    def history(self) -> Path:
-        return self.path / "history.jsonl"
-
-    @property
-    def history_partial(self) -> Path:
-        """``history.jsonl`` while the run goes (renamed over it when the run finishes)."""
-        return self.path / ".history.jsonl.partial"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / "tensorboard"
-
-    @property
-    def distill(self) -> Path:
-        return self.path / "distill.json"
-
-    @property
     def baseline(self) -> Path:
         """Beside the folder: where ``budgetlora distill --compare-baseline`` trains the student
         without distillation."""
         return self.path.with_name(self.path.name + "-baseline")
-
-    @property
-    def shift(self) -> Path:
-        """The shift report of the run's ``data.unlabelled`` texts."""
-        return self.path / "shift"
 
     def shift_of(self, data: str | Path) -> Path:
         """``budgetlora shift``'s default folder for ``data``."""
@@ -179,11 +148,6 @@ class RunFolder(ReportFolder):
         return self.path / f"eval-{split}"
 
     @property
-    def self_training(self) -> Path:
-        """Where the self-training rounds before the last are."""
-        return self.path / "self-training"
-
-    @property
     def rounds(self) -> Path:
         """What each self-training round pseudo-labelled."""
         return self.self_training / "rounds.json"
@@ -191,10 +155,6 @@ class RunFolder(ReportFolder):
     def round(self, number: int) -> RunFolder:
         """The run folder of self-training round ``number`` (all but the last)."""
         return RunFolder(self.self_training / f"round-{number}")
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
 
     def checkpoint(self, step: int) -> CheckpointFolder:
         return CheckpointFolder(self.checkpoints / f"{_CHECKPOINT_PREFIX}{step:08d}")
@@ -238,109 +198,57 @@ class RunFolder(ReportFolder):
 
 
 @dataclass(frozen=True)
-class CheckpointFolder(_Folder):
-    """One resumable checkpoint, ``RUN/checkpoints/step-NNNNNNNN/``."""
+class CheckpointFolder(_Layout):
+    """One resumable checkpoint, ``RUN/checkpoints/step-NNNNNNNN/``: the run's state (main
+    process) and each process's own (its RNG)."""
+
+    state = _File("state.pt")
 
     @property
     def staging(self) -> Path:
         """Where the checkpoint is written before it is renamed into place."""
         return self.path.with_name(f".{self.path.name}.tmp")
 
-    @property
-    def state(self) -> Path:
-        """The run's state (main process)."""
-        return self.path / "state.pt"
-
     def process(self, index: int) -> Path:
-        """Process ``index``'s own state (its RNG)."""
         return self.path / f"process-{index}.pt"
 
 
 @dataclass(frozen=True)
-class ShiftFolder(_Folder):
-    """A shift report: ``shift.json``, ``shift.md``, ``shift_rows.csv`` and two plots."""
+class ShiftFolder(_Layout):
+    """A shift report (``budgetlora shift``, ``RUN/shift``)."""
 
-    @property
-    def summary(self) -> Path:
-        return self.path / "shift.json"
-
-    @property
-    def report(self) -> Path:
-        return self.path / "shift.md"
-
-    @property
-    def rows(self) -> Path:
-        return self.path / "shift_rows.csv"
-
-    @property
-    def confidence_plot(self) -> Path:
-        return self.path / "shift_confidence.png"
-
-    @property
-    def domain_plot(self) -> Path:
-        return self.path / "shift_domain.png"
+    summary = _File("shift.json", "Its numbers: the accuracy to expect, the domain classifier, the classes.")
+    report = _File("shift.md")
+    rows = _File("shift_rows.csv", "A row per text: prediction, confidence, domain score.")
+    confidence_plot = _File("shift_confidence.png")
+    domain_plot = _File("shift_domain.png")
 
 
 @dataclass(frozen=True)
-class ExportFolder(_Folder):
+class ExportFolder(_Layout):
     """An export (``budgetlora export``): ``export.json``, the model card, ``model.onnx``."""
 
-    @property
-    def info(self) -> Path:
-        return self.path / EXPORT_INFO
-
-    @property
-    def onnx(self) -> Path:
-        return self.path / ONNX_FILE
-
-    @property
-    def card(self) -> Path:
-        return self.path / "README.md"
+    info = _File(EXPORT_INFO, "What was exported, from which run, and the checks against it.")
+    onnx = _File(ONNX_FILE)
+    card = _File("README.md", "The model card.")
 
     def is_export(self) -> bool:
         return self.info.is_file()
 
 
 @dataclass(frozen=True)
-class SweepFolder(_Folder):
+class SweepFolder(_Layout):
     """A sweep (``budgetlora sweep``): the study, its tables and plots, a folder per trial."""
 
-    @property
-    def study(self) -> Path:
-        return self.path / "study.db"
-
-    @property
-    def space(self) -> Path:
-        return self.path / "space.yaml"
-
-    @property
-    def base_config(self) -> Path:
-        return self.path / "base.yaml"
-
-    @property
-    def best_config(self) -> Path:
-        return self.path / "best.yaml"
-
-    @property
-    def best_run(self) -> Path:
-        """Where the best config's run goes when it is run again (its ``output``)."""
-        return self.path / "best"
-
-    @property
-    def trials_csv(self) -> Path:
-        return self.path / "trials.csv"
-
-    @property
-    def trials_md(self) -> Path:
-        return self.path / "trials.md"
-
-    @property
-    def history_plot(self) -> Path:
-        return self.path / "optimization_history.png"
-
-    @property
-    def importances_plot(self) -> Path:
-        return self.path / "param_importances.png"
+    study = _File("study.db", "The optuna study, unless --storage names another.")
+    space = _File("space.yaml")
+    base_config = _File("base.yaml")
+    best_config = _File("best.yaml")
+    best_run = _File("best", "Where the best config's run goes when it is run again (its ``output``).")
+    trials_csv = _File("trials.csv", "A row per trial, best first.")
+    trials_md = _File("trials.md", "The same table, with the best trial and the plots.")
+    history_plot = _File("optimization_history.png")
+    importances_plot = _File("param_importances.png")
 
     def trial(self, number: int, study_name: str) -> Path:
         """Trial ``number``'s run folder; another study sharing the folder gets its own."""
@@ -349,9 +257,9 @@ class SweepFolder(_Folder):
 
 
 @dataclass(frozen=True)
-class Submission(_Folder):
-    """``budgetlora predict``'s files: ``NAME.csv`` and, beside it, the probabilities and the
-    shift summary."""
+class Submission(_Layout):
+    """``budgetlora predict``'s files: ``NAME.csv`` (``path``) and, beside it, the class
+    probabilities and the shift summary."""
 
     @property
     def probs(self) -> Path:
