@@ -43,7 +43,7 @@ from budgetlora.model.modeling import build_model, check_max_length, display_nam
 from budgetlora.model.roles import is_head_parameter
 from budgetlora.reporting.metrics import as_score, score
 from budgetlora.reporting.report import write_report
-from budgetlora.rundir import RunFolder, check_output, output_lock
+from budgetlora.rundir import RunFolder, check_output
 from budgetlora.runtime import (
     Runtime,
     StopAgreement,
@@ -358,7 +358,7 @@ def train(
     options = _Options(overwrite, resume, loss_fn, on_eval, extra_rows, notes or {})
     with ExitStack() as held:
         on_main_process(
-            runtime.accelerator, lambda: held.enter_context(output_lock(run_dir)), f"locking {run_dir}"
+            runtime.accelerator, lambda: held.enter_context(RunFolder(run_dir).lock()), f"locking {run_dir}"
         )
         return _train(run, runtime, options)
 
