@@ -19,7 +19,8 @@ from budgetlora.errors import BudgetloraError, OverBudgetError
 from budgetlora.inference.merged import predict_logits
 from budgetlora.inference.predict import classify, evaluate, load_run, predict
 from budgetlora.reporting.metrics import softmax
-from budgetlora.training.train import train
+from budgetlora.rundir import RunFolder
+from budgetlora.training.train import prepare_run, train
 
 RUN_FILES = {
     "adapter_config.json",
@@ -50,6 +51,15 @@ def trained(tiny_run):  # type: ignore[no-untyped-def]
 def test_run_folder_holds_exactly_the_documented_files(trained) -> None:  # type: ignore[no-untyped-def]
     written = {p.name for p in trained.run_dir.iterdir() if not p.name.startswith("eval-")}  # evaluate's
     assert written == RUN_FILES
+    # The layout object names the same files (the tokenizer and peft's card are save_pretrained's).
+    folder = RunFolder(trained.run_dir)
+    named = [
+        folder.config, folder.budget, folder.history, folder.metrics, folder.report, *folder.adapter_files,
+        folder.confusion_matrix_plot, folder.predicted_distribution_plot, folder.learning_curves_plot,
+        folder.class_distribution_plot, folder.token_lengths_plot, folder.budget_plot,
+    ]  # fmt: skip
+    assert all(path.is_file() for path in named)
+    assert RUN_FILES - {p.name for p in named} == {"README.md", "tokenizer.json", "tokenizer_config.json"}
 
 
 def test_the_tiny_task_is_learned_and_recorded(trained) -> None:  # type: ignore[no-untyped-def]
@@ -132,6 +142,21 @@ def test_config_yaml_reruns_the_run(trained, tmp_path: Path) -> None:  # type: i
     assert _without_timing(again.history) == _without_timing(
         trained.history
     )  # same seed on CPU: the same run
+
+
+def test_a_prepared_run_is_not_read_again(tiny_config, tiny_data_csv: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "rows.csv"
+    data.write_bytes(tiny_data_csv.read_bytes())
+    cfg = tiny_config(tmp_path / "run", max_steps=4)
+    prepared = prepare_run(replace(cfg, data=replace(cfg.data, source=str(data))))
+    data.unlink()  # train() works from what prepare_run read: the file is not opened again
+    result = train(prepared)
+    assert result.budget == prepared.budget and result.metrics["data"]["train"] == 288
+    assert result.metrics["steps"] == 4
+    # Preparing counts in its phase, though it ran before train() was called.
+    assert result.metrics["timing"]["phases"]["read data and check the budget"] >= round(prepared.seconds, 3)
+    with pytest.raises(BudgetloraError, match="file not found"):
+        train(replace(prepared.cfg, output=str(tmp_path / "again")))  # a config is read afresh
 
 
 def _without_timing(history: list[dict]) -> list[dict]:

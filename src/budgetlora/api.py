@@ -22,6 +22,7 @@ from typing import Any
 
 from budgetlora.config import RunConfig, config_fields, load_config, option_name, with_overrides
 from budgetlora.errors import BudgetloraError, name_options
+from budgetlora.rundir import ReportFolder, RunFolder, ShiftFolder
 
 __all__ = [
     "Run",
@@ -80,15 +81,15 @@ class Run:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return json.loads((self.path / "metrics.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+        return RunFolder(self.path).read_metrics()
 
     @property
     def config(self) -> RunConfig:
-        return load_config(self.path / "config.yaml")
+        return load_config(RunFolder(self.path).config)
 
     @property
     def report(self) -> Page:
-        return Page(self.path / "report.md")
+        return Page(RunFolder(self.path).report)
 
     def _repr_markdown_(self) -> str:
         return self.report.markdown()
@@ -182,9 +183,9 @@ def evaluate(run: str | Path | Run, **options: Any) -> Page:
     from budgetlora.inference.predict import evaluate as run_evaluation
 
     run_dir = Path(run)
-    output = Path(options.pop("output", None) or run_dir / f"eval-{options.get('split', 'test')}")
+    output = Path(options.pop("output", None) or RunFolder(run_dir).evaluation(options.get("split", "test")))
     run_evaluation(run_dir, output=output, **options)
-    return Page(output / "report.md")
+    return Page(ReportFolder(output).report)
 
 
 def predict(run: str | Path | Run, data: str | Path, **options: Any) -> Any:
@@ -205,9 +206,9 @@ def shift(run: str | Path | Run, data: str | Path, **options: Any) -> Page:
     to expect on it; returns the report (default folder RUN/shift-<name of data>)."""
     from budgetlora.inference.shift import shift as run_shift
 
-    output = Path(options.pop("output", None) or Path(run) / f"shift-{Path(data).stem}")
+    output = Path(options.pop("output", None) or RunFolder(Path(run)).shift_of(data))
     run_shift(Path(run), data, output=output, **options)
-    return Page(output / "shift.md")
+    return Page(ShiftFolder(output).report)
 
 
 def export(run: str | Path | Run, out: str | Path, **options: Any) -> Path:

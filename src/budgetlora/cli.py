@@ -41,6 +41,7 @@ from budgetlora.config import (
     with_overrides,
 )
 from budgetlora.errors import BudgetloraError, name_options
+from budgetlora.rundir import RunFolder, ShiftFolder, Submission, SweepFolder
 
 __all__ = ["main", "build_parser", "flag_of"]
 
@@ -322,7 +323,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     With ``--resume`` and no ``--config``, the base is the run folder's own config.yaml.
     """
-    run_config = Path(vars(args).get("output") or RunConfig().output) / "config.yaml"
+    run_config = RunFolder(Path(vars(args).get("output") or RunConfig().output)).config
     if args.config:
         cfg = load_config(args.config)
     elif getattr(args, "resume", False) and run_config.is_file():
@@ -405,7 +406,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     path = predict(**_keywords(predict, args))
     if _is_main_process():
-        print(f"wrote {path} and {path.with_suffix('.probs.csv')}")
+        print(f"wrote {path} and {Submission(path).probs}")
     return 0
 
 
@@ -414,9 +415,9 @@ def cmd_shift(args: argparse.Namespace) -> int:
 
     report = shift(**_keywords(shift, args))
     if _is_main_process():
-        out = args.output or Path(args.run_dir) / f"shift-{Path(args.data).stem}"
+        out = args.output or RunFolder(Path(args.run_dir)).shift_of(args.data)
         print("\n".join(report.lines()))
-        print(f"wrote {Path(out) / 'shift.md'} (shift.json, shift_rows.csv, plots)")
+        print(f"wrote {ShiftFolder(Path(out)).report} (shift.json, shift_rows.csv, plots)")
     return 0
 
 
@@ -498,13 +499,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = with_overrides(cfg, _given_config_keys(args, _SWEEP_KEYS.__contains__))
     result = sweep(cfg, load_space(args.space), **_keywords(sweep, args, skip=("space",)))
     print(
-        f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {result.output / 'trials.md'}"
+        f"\n{result.ran} trial(s) run now, {len(result.rows)} in the study; table: {SweepFolder(result.output).trials_md}"
     )
     if result.best_config is not None:
         print(
             f"best: trial {result.best_trial}, validation {cfg.train.best_metric} {result.best_value:.4f}; "
             f"re-run: budgetlora {'distill' if result.best_config.distill.teacher else 'train'} "
-            f"--config {result.output / 'best.yaml'}"
+            f"--config {SweepFolder(result.output).best_config}"
         )
     return 0
 

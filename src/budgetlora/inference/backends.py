@@ -16,7 +16,7 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.errors import option as named
 from budgetlora.inference.merged import load_run
 from budgetlora.model.modeling import load_tokenizer
-from budgetlora.rundir import CONFIG, EXPORT_INFO, ONNX_FILE, check_export_dir, headline_metrics, read_budget
+from budgetlora.rundir import ExportFolder, RunFolder, check_export_dir, headline_metrics, read_budget
 
 __all__ = ["Backend", "Classifier", "OnnxClassifier", "TorchClassifier", "load_classifier", "backend_of"]
 
@@ -85,7 +85,7 @@ class OnnxClassifier:
         if threads is not None:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
-            str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+            str(ExportFolder(folder).onnx), options, providers=["CPUExecutionProvider"]
         )
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
@@ -124,10 +124,10 @@ def backend_of(path: str | Path, option: str = "PATH", *, model: str | None = No
     folder = Path(path)
     if not folder.is_dir():
         raise BudgetloraError(f"{option} {folder}: no such folder (a run folder or an export folder)")
-    if (folder / EXPORT_INFO).is_file():
+    if ExportFolder(folder).is_export():
         _check_export(folder, option, model)
         return "onnx"
-    if (folder / CONFIG).is_file():
+    if RunFolder(folder).config.is_file():
         return "torch"
     raise BudgetloraError(
         f"{option} {folder} is neither a run folder (config.yaml) nor an export folder (export.json)"

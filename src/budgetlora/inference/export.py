@@ -25,9 +25,9 @@ from budgetlora.config import RunConfig
 from budgetlora.errors import BudgetloraError, ExportCheckError, option, setting
 from budgetlora.model.modeling import is_hub_id
 from budgetlora.rundir import (
-    EXPORT_INFO,
     METRICS,
     ONNX_FILE,
+    ExportFolder,
     check_output_path,
     headline_metrics,
     is_finished,
@@ -189,7 +189,7 @@ def _export(run_dir: Path, cfg: Any, output: Path, chosen: tuple[str, ...], opse
             merged.save_pretrained(tmp)
             info["checks"]["merged_max_logit_diff"] = _check_transformers(tmp, inputs, reference)
         if "onnx" in chosen:
-            _export_onnx(merged, inputs, tmp / ONNX_FILE, opset, cfg.data.max_length)
+            _export_onnx(merged, inputs, ExportFolder(tmp).onnx, opset, cfg.data.max_length)
             info["onnx"] = {
                 "file": ONNX_FILE,
                 "opset": opset,
@@ -199,9 +199,9 @@ def _export(run_dir: Path, cfg: Any, output: Path, chosen: tuple[str, ...], opse
                 },
                 "outputs": {"logits": f"float32 (batch, {len(run.label_names)})"},
             }
-            info["checks"]["onnx_max_logit_diff"] = _check_onnx(tmp / ONNX_FILE, inputs, reference)
-        write_text_atomic(tmp / "README.md", model_card(cfg, info))
-        write_json_atomic(tmp / EXPORT_INFO, info)
+            info["checks"]["onnx_max_logit_diff"] = _check_onnx(ExportFolder(tmp).onnx, inputs, reference)
+        write_text_atomic(ExportFolder(tmp).card, model_card(cfg, info))
+        write_json_atomic(ExportFolder(tmp).info, info)
 
     replace_dir_atomic(output, fill)
     return ExportResult(output, info)

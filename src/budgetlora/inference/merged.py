@@ -27,7 +27,7 @@ from budgetlora.config import RunConfig, load_config
 from budgetlora.data.batching import Collator, Encoded, encode, iterate, pad_id, sorted_batches
 from budgetlora.errors import BudgetloraError, option
 from budgetlora.model.modeling import check_max_length, load_base_model, load_tokenizer
-from budgetlora.rundir import CONFIG, check_run_dir, tokenizer_source
+from budgetlora.rundir import CONFIG, RunFolder, check_run_dir, tokenizer_source
 from budgetlora.runtime import Runtime, make_runtime, unwrap
 
 __all__ = [
@@ -84,7 +84,7 @@ def check_batch_size(batch_size: int | None) -> None:
 def read_run_config(run_dir: Path, model: str | None) -> RunConfig:
     """A run folder's config (base model replaced by ``model``), checked before any weights load."""
     check_run_dir(run_dir)
-    cfg = load_config(run_dir / CONFIG)
+    cfg = load_config(RunFolder(run_dir).config)
     if model is not None:
         cfg = replace(cfg, model=replace(cfg.model, name_or_path=model))
     if not cfg.data.label_names:

@@ -19,7 +19,9 @@ from budgetlora.inference.backends import OnnxClassifier, backend_of, load_class
 from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.reporting.metrics import score, softmax
 from budgetlora.rundir import (
-    METRICS,
+    ReportFolder,
+    RunFolder,
+    Submission,
     atomic_path,
     check_output_path,
     write_json_atomic,
@@ -80,7 +82,7 @@ def evaluate(
                 f"{data_cfg.source} has no test split; use {setting('split', 'validation')}, or pass {option('data')} with a labelled test file"
             )
         table, scored = found, split
-    out_dir = Path(output) if output is not None else Path(run_dir) / f"eval-{split}"
+    out_dir = Path(output) if output is not None else RunFolder(Path(run_dir)).evaluation(split)
     check_output_path(out_dir, option("output"), folder=True)
     with writer_lock(out_dir):
         run = load_run(run_dir, cfg=cfg)
@@ -88,7 +90,7 @@ def evaluate(
         assert table.labels is not None
         metrics = score(logits, table.labels, run.label_names)
         if run.runtime.is_main_process:
-            write_json_atomic(out_dir / METRICS, {"source": data_cfg.source, "split": split, **metrics})
+            ReportFolder(out_dir).write_metrics({"source": data_cfg.source, "split": split, **metrics})
             write_report(
                 out_dir,
                 title=f"Evaluation of {Path(run_dir).name} on {scored}",
@@ -136,7 +138,7 @@ def predict(
 
     check_batch_size(batch_size)
     output = Path(output)
-    for path in (output, output.with_suffix(".probs.csv"), output.with_suffix(".shift.json")):
+    for path in Submission(output).files:
         check_output_path(path, option("output"), folder=False)
     if prior_correction not in PRIOR_CORRECTIONS:
         raise BudgetloraError(
@@ -194,11 +196,11 @@ def _predict(
             [i, int(p), label_names[p], *[f"{x:.6f}" for x in prob]]
             for i, p, prob in zip(ids, preds, probs, strict=True)
         )
-        _write_csv(output.with_suffix(".probs.csv"), header, rows)
+        _write_csv(Submission(output).probs, header, rows)
     if is_main:  # a report of an earlier submission under this name no longer describes this one
-        output.with_suffix(".shift.json").unlink(missing_ok=True)
+        Submission(output).shift.unlink(missing_ok=True)
     if shift and not onnx:
-        _shift_summary(run, table, source, logits, output.with_suffix(".shift.json"))
+        _shift_summary(run, table, source, logits, Submission(output).shift)
     return output
 
 

@@ -27,7 +27,7 @@ from budgetlora.errors import BudgetloraError, option
 from budgetlora.inference.merged import LoadedRun, check_batch_size, load_run, read_run_config
 from budgetlora.reporting.estimate import ESTIMATORS, em_priors, estimate_accuracy, fit_temperature
 from budgetlora.reporting.report import figure, md_table, pct, save_png
-from budgetlora.rundir import check_output_path, write_json_atomic, write_text_atomic
+from budgetlora.rundir import RunFolder, ShiftFolder, check_output_path, write_json_atomic, write_text_atomic
 from budgetlora.runtime import writer_lock
 
 __all__ = [
@@ -496,19 +496,20 @@ def write_shift(report: ShiftReport, folder: Path) -> list[Path]:
     """``shift.json``, ``shift.md``, ``shift_rows.csv`` and the plots, into ``folder``."""
 
     folder.mkdir(parents=True, exist_ok=True)
+    files = ShiftFolder(folder)
     written = [
-        _plot_confidence(folder / "shift_confidence.png", report.val_confidence, report.rows["confidence"]),
+        _plot_confidence(files.confidence_plot, report.val_confidence, report.rows["confidence"]),
         _plot_domain(
-            folder / "shift_domain.png",
+            files.domain_plot,
             report.train_domain_scores,
             report.rows["domain_score"],
             report.summary["domain"]["unlike_threshold"],
         ),
     ]
-    write_text_atomic(folder / "shift_rows.csv", _rows_csv(report))
-    write_text_atomic(folder / "shift.md", _markdown(report))
-    write_json_atomic(folder / "shift.json", report.summary)
-    return [*written, folder / "shift_rows.csv", folder / "shift.md", folder / "shift.json"]
+    write_text_atomic(files.rows, _rows_csv(report))
+    write_text_atomic(files.report, _markdown(report))
+    write_json_atomic(files.summary, report.summary)
+    return [*written, files.rows, files.report, files.summary]
 
 
 def shift(
@@ -536,7 +537,7 @@ def shift(
     check_batch_size(batch_size)
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, model)
-    out = Path(output) if output is not None else run_dir / f"shift-{Path(data).stem}"
+    out = Path(output) if output is not None else RunFolder(run_dir).shift_of(data)
     check_output_path(out, option("output"), folder=True)
     table = read_table(data, text_column=text_column, require_labels=False, allow_pickle=allow_pickle)
     if len(table) < 10:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 from PIL import Image
 
-from budgetlora.rundir import atomic_path, write_text_atomic
+from budgetlora.rundir import ReportFolder, atomic_path, write_text_atomic
 
 __all__ = [
     "write_report",
@@ -384,7 +384,7 @@ def _budget_section(budget: dict) -> str:
 
 
 def _evaluation_part(
-    out_dir: Path, title: str, split: str, metrics: dict, names: list[str]
+    folder: ReportFolder, title: str, split: str, metrics: dict, names: list[str]
 ) -> tuple[list[Path], list[str]]:
     """The plots and sections every report has: the scores, per class, the confusion matrix and
     the predicted class counts."""
@@ -397,9 +397,9 @@ def _evaluation_part(
     true_counts = [int(metrics["per_class"][n]["support"]) for n in names]
 
     written = [
-        plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], names, split),
+        plot_confusion_matrix(folder.confusion_matrix_plot, metrics["confusion_matrix"], names, split),
         _plot_class_counts(
-            out_dir / "predicted_distribution.png",
+            folder.predicted_distribution_plot,
             {"true": true_counts, "predicted": pred_counts},
             names,
             f"True vs. predicted class counts ({split})",
@@ -462,31 +462,31 @@ def write_report(
     adds a table and ``extra`` (title -> markdown) adds sections at the end. Files from an
     earlier call that this call does not write are left alone.
     """
-    out_dir = Path(out_dir)
+    folder = ReportFolder(Path(out_dir))
     names = [str(n) for n in label_names]
-    written, sections = _evaluation_part(out_dir, title, split, metrics, names)
+    written, sections = _evaluation_part(folder, title, split, metrics, names)
     if history is not None:
-        curves = plot_learning_curves(out_dir / "learning_curves.png", history)
+        curves = plot_learning_curves(folder.learning_curves_plot, history)
         written += [curves] if curves else []
         sections.append(_learning_section(history, curves is not None))
     if budget is not None:
         groups, trainable, limit = _budget_numbers(budget)
-        written.append(_plot_budget(out_dir / "budget.png", groups, trainable, limit))
+        written.append(_plot_budget(folder.budget_plot, groups, trainable, limit))
         sections.append(_budget_section(budget))
     if train_labels is not None:
         counts, title_counts = _class_counts(train_labels, len(names))
         written.append(
-            _plot_class_counts(out_dir / "class_distribution.png", {"train": counts}, names, title_counts)
+            _plot_class_counts(folder.class_distribution_plot, {"train": counts}, names, title_counts)
         )
         sections.append(_training_data_section(counts, names))
     if token_lengths is not None:
         lengths = np.asarray(token_lengths, dtype=np.int64)  # (n,)
-        written.append(_plot_token_lengths(out_dir / "token_lengths.png", lengths, max_length))
+        written.append(_plot_token_lengths(folder.token_lengths_plot, lengths, max_length))
         sections.append(_token_length_section(lengths, max_length))
     if timing:
         sections.append(_timing_section(timing))
     sections += [_section(heading, body.strip()) for heading, body in (extra or {}).items()]
 
-    report = out_dir / "report.md"
+    report = folder.report
     write_text_atomic(report, "\n\n".join(sections) + "\n")
     return [*written, report]

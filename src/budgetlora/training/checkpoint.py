@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from budgetlora.errors import BudgetloraError, option
+from budgetlora.rundir import CheckpointFolder, RunFolder
 from budgetlora.runtime import Runtime, is_main_process, rng_state
 
 __all__ = [
@@ -34,8 +35,6 @@ __all__ = [
     "trainable_state",
     "load_trainable_state",
 ]
-
-_PREFIX = "step-"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,25 +68,25 @@ def save_checkpoint(
     complete; only the newest ``keep`` checkpoints are kept.
     """
     accelerator = runtime.accelerator
-    root = run_dir / "checkpoints"
-    final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp"
+    folder = RunFolder(run_dir)
+    final = folder.checkpoint(step)
+    tmp = CheckpointFolder(final.staging)
     if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        shutil.rmtree(tmp.path, ignore_errors=True)
+        tmp.path.mkdir(parents=True)
     accelerator.wait_for_everyone()
     mine = {"rng": rng_state(runtime.device), **(process_state or {})}
-    torch.save(mine, tmp / f"process-{accelerator.process_index}.pt")
+    torch.save(mine, tmp.process(accelerator.process_index))
     if is_main_process():
-        torch.save({**state, "processes": accelerator.num_processes}, tmp / "state.pt")
+        torch.save({**state, "processes": accelerator.num_processes}, tmp.state)
     accelerator.wait_for_everyone()
     if is_main_process():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob(f"{_PREFIX}*"))[:-keep]:
+        shutil.rmtree(final.path, ignore_errors=True)
+        os.replace(tmp.path, final.path)
+        for old in folder.checkpoint_folders()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return final
+    return final.path
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -98,7 +97,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """A run's checkpoint folders, oldest first (each complete when it appeared: renamed in whole)."""
-    return sorted((run_dir / "checkpoints").glob(f"{_PREFIX}*"))
+    return RunFolder(run_dir).checkpoint_folders()
 
 
 def load_newest_readable(
@@ -131,11 +130,12 @@ def load_checkpoint(path: Path, process_index: int) -> tuple[dict[str, Any], dic
     A process the checkpoint has no file for (resumed with more processes than it was
     saved with) gets process 0's.
     """
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    folder = CheckpointFolder(path)
+    state = torch.load(folder.state, map_location="cpu", weights_only=False)
     for key in ("config", "trainable", "optimizer", "scheduler", "progress", "best_state", "history"):
         if key not in state:
             raise KeyError(f"state.pt holds no {key!r}")
-    own = path / f"process-{process_index}.pt"
+    own = folder.process(process_index)
     if not own.is_file():
-        own = path / "process-0.pt"
+        own = folder.process(0)
     return state, torch.load(own, map_location="cpu", weights_only=False)

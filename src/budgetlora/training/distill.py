@@ -38,8 +38,7 @@ from budgetlora.model.modeling import (
 from budgetlora.model.roles import is_head_output
 from budgetlora.reporting.metrics import score
 from budgetlora.rundir import (
-    ADAPTER_CONFIG,
-    CONFIG,
+    RunFolder,
     atomic_path,
     check_output,
     read_budget,
@@ -49,7 +48,7 @@ from budgetlora.rundir import (
 )
 from budgetlora.runtime import Runtime, is_main_process, make_runtime, writer_lock
 from budgetlora.training.losses import distillation_loss_fn
-from budgetlora.training.train import EvalCallback, TrainResult, prepare_run, train
+from budgetlora.training.train import EvalCallback, PreparedRun, TrainResult, prepare_run, train
 
 __all__ = [
     "Teacher",
@@ -118,9 +117,9 @@ def _real_names(names: tuple[str, ...]) -> tuple[str, ...] | None:
 def resolve_teacher(source: str) -> Teacher:
     """Find out what kind of teacher ``source`` is and how many labels it has (no weights read)."""
     path = Path(source).expanduser()
-    is_dir = path.is_dir()
-    if is_dir and (path / CONFIG).is_file() and (path / ADAPTER_CONFIG).is_file():
-        cfg = load_config(path / CONFIG)
+    is_dir, run = path.is_dir(), RunFolder(path)
+    if is_dir and run.config.is_file() and run.adapter_config.is_file():
+        cfg = load_config(run.config)
         names = tuple(cfg.data.label_names or ())
         if not names:
             raise BudgetloraError(f"teacher run {path}: its config.yaml records no data.label_names")
@@ -130,8 +129,8 @@ def resolve_teacher(source: str) -> Teacher:
         return Teacher(
             source, "run", len(names), names, tokenizer, None, cfg.data.max_length, precision, identity
         )
-    if is_dir and (path / ADAPTER_CONFIG).is_file():
-        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if is_dir and run.adapter_config.is_file():
+        base = json.loads(run.adapter_config.read_text()).get("base_model_name_or_path")
         rows = _head_rows(path)
         if not base or rows is None:
             raise BudgetloraError(
@@ -313,7 +312,7 @@ def _scores(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def distill(
-    student_cfg: RunConfig,
+    student_cfg: RunConfig | PreparedRun,
     teacher: str | None = None,
     *,
     alpha: float | None = None,
@@ -332,9 +331,11 @@ def distill(
     ``report.md``. ``compare_baseline`` also trains the same student without distillation into
     ``<output>-baseline``. ``resume`` continues an interrupted student from its last
     checkpoint, as ``train`` does (the teacher's logits come from the cache).
+    ``student_cfg`` may be a run :func:`prepare_run` made already (a sweep's trial).
     """
+    cfg = student_cfg.cfg if isinstance(student_cfg, PreparedRun) else student_cfg
     given: dict[str, Any] = {"teacher": teacher, "alpha": alpha, "temperature": temperature}
-    settings = replace(student_cfg.distill, **{k: v for k, v in given.items() if v is not None})
+    settings = replace(cfg.distill, **{k: v for k, v in given.items() if v is not None})
     if settings.teacher is None:
         raise BudgetloraError(
             f"no teacher: give {option('distill.teacher')} (a run folder, model folder or Hub id)"
@@ -344,42 +345,37 @@ def distill(
             f"{option('resume')} continues the student only: leave out {option('compare_baseline')}"
         )
     # prepare_run checks the budget: an over-budget student fails before the teacher runs.
-    cfg, splits, budget = prepare_run(replace(student_cfg, distill=settings))
-    run_dir = Path(cfg.output)
-    baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
+    if isinstance(student_cfg, PreparedRun):
+        student = replace(student_cfg, cfg=replace(cfg, distill=settings))
+    else:
+        student = prepare_run(replace(cfg, distill=settings))
+    run_dir = Path(student.cfg.output)
     check_output(run_dir, overwrite, resume)  # before the teacher runs: train() would refuse only after it
     if compare_baseline:
-        check_output(baseline_dir, overwrite)
+        check_output(RunFolder(run_dir).baseline, overwrite)
     with writer_lock(run_dir):  # the teacher's logits, the student and the summary: one writer throughout
-        return _distill(cfg, budget, splits, overwrite, resume, compare_baseline, on_eval)
+        return _distill(student, overwrite, resume, compare_baseline, on_eval)
 
 
 def _distill(
-    cfg: RunConfig,
-    budget: Any,
-    splits: Any,
-    overwrite: bool,
-    resume: bool,
-    compare_baseline: bool,
-    on_eval: EvalCallback | None,
+    student: PreparedRun, overwrite: bool, resume: bool, compare_baseline: bool, on_eval: EvalCallback | None
 ) -> DistillResult:
     """:func:`distill` once the student's folder is checked and locked."""
-    settings = cfg.distill
+    cfg, settings = student.cfg, student.cfg.distill
     assert settings.teacher is not None
-    run_dir = Path(cfg.output)
-    baseline_dir = run_dir.with_name(run_dir.name + "-baseline")
+    folder = RunFolder(Path(cfg.output))
     transfer = read_unlabelled(cfg.data) if settings.transfer else None
-    soft = teacher_logits(settings.teacher, splits, cfg.data.max_length, transfer)
+    soft = teacher_logits(settings.teacher, student.splits, cfg.data.max_length, transfer)
     rows, notes, train_logits = None, {}, soft.logits["train"]
     if transfer is not None:
-        rows = transfer_rows(transfer, soft.logits["transfer"], splits.label_names)
+        rows = transfer_rows(transfer, soft.logits["transfer"], student.splits.label_names)
         notes = {"Transfer data": _transfer_note(rows, cfg.data.unlabelled)}
         train_logits = np.concatenate([train_logits, soft.logits["transfer"]])  # the rows' order in train()
     loss_fn = distillation_loss_fn(
         train_logits, settings.alpha, settings.temperature, cfg.train.label_smoothing
     )
-    student = train(
-        cfg,
+    trained = train(
+        student,
         overwrite=overwrite,
         resume=resume,
         loss_fn=loss_fn,
@@ -388,26 +384,37 @@ def _distill(
         notes=notes,
     )
     main = is_main_process()
-    report = (run_dir / "report.md").read_text(encoding="utf-8") if main else ""
+    report = folder.report.read_text(encoding="utf-8") if main else ""
     summary: dict[str, Any] = {
         "teacher": _teacher_summary(soft, cfg.data.max_length),
         "alpha": settings.alpha,
         "temperature": settings.temperature,
-        "student": {"run_dir": str(run_dir), "trainable": budget.trainable, **_scores(student.metrics)},
+        "student": {
+            "run_dir": str(folder.path),
+            "trainable": student.budget.trainable,
+            **_scores(trained.metrics),
+        },
         "baseline": None,
         "transfer": None if rows is None else _transfer_summary(rows, cfg.data.unlabelled),
     }
     if main:
-        _write_summary(run_dir, summary, report)
+        _write_summary(folder, summary, report)
     baseline = None
     if compare_baseline:
-        plain = replace(cfg, output=str(baseline_dir), distill=DistillSettings())
-        baseline = train(plain, overwrite=overwrite)
-        summary["baseline"] = {"run_dir": str(baseline_dir), "trainable": budget.trainable}
-        summary["baseline"].update(_scores(baseline.metrics))
+        baseline = _train_baseline(student, overwrite, summary)
         if main:
-            _write_summary(run_dir, summary, report)
-    return DistillResult(run_dir, student, baseline, soft, summary)
+            _write_summary(folder, summary, report)
+    return DistillResult(folder.path, trained, baseline, soft, summary)
+
+
+def _train_baseline(student: PreparedRun, overwrite: bool, summary: dict[str, Any]) -> TrainResult:
+    """The same student trained without distillation, beside it; its scores into ``summary``."""
+    baseline_dir = RunFolder(Path(student.cfg.output)).baseline
+    plain = replace(student.cfg, output=str(baseline_dir), distill=DistillSettings())
+    baseline = train(replace(student, cfg=plain), overwrite=overwrite)
+    summary["baseline"] = {"run_dir": str(baseline_dir), "trainable": student.budget.trainable}
+    summary["baseline"].update(_scores(baseline.metrics))
+    return baseline
 
 
 def transfer_rows(texts: TextTable, logits: np.ndarray, label_names: Sequence[str]) -> TextTable:
@@ -436,9 +443,9 @@ def _pct(scores: dict[str, Any], split: str) -> str:
     return f"{scores[split]['accuracy']:.2%}" if split in scores else "—"
 
 
-def _write_summary(run_dir: Path, summary: dict[str, Any], report: str) -> None:
+def _write_summary(folder: RunFolder, summary: dict[str, Any], report: str) -> None:
     """distill.json, and report.md as train() wrote it plus a Distillation section."""
-    write_json_atomic(run_dir / "distill.json", summary)
+    write_json_atomic(folder.distill, summary)
     teacher, student, baseline = summary["teacher"], summary["student"], summary["baseline"]
     rows = [("teacher", teacher), ("student (distilled)", student)]
     if baseline is not None:
@@ -456,6 +463,6 @@ def _write_summary(run_dir: Path, summary: dict[str, Any], report: str) -> None:
         f"Loss: (1 − α)·CE + α·T²·KL(teacher ‖ student) with α = {summary['alpha']}, T = {summary['temperature']}. "
         "All rows are the student's own validation and test rows.\n\n"
         + "\n".join(table)
-        + f"\n\nRe-run: `budgetlora distill --config {run_dir / CONFIG} --output NEW_FOLDER`\n"
+        + f"\n\nRe-run: `budgetlora distill --config {folder.config} --output NEW_FOLDER`\n"
     )
-    write_text_atomic(run_dir / "report.md", report.rstrip("\n") + "\n\n" + section)
+    write_text_atomic(folder.report, report.rstrip("\n") + "\n\n" + section)

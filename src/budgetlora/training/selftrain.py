@@ -25,12 +25,9 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.inference.merged import load_run
 from budgetlora.reporting.metrics import softmax
 from budgetlora.reporting.report import md_table
-from budgetlora.rundir import check_output, check_run_dir, is_finished, write_json_atomic
+from budgetlora.rundir import RunFolder, check_output, check_run_dir, is_finished, write_json_atomic
 
-__all__ = ["select_pseudo_labels", "self_train", "ROUNDS_DIR"]
-
-ROUNDS_DIR = "self-training"
-"""Where, inside the run folder, the rounds before the last are."""
+__all__ = ["select_pseudo_labels", "self_train"]
 
 
 def select_pseudo_labels(probs: np.ndarray, count: int, *, balance: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -104,13 +101,13 @@ def self_train(
 
     settings = cfg.self_training
     run_dir = Path(cfg.output)
+    folder = RunFolder(run_dir)
     check_output(run_dir, overwrite, resume)
     unlabelled = read_unlabelled(cfg.data)
     if len(unlabelled) < len(cfg.data.label_names or ()) or not len(unlabelled):
         raise BudgetloraError(
             f"data.unlabelled {cfg.data.unlabelled}: {len(unlabelled)} rows, too few to pseudo-label"
         )
-    rounds_dir = run_dir / ROUNDS_DIR
     # Round 0 and the rounds before the last are plain runs (with their pseudo-labelled rows);
     # the last has the whole config, and with it the shift report of the unlabelled texts.
     plain = replace(cfg, data=replace(cfg.data, unlabelled=None), self_training=replace(settings, rounds=0))
@@ -120,7 +117,7 @@ def self_train(
         if not is_finished(teacher):
             raise BudgetloraError(f"self_training.labeller {teacher} has not finished training")
     else:
-        teacher = rounds_dir / "round-0"
+        teacher = folder.round(0).path
         if overwrite or not is_finished(teacher):
             print(
                 f"self-training round 0 of {settings.rounds}: the model without the unlabelled texts",
@@ -134,9 +131,9 @@ def self_train(
         count = round(settings.share * r / settings.rounds * len(unlabelled))
         pseudo, info = _label(labeller, unlabelled, count, settings.balance, r)
         rounds.append(info)
-        write_json_atomic(rounds_dir / "rounds.json", rounds)
+        write_json_atomic(folder.rounds, rounds)
         last = r == settings.rounds
-        output = run_dir if last else rounds_dir / f"round-{r}"
+        output = run_dir if last else folder.round(r).path
         print(
             f"self-training round {r} of {settings.rounds}: {info['rows']:,} pseudo-labelled rows join the "
             f"training rows ({output})",

@@ -42,8 +42,8 @@ from budgetlora.config import (
 )
 from budgetlora.errors import BudgetloraError, OverBudgetError, option, setting
 from budgetlora.reporting.metrics import as_score, lower_is_better
-from budgetlora.rundir import atomic_path, check_output_path, write_text_atomic
-from budgetlora.training.train import prepare_run, train
+from budgetlora.rundir import SweepFolder, atomic_path, check_output_path, write_text_atomic
+from budgetlora.training.train import PreparedRun, prepare_run, train
 
 __all__ = ["SearchParam", "SweepResult", "load_space", "parse_space", "sweep"]
 
@@ -368,12 +368,6 @@ def _run_trials(
         study.optimize(objective, n_trials=1, catch=(BudgetloraError, _Surplus), callbacks=[after_trial])
 
 
-def _trial_dir(out: Path, study: optuna.Study, number: int) -> Path:
-    # Another study sharing the folder gets its own trial folders.
-    prefix = "" if study.study_name == out.resolve().name else f"{study.study_name}-"
-    return out / f"{prefix}trial-{number:04d}"
-
-
 def _check_same_study(study: optuna.Study, fingerprint: dict[str, Any]) -> None:
     """A resumed study must search the same space from the same base config."""
     if not study.user_attrs:
@@ -432,65 +426,83 @@ def sweep(
     if sampler == "grid":
         _grid(params)
     _check_before_writing(base_cfg, params)
-    out = Path(output)
+    folder = SweepFolder(Path(output))
+    storage = storage or f"sqlite:///{folder.study.resolve()}"
+    study = _create_study(
+        folder,
+        storage,
+        heartbeat,
+        study_name=study_name or folder.path.resolve().name,
+        direction="minimize" if lower_is_better(base_cfg.train.best_metric) else "maximize",
+        sampler=_make_sampler(sampler, params, seed),
+        pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
+    )
+    base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
+    _check_same_study(
+        study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}
+    )
+    write_text_atomic(folder.space, yaml.safe_dump(space, sort_keys=False))
+    save_config(replace(base_cfg, output=str(folder.best_run)), folder.base_config)
+    search = _Search(base_cfg, params, folder, study, storage, _target(n_trials, sampler, params))
+    missing = max(0, search.target - sum(t.state in _COUNTED for t in study.trials))
+    mine = (
+        _run_trials(study, search.objective, search.target, missing, search.after_trial, heartbeat)
+        if missing
+        else []
+    )
+    return search.finish(mine)
+
+
+def _create_study(folder: SweepFolder, storage: str, heartbeat: float, **options: Any) -> optuna.Study:
+    """The sweep's study (made, or loaded where it exists), in a sweep folder made if needed;
+    a storage that cannot be opened leaves no empty folder behind."""
+    out = folder.path
     check_output_path(out, option("output"), folder=True)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    metric = base_cfg.train.best_metric
     try:
-        study = optuna.create_study(
-            storage=_open_storage(storage, heartbeat),
-            study_name=study_name or out.resolve().name,
-            direction="minimize" if lower_is_better(metric) else "maximize",
-            sampler=_make_sampler(sampler, params, seed),
-            pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
-            load_if_exists=True,
-        )
+        return optuna.create_study(storage=_open_storage(storage, heartbeat), load_if_exists=True, **options)
     except (ImportError, ValueError, SQLAlchemyError) as err:  # a URL optuna (on SQLAlchemy) cannot open
         if made:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty
         raise BudgetloraError(f"{option('storage')} {storage!r}: cannot open the study: {err}") from None
-    base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
-    _check_same_study(
-        study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}
-    )
-    write_text_atomic(out / "space.yaml", yaml.safe_dump(space, sort_keys=False))
-    save_config(replace(base_cfg, output=str(out / "best")), out / "base.yaml")
-    target = n_trials
-    if sampler == "grid":
-        size = 1
-        for values in _grid(params).values():
-            size *= len(values)
-        target = min(n_trials, size)
-    done = sum(t.state in _COUNTED for t in study.trials)
-    missing = max(0, target - done)
 
-    def objective(trial: optuna.Trial) -> float:
-        _check_not_surplus(study, trial, target)
+
+def _target(n_trials: int, sampler: str, params: Sequence[SearchParam]) -> int:
+    """The trials the study is to hold: ``n_trials``, or fewer where a grid has fewer points."""
+    if sampler != "grid":
+        return n_trials
+    size = 1
+    for values in _grid(params).values():
+        size *= len(values)
+    return min(n_trials, size)
+
+
+@dataclass
+class _Search:
+    """A sweep as it runs: what each trial and each table needs."""
+
+    base_cfg: RunConfig
+    params: list[SearchParam]
+    folder: SweepFolder
+    study: optuna.Study
+    storage: str
+    target: int
+
+    @property
+    def metric(self) -> str:
+        return self.base_cfg.train.best_metric
+
+    def objective(self, trial: optuna.Trial) -> float:
+        """Train one trial (after checking its budget on the skeleton); its validation score."""
+        _check_not_surplus(self.study, trial, self.target)
         trial.set_user_attr("worker", _WORKER)
-        overrides = _suggest(trial, params)
-        trial_dir = _trial_dir(out, study, trial.number)
-        start = time.perf_counter()
-        try:
-            trial_cfg = with_overrides(replace(base_cfg, output=str(trial_dir)), overrides)
-        except ConfigError as err:
-            # Each value passed alone (_check_before_writing); together these contradict each other.
-            trial.set_user_attr("note", "contradicting options: " + "; ".join(err.problems))
-            raise optuna.TrialPruned(str(err)) from None
-        try:
-            cfg, _splits, budget = prepare_run(trial_cfg)
-        except OverBudgetError as err:
-            reason = str(err).splitlines()[0]
-            trial.set_user_attr("note", reason)
-            trial.set_user_attr("check_seconds", time.perf_counter() - start)
-            raise optuna.TrialPruned(reason) from None
-        except BudgetloraError as err:
-            trial.set_user_attr("note", "config error: " + str(err).splitlines()[0])
-            raise
-        trial.set_user_attr("trainable", budget.trainable)
-        trial.set_user_attr("config", config_to_dict(cfg))
+        trial_cfg = self._trial_config(trial)
+        prepared = _prepare_trial(trial, trial_cfg, time.perf_counter())
+        trial.set_user_attr("trainable", prepared.budget.trainable)
+        trial.set_user_attr("config", config_to_dict(prepared.cfg))
+        metric = self.metric
 
         def on_eval(step: int, metrics: dict[str, Any]) -> bool:
             trial.report(metrics[metric], step)
@@ -501,12 +513,12 @@ def sweep(
             return False
 
         try:
-            if cfg.distill.teacher is not None:  # the trial's own config says whether it distils
+            if prepared.cfg.distill.teacher is not None:  # the trial's own config says whether it distils
                 from budgetlora.training.distill import distill
 
-                result = distill(cfg, on_eval=on_eval).student
+                result = distill(prepared, on_eval=on_eval).student
             else:
-                result = train(cfg, on_eval=on_eval)
+                result = train(prepared, on_eval=on_eval)
         except BudgetloraError as err:
             trial.set_user_attr("note", "error: " + str(err).splitlines()[0])
             raise
@@ -515,29 +527,71 @@ def sweep(
         trial.set_user_attr("validation_accuracy", result.metrics["validation"]["accuracy"])
         return float(result.metrics["validation"][metric])
 
-    def after_trial(study: optuna.Study, _trial: FrozenTrial) -> None:
-        _write_tables(study, out, params, metric, storage, teacher, note=None)
+    def _trial_config(self, trial: optuna.Trial) -> RunConfig:
+        """The base config with the trial's values, its output in the trial's folder."""
+        overrides = _suggest(trial, self.params)
+        trial_dir = self.folder.trial(trial.number, self.study.study_name)
+        try:
+            return with_overrides(replace(self.base_cfg, output=str(trial_dir)), overrides)
+        except ConfigError as err:
+            # Each value passed alone (_check_before_writing); together these contradict each other.
+            trial.set_user_attr("note", "contradicting options: " + "; ".join(err.problems))
+            raise optuna.TrialPruned(str(err)) from None
 
-    mine = _run_trials(study, objective, target, missing, after_trial, heartbeat) if missing else []
-    trials = _study_trials(study)
-    ran = sum(t.state in _COUNTED and t.number in mine for t in trials)
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    failed = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("note")]
-    if not completed and failed:
-        raise BudgetloraError(
-            f"no trial could run; the first: trial {failed[0].number}: {failed[0].user_attrs['note']}"
+    def after_trial(self, study: optuna.Study, _trial: FrozenTrial) -> None:
+        _write_tables(
+            study,
+            self.folder,
+            self.params,
+            self.metric,
+            self.storage,
+            self.base_cfg.distill.teacher,
+            note=None,
         )
-    _plot_history(out / "optimization_history.png", trials, metric)
-    note = _plot_importances(out / "param_importances.png", study)
-    rows = _write_tables(study, out, params, metric, storage, teacher, note=note)
-    best_config = None
-    best = max(completed, key=lambda t: as_score(metric, t.value or 0.0)) if completed else None
-    if best is not None:
-        best_config = replace(config_from_dict(best.user_attrs["config"]), output=str(out / "best"))
-        save_config(best_config, out / "best.yaml")
-    return SweepResult(
-        out, study, best.value if best else None, best.number if best else None, best_config, rows, ran
-    )
+
+    def finish(self, mine: list[int]) -> SweepResult:
+        """The plots, tables and ``best.yaml`` of the study as it stands, after this worker's trials (``mine``)."""
+        study, folder, metric = self.study, self.folder, self.metric
+        trials = _study_trials(study)
+        ran = sum(t.state in _COUNTED and t.number in mine for t in trials)
+        completed = [t for t in trials if t.state == TrialState.COMPLETE]
+        failed = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("note")]
+        if not completed and failed:
+            raise BudgetloraError(
+                f"no trial could run; the first: trial {failed[0].number}: {failed[0].user_attrs['note']}"
+            )
+        _plot_history(folder.history_plot, trials, metric)
+        note = _plot_importances(folder.importances_plot, study)
+        teacher = self.base_cfg.distill.teacher
+        rows = _write_tables(study, folder, self.params, metric, self.storage, teacher, note=note)
+        best_config = None
+        best = max(completed, key=lambda t: as_score(metric, t.value or 0.0)) if completed else None
+        if best is not None:
+            best_config = replace(config_from_dict(best.user_attrs["config"]), output=str(folder.best_run))
+            save_config(best_config, folder.best_config)
+        return SweepResult(
+            folder.path,
+            study,
+            best.value if best else None,
+            best.number if best else None,
+            best_config,
+            rows,
+            ran,
+        )
+
+
+def _prepare_trial(trial: optuna.Trial, cfg: RunConfig, start: float) -> PreparedRun:
+    """The trial's data read and budget checked: an over-budget trial is pruned untrained."""
+    try:
+        return prepare_run(cfg)
+    except OverBudgetError as err:
+        reason = str(err).splitlines()[0]
+        trial.set_user_attr("note", reason)
+        trial.set_user_attr("check_seconds", time.perf_counter() - start)
+        raise optuna.TrialPruned(reason) from None
+    except BudgetloraError as err:
+        trial.set_user_attr("note", "config error: " + str(err).splitlines()[0])
+        raise
 
 
 def _row(t: FrozenTrial, params: Sequence[SearchParam]) -> dict[str, Any]:
@@ -569,7 +623,7 @@ def _sort_key(t: FrozenTrial, metric: str) -> tuple[int, float, int]:
 
 def _write_tables(
     study: optuna.Study,
-    out: Path,
+    folder: SweepFolder,
     params: Sequence[SearchParam],
     metric: str,
     storage: str,
@@ -584,7 +638,7 @@ def _write_tables(
     writer = csv.DictWriter(buffer, header, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    with atomic_path(out / "trials.csv") as tmp:
+    with atomic_path(folder.trials_csv) as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
     def cell(value: Any) -> str:
@@ -603,19 +657,19 @@ def _write_tables(
     ]
     completed = [r for r in rows if r["state"] == "complete"]
     if completed:
-        best_dir = _trial_dir(out, study, completed[0]["trial"])
+        best_dir = folder.trial(completed[0]["trial"], study.study_name)
         lines += [
             f"Best: trial {completed[0]['trial']} (validation {metric} {cell(completed[0]['value'])}, "
             f"run folder `{best_dir}`). Re-run it: "
-            f"`budgetlora {'distill' if teacher else 'train'} --config {out / 'best.yaml'}`.",
+            f"`budgetlora {'distill' if teacher else 'train'} --config {folder.best_config}`.",
             "",
         ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(r[h]) for h in header) + " |" for r in rows]
-    lines += ["", "![optimization history](optimization_history.png)", ""]
+    lines += ["", f"![optimization history]({folder.history_plot.name})", ""]
     if note is not None:
-        lines += [note if note else "![parameter importances](param_importances.png)", ""]
-    write_text_atomic(out / "trials.md", "\n".join(lines))
+        lines += [note if note else f"![parameter importances]({folder.importances_plot.name})", ""]
+    write_text_atomic(folder.trials_md, "\n".join(lines))
     return rows
 
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -46,15 +43,7 @@ from budgetlora.model.modeling import build_model, check_max_length, display_nam
 from budgetlora.model.roles import is_head_parameter
 from budgetlora.reporting.metrics import as_score, score
 from budgetlora.reporting.report import write_report
-from budgetlora.rundir import (
-    BUDGET,
-    CONFIG,
-    METRICS,
-    check_output,
-    is_finished,
-    output_lock,
-    write_json_atomic,
-)
+from budgetlora.rundir import RunFolder, check_output
 from budgetlora.runtime import (
     Runtime,
     StopAgreement,
@@ -105,12 +94,25 @@ class TrainResult:
     """The trained peft model (best checkpoint loaded), unwrapped from accelerate."""
 
 
-def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
+@dataclass(frozen=True)
+class PreparedRun:
+    """A config with its data read, its label names and ``auto`` size resolved and its budget
+    checked: the work before any weights load, done once and handed to :func:`train`."""
+
+    cfg: RunConfig
+    splits: Splits
+    budget: Budget
+    seconds: float = 0.0
+    """How long it took: the run's phase "read data and check the budget"."""
+
+
+def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Read the data, resolve label names and an ``auto`` size (``lora.r``, ``vera.r``, ...), and check the budget.
 
     Nothing is tokenized and no weights are read: an over-budget config, or a max length
     beyond the model's position embeddings, fails in seconds.
     """
+    start = time.perf_counter()
     splits = load_splits(cfg.data)
     labels = tuple(splits.label_names)
     cfg = replace(cfg, data=replace(cfg.data, label_names=labels))
@@ -121,7 +123,7 @@ def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Splits, Budget]:
     budget = measure(cfg.model, labels, cfg.budget)
     check_max_length(cfg.model, cfg.data.max_length)  # the config measure just read
     check_budget(budget, cfg.model, labels)
-    return cfg, splits, budget
+    return PreparedRun(cfg, splits, budget, time.perf_counter() - start)
 
 
 def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.Optimizer:
@@ -151,6 +153,22 @@ def _make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool) -> t
     return cls(param_groups, lr=settings.lr, fused=fused)
 
 
+def _make_scheduler(optimizer: Any, settings: TrainSettings, total_steps: int) -> Any:
+    """The learning-rate schedule of ``train.scheduler``, warmed up over ``warmup_steps`` (or ``warmup_ratio``)."""
+    warmup = (
+        settings.warmup_steps
+        if settings.warmup_steps is not None
+        else int(settings.warmup_ratio * total_steps)
+    )
+    scheduler_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    return get_scheduler(
+        scheduler_name[settings.scheduler],
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+    )
+
+
 class _History:
     """history.jsonl, appended line by line as the run goes (main process only)."""
 
@@ -162,7 +180,6 @@ class _History:
         records: list[dict[str, Any]] | None = None,
     ) -> None:
         self.records: list[dict[str, Any]] = list(records or [])  # from a checkpoint when resuming
-        self.running_loss: torch.Tensor | None = None  # the loss sum at the checkpoint, when resuming
         self.path = path
         self.echo = echo  # print each record (when there is no progress bar to show it)
         self._fh = path.open("w", encoding="utf-8") if path is not None else None
@@ -216,12 +233,25 @@ class _Progress:
     best_step: int = 0
     stale: int = 0  # evaluations since the best one
 
+    def advance(self, micro_batches: int, samples: int, seconds: float) -> None:
+        """One optimizer step done: ``micro_batches`` of ``samples`` (all processes) in ``seconds``."""
+        self.step += 1
+        self.batch_in_epoch += micro_batches
+        self.running_count += micro_batches
+        self.samples += samples
+        self.train_seconds += seconds
+
 
 @dataclass
-class _Best:
-    """The trainable weights of the best validation score so far (its value and step are in _Progress)."""
+class _LoopState:
+    """What the loop updates as it goes, and a checkpoint saves."""
 
-    state: dict[str, torch.Tensor]
+    progress: _Progress
+    best_state: dict[str, torch.Tensor]
+    """The trainable weights of the best validation score so far (its value and step are in progress)."""
+    history: _History
+    running_loss: torch.Tensor | None = None
+    """The loss sum at the checkpoint, when resuming."""
 
 
 @dataclass
@@ -258,6 +288,15 @@ class _Session:
             group_by_length=settings.group_by_length,
         )
 
+    def load(self, batches: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+        """The padded CPU batches of ``batches`` (index arrays), in order."""
+        return iterate(
+            batches,
+            self.collate,
+            num_workers=self.cfg.train.num_workers,
+            pin_memory=self.runtime.plan.pin_memory,
+        )
+
     def logits(self, encoded: Encoded, model: nn.Module | None = None) -> np.ndarray:
         """Logits of ``encoded`` by the training model (or ``model``), in row order."""
         return predict_logits(
@@ -269,8 +308,20 @@ class _Session:
         )
 
 
+@dataclass(frozen=True)
+class _Options:
+    """:func:`train`'s keyword arguments."""
+
+    overwrite: bool
+    resume: bool
+    loss_fn: LossFn | None
+    on_eval: EvalCallback | None
+    extra_rows: TextTable | None
+    notes: dict[str, str]
+
+
 def train(
-    cfg: RunConfig,
+    cfg: RunConfig | PreparedRun,
     *,
     overwrite: bool = False,
     resume: bool = False,
@@ -281,13 +332,17 @@ def train(
 ) -> TrainResult:
     """Train ``cfg`` and write its run folder; returns the budget, metrics and history.
 
-    ``resume`` continues from the newest checkpoint in the run folder (model, optimizer,
-    scheduler, RNG states, data position, history). ``loss_fn`` replaces the
-    cross-entropy (distillation); ``on_eval`` sees every validation result and may stop
-    the run (a sweep's pruner). A config with self-training rounds runs them all
-    (:mod:`budgetlora.training.selftrain`); ``extra_rows`` (labelled, e.g. pseudo-labelled) join the
-    training rows, and ``notes`` (title -> Markdown) are added to the report.
+    ``cfg`` may be a run :func:`prepare_run` made already (distillation and the sweep check
+    the budget first): its data are then not read again. ``resume`` continues from the
+    newest checkpoint in the run folder (model, optimizer, scheduler, RNG states, data
+    position, history). ``loss_fn`` replaces the cross-entropy (distillation); ``on_eval``
+    sees every validation result and may stop the run (a sweep's pruner). A config with
+    self-training rounds runs them all (:mod:`budgetlora.training.selftrain`); ``extra_rows``
+    (labelled, e.g. pseudo-labelled) join the training rows, and ``notes`` (title -> Markdown)
+    are added to the report.
     """
+    run = cfg
+    cfg = run.cfg if isinstance(run, PreparedRun) else run
     if cfg.distill.teacher is not None and loss_fn is None:
         raise BudgetloraError(
             f"distill.teacher is set ({cfg.distill.teacher}): this config distils; "
@@ -300,63 +355,53 @@ def train(
     run_dir = Path(cfg.output)
     check_output(run_dir, overwrite, resume)
     runtime = make_runtime(cfg.train.mixed_precision)
+    options = _Options(overwrite, resume, loss_fn, on_eval, extra_rows, notes or {})
     with ExitStack() as held:
         on_main_process(
-            runtime.accelerator, lambda: held.enter_context(output_lock(run_dir)), f"locking {run_dir}"
+            runtime.accelerator, lambda: held.enter_context(RunFolder(run_dir).lock()), f"locking {run_dir}"
         )
-        return _train(cfg, runtime, overwrite, resume, loss_fn, on_eval, extra_rows, notes or {})
+        return _train(run, runtime, options)
 
 
-def _train(
-    cfg: RunConfig,
-    runtime: Runtime,
-    overwrite: bool,
-    resume: bool,
-    loss_fn: LossFn | None,
-    on_eval: EvalCallback | None,
-    extra_rows: TextTable | None,
-    notes: dict[str, str],
-) -> TrainResult:
+def _train(run: RunConfig | PreparedRun, runtime: Runtime, options: _Options) -> TrainResult:
     """:func:`train`, once its run folder is checked and locked."""
-    run_dir = Path(cfg.output)
-    clock = _PhaseClock()
-    cfg, splits, budget = prepare_run(cfg)
+    # A run prepared before train() was called: that work belongs to this phase too.
+    clock = _PhaseClock(run.seconds if isinstance(run, PreparedRun) else 0.0)
+    prepared = run if isinstance(run, PreparedRun) else prepare_run(run)
+    cfg, budget, folder = prepared.cfg, prepared.budget, RunFolder(Path(prepared.cfg.output))
     unlabelled = read_unlabelled(cfg.data) if cfg.data.unlabelled is not None else None
-    splits, data_notes = _training_rows(cfg, splits, extra_rows)
-    saved = _find_checkpoint(run_dir, cfg, runtime) if resume else None
-    check_shared_folder(runtime.accelerator, run_dir)
+    splits, data_notes = _training_rows(cfg, prepared.splits, options.extra_rows)
+    saved = _find_checkpoint(folder.path, cfg, runtime) if options.resume else None
+    check_shared_folder(runtime.accelerator, folder.path)
     if runtime.is_main_process:
         print(f"trainable parameters of {cfg.model.name_or_path}:\n{budget.table()}", flush=True)
     clock.lap("read data and check the budget")
     session = _set_up(cfg, splits, budget, runtime, unlabelled)
-    progress, best, history = _restore(session, saved, run_dir)
+    state = _restore(session, saved, folder)
     clock.lap("load weights, tokenize, set up")
     try:
-        fit(session, progress, best, history, loss_fn, on_eval)
+        fit(session, state, options.loss_fn, options.on_eval)
     finally:
-        history.close()
+        state.history.close()
     clock.lap("train (with evaluations)")
-    if progress.best_step > 0:
-        load_trainable_state(session.bare, best.state)
-    metrics = _final_metrics(session, splits, budget, progress)
+    if state.progress.best_step > 0:
+        load_trainable_state(session.bare, state.best_state)
+    metrics = _final_metrics(session, splits, budget, state.progress)
     metrics["data"].update(data_notes)
     clock.lap("final evaluation")
-    report_notes = {**notes, **_adaptation_notes(metrics)}
+    report_notes = {**options.notes, **_adaptation_notes(metrics)}
     if unlabelled is not None:
-        shift = _shift_report(session, unlabelled, run_dir)
-        metrics["shift"] = {"source": cfg.data.unlabelled, "accuracy": shift["accuracy"]}
-        report_notes["Shift of the unlabelled texts"] = (
-            f"{expectation(shift['accuracy']).capitalize()}. The whole report: [shift/shift.md](shift/shift.md)."
-        )
+        report_notes.update(_shift_section(session, unlabelled, folder, metrics))
         clock.lap("shift report of the unlabelled texts")
     metrics["timing"]["phases"] = clock.seconds
+    report = _RunReport(budget, metrics, state.history, clock, report_notes)
     on_main_process(
         runtime.accelerator,
-        lambda: _write_run(run_dir, session, budget, metrics, history, clock, report_notes, overwrite),
-        f"writing the run folder {run_dir}",
+        lambda: _write_run(folder, session, report, options.overwrite),
+        f"writing the run folder {folder.path}",
     )
     runtime.accelerator.wait_for_everyone()
-    return TrainResult(run_dir, cfg, budget, metrics, history.records, session.bare)
+    return TrainResult(folder.path, cfg, budget, metrics, state.history.records, session.bare)
 
 
 def _training_rows(
@@ -394,8 +439,11 @@ def _adaptation_notes(metrics: dict[str, Any]) -> dict[str, str]:
     return notes
 
 
-def _shift_report(session: _Session, unlabelled: TextTable, run_dir: Path) -> dict[str, Any]:
-    """The shift report of the unlabelled texts by the trained model, into RUN/shift/."""
+def _shift_section(
+    session: _Session, unlabelled: TextTable, folder: RunFolder, metrics: dict[str, Any]
+) -> dict[str, str]:
+    """The shift report of the unlabelled texts by the trained model, into RUN/shift/; its
+    accuracy into ``metrics`` and the report section that points to it."""
     from budgetlora.inference.shift import analyse, write_shift
 
     cfg, runtime = session.cfg, session.runtime
@@ -409,9 +457,15 @@ def _shift_report(session: _Session, unlabelled: TextTable, run_dir: Path) -> di
         batch_size=cfg.train.eval_batch_size,
     )
     if runtime.is_main_process:
-        write_shift(report, run_dir / "shift")
+        write_shift(report, folder.shift)
         print("\n".join(report.lines()), flush=True)
-    return report.summary
+    shift = report.summary
+    metrics["shift"] = {"source": cfg.data.unlabelled, "accuracy": shift["accuracy"]}
+    return {
+        "Shift of the unlabelled texts": (
+            f"{expectation(shift['accuracy']).capitalize()}. The whole report: [shift/shift.md](shift/shift.md)."
+        )
+    }
 
 
 def _find_checkpoint(
@@ -440,21 +494,44 @@ def _set_up(
     """Weights, tokens, optimizer and schedule, each placed as the runtime's plan says
     (after the masked-LM steps of ``tapt.*``, if any)."""
     settings = cfg.train
-    labels = cfg.data.label_names
-    assert labels is not None  # set by prepare_run
     set_seed(settings.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    model = build_model(cfg.model, labels)
-    built = count_trainable(model, cfg.budget)
-    if built.groups != budget.groups:  # the skeleton and the real model must agree exactly
-        raise RuntimeError(f"budget mismatch: skeleton {budget.groups} != model {built.groups}")
+    model = _build_model(cfg, budget)
     tapt = None
     if cfg.tapt.steps:
         from budgetlora.training.tapt import pretrain
 
         texts = splits.train.texts + (unlabelled.texts if unlabelled is not None else [])
         tapt = pretrain(model, tokenizer, texts, cfg, runtime)
+    train_enc, val_enc, test_enc = _encode_splits(cfg, splits, tokenizer, runtime)
+    plan = runtime.plan
+    # Placed (and DDP-wrapped) first: the optimizer is built on the placed parameters.
+    prepared = runtime.accelerator.prepare(compile_for_training(model) if settings.compile else model)
+    optimizer = runtime.accelerator.prepare(_make_optimizer(model, settings, plan.fused_optimizer))
+    total_steps = _total_steps(settings, train_enc, runtime)
+    scheduler = _make_scheduler(optimizer, settings, total_steps)
+    collate = Collator(train_enc, pad_id(tokenizer), plan.pad_to_multiple_of)
+    encoded = (train_enc, val_enc, test_enc, collate)
+    return _Session(
+        cfg, runtime, prepared, model, tokenizer, optimizer, scheduler, *encoded, total_steps, tapt
+    )
 
+
+def _build_model(cfg: RunConfig, budget: Budget) -> nn.Module:
+    """The peft model of ``cfg``, whose trainable parameters must be those the skeleton counted."""
+    labels = cfg.data.label_names
+    assert labels is not None  # set by prepare_run
+    model = build_model(cfg.model, labels)
+    built = count_trainable(model, cfg.budget)
+    if built.groups != budget.groups:  # the skeleton and the real model must agree exactly
+        raise RuntimeError(f"budget mismatch: skeleton {budget.groups} != model {built.groups}")
+    return model
+
+
+def _encode_splits(
+    cfg: RunConfig, splits: Splits, tokenizer: PreTrainedTokenizerBase, runtime: Runtime
+) -> tuple[Encoded, Encoded, Encoded | None]:
+    """The train, validation and (if any) test rows tokenized; the main process first (it fills the cache)."""
     with runtime.accelerator.main_process_first():
         train_enc, val_enc = (
             encode(table.texts, table.labels, tokenizer, cfg.data.max_length)
@@ -465,51 +542,49 @@ def _set_up(
             if splits.test
             else None
         )
+    return train_enc, val_enc, test_enc
 
-    plan = runtime.plan
-    bare = model
-    # Placed (and DDP-wrapped) first: the optimizer is built on the placed parameters.
-    prepared = runtime.accelerator.prepare(compile_for_training(model) if settings.compile else model)
-    optimizer = runtime.accelerator.prepare(_make_optimizer(bare, settings, plan.fused_optimizer))
+
+def _total_steps(settings: TrainSettings, train_enc: Encoded, runtime: Runtime) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``epochs`` of this process count's batches."""
     per_epoch = len(length_grouped_batches(
         train_enc.lengths, settings.batch_size, seed=settings.seed, epoch=0,
         world_size=runtime.num_processes, group_by_length=settings.group_by_length,
     ))  # fmt: skip
     steps_per_epoch = max(1, math.ceil(per_epoch / settings.grad_accum))
-    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
-    warmup = (
-        settings.warmup_steps
-        if settings.warmup_steps is not None
-        else int(settings.warmup_ratio * total_steps)
-    )
-    scheduler_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-    scheduler = get_scheduler(
-        scheduler_name[settings.scheduler],
-        optimizer,
-        num_warmup_steps=warmup,
-        num_training_steps=total_steps,
-    )
-    return _Session(
-        cfg=cfg,
-        runtime=runtime,
-        model=prepared,
-        bare=bare,
-        tokenizer=tokenizer,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_enc=train_enc,
-        val_enc=val_enc,
-        test_enc=test_enc,
-        collate=Collator(train_enc, pad_id(tokenizer), plan.pad_to_multiple_of),
-        total_steps=total_steps,
-        tapt=tapt,
-    )
+    return settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
 
 
 def _restore(
-    session: _Session, saved: tuple[Path, dict[str, Any], dict[str, Any]] | None, run_dir: Path
-) -> tuple[_Progress, _Best, _History]:
-    """The loop's starting point: from the checkpoint if there is one, else step 0.
+    session: _Session, saved: tuple[Path, dict[str, Any], dict[str, Any]] | None, folder: RunFolder
+) -> _LoopState:
+    """The loop's starting point: from the checkpoint if there is one, else step 0; and the
+    history file, opened. (The resolved config is written from the start, so that an
+    interrupted run can be resumed; over a finished run, with --overwrite, only at the end.)"""
+    main = session.runtime.is_main_process
+    if saved is None:
+        progress, best_state, records = _Progress(), trainable_state(session.bare), list[dict[str, Any]]()
+    else:
+        progress, best_state, records = _restore_checkpoint(session, saved)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    if main and saved is None and not folder.is_finished():
+        save_config(session.cfg, folder.config)
+    settings = session.cfg.train
+    history = _History(
+        folder.history_partial if main else None,
+        folder.tensorboard if settings.tensorboard and main else None,
+        echo=main and not settings.progress,
+        records=records,
+    )
+    running_loss = saved[2]["running_loss"] if saved is not None else None
+    return _LoopState(progress, best_state, history, running_loss)
+
+
+def _restore_checkpoint(
+    session: _Session, saved: tuple[Path, dict[str, Any], dict[str, Any]]
+) -> tuple[_Progress, dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Weights, optimizer, schedule and RNG as the checkpoint saved them; its progress, best
+    weights and history records.
 
     A checkpoint saved with another number of processes resumes at the same point of the
     schedule and the same fraction of its epoch: steps and batch positions are rescaled
@@ -518,47 +593,28 @@ def _restore(
     or not at all.
     """
     runtime = session.runtime
-    main = runtime.is_main_process
-    progress = _Progress()
-    best = _Best(trainable_state(session.bare))
-    records: list[dict[str, Any]] = []
-    if saved is not None:
-        _, state, own = saved
-        load_trainable_state(session.bare, state["trainable"])
-        session.optimizer.load_state_dict(state["optimizer"])
-        session.scheduler.load_state_dict(state["scheduler"])
-        load_scaler_state(runtime.accelerator, state.get("scaler"))
-        progress = _Progress(**state["progress"])
-        best = _Best(state["best_state"])
-        records = state["history"]
-        restore_rng(own["rng"], runtime.device)
-        scale = state.get("processes", 1) / runtime.num_processes
-        if scale != 1:
-            progress, records = _rescale(progress, records, scale)
-            session.scheduler.last_epoch = progress.step - 1
-            with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
-                warnings.simplefilter("ignore", UserWarning)
-                session.scheduler.step()  # sets the learning rate of the rescaled step
-            if main:
-                print(
-                    f"the checkpoint was saved by {state.get('processes', 1)} processes, resumed by "
-                    f"{runtime.num_processes}: continuing at step {progress.step} of {session.total_steps}",
-                    flush=True,
-                )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main and saved is None and not is_finished(run_dir):
-        # The resolved config, from the start, so that an interrupted run can be resumed.
-        # (Over a finished run, with --overwrite, it is replaced only at the end.)
-        save_config(session.cfg, run_dir / CONFIG)
-    settings = session.cfg.train
-    history = _History(
-        run_dir / ".history.jsonl.partial" if main else None,
-        run_dir / "tensorboard" if settings.tensorboard and main else None,
-        echo=main and not settings.progress,
-        records=records,
-    )
-    history.running_loss = own["running_loss"] if saved is not None else None
-    return progress, best, history
+    _, state, own = saved
+    load_trainable_state(session.bare, state["trainable"])
+    session.optimizer.load_state_dict(state["optimizer"])
+    session.scheduler.load_state_dict(state["scheduler"])
+    load_scaler_state(runtime.accelerator, state.get("scaler"))
+    progress = _Progress(**state["progress"])
+    records = state["history"]
+    restore_rng(own["rng"], runtime.device)
+    scale = state.get("processes", 1) / runtime.num_processes
+    if scale != 1:
+        progress, records = _rescale(progress, records, scale)
+        session.scheduler.last_epoch = progress.step - 1
+        with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            session.scheduler.step()  # sets the learning rate of the rescaled step
+        if runtime.is_main_process:
+            print(
+                f"the checkpoint was saved by {state.get('processes', 1)} processes, resumed by "
+                f"{runtime.num_processes}: continuing at step {progress.step} of {session.total_steps}",
+                flush=True,
+            )
+    return progress, state["best_state"], records
 
 
 def _rescale(
@@ -580,119 +636,124 @@ def _rescale(
 
 def fit(
     session: _Session,
-    progress: _Progress,
-    best: _Best,
-    history: _History,
+    state: _LoopState,
     loss_fn: LossFn | None = None,
     on_eval: EvalCallback | None = None,
 ) -> None:
     """The loop, an optimizer step at a time, until ``session.total_steps`` or an early
-    stop. ``progress``, ``best`` and ``history`` are updated as it goes; SIGINT/SIGTERM
-    save a checkpoint and raise :class:`TrainingInterrupted`."""
-    cfg, runtime = session.cfg, session.runtime
-    settings = cfg.train
-    accelerator, device, world = runtime.accelerator, runtime.device, runtime.num_processes
+    stop: batches, forward, loss, backward, step, schedule, periodic evaluation and
+    checkpoint. ``state`` is updated as it goes; SIGINT/SIGTERM save a checkpoint and raise
+    :class:`TrainingInterrupted`. ``loss_fn`` replaces the cross-entropy (distillation)."""
+    settings, progress = session.cfg.train, state.progress
     loss_fn = loss_fn or cross_entropy_loss(settings.label_smoothing)
-    agreement = StopAgreement(accelerator, max_interval=settings.log_every)
-    # Loss summed on the device since the last log step: no host-device sync per step.
-    running_loss = torch.zeros((), device=device)
-    if history.running_loss is not None:
-        running_loss += history.running_loss.to(device)
-    window_seconds, window_samples = progress.train_seconds, 0
-    bar = tqdm(
-        total=session.total_steps,
-        initial=progress.step,
-        desc="train",
-        unit="step",
-        disable=not (runtime.is_main_process and settings.progress),
-    )
-
-    # Without train.eval_every: four evaluations an epoch, so that the learning curves have a shape.
-    steps_per_epoch = math.ceil(len(session.epoch_batches(0)) / settings.grad_accum)
-    eval_every = settings.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
+    log = _TrainLog(session, state)
+    eval_every = _eval_every(session)
+    agreement = StopAgreement(session.runtime.accelerator, max_interval=settings.log_every)
+    world = session.runtime.num_processes
     stop = False
     session.model.train()
-    with _StopSignals() as signals, bar:
+    with _StopSignals() as signals, log.bar:
         while progress.step < session.total_steps and not stop:
             batches = session.epoch_batches(progress.epoch)
-            steps = _step_groups(
-                iterate(
-                    batches[progress.batch_in_epoch :],
-                    session.collate,
-                    num_workers=settings.num_workers,
-                    pin_memory=runtime.plan.pin_memory,
-                ),
-                settings.grad_accum,
-            )
+            steps = _step_groups(session.load(batches[progress.batch_in_epoch :]), settings.grad_accum)
             tick = time.perf_counter()
             for group in steps:
                 loss_sum, samples = _optimizer_step(session, group, loss_fn)
-                running_loss += loss_sum
-                progress.running_count += len(group)
-                progress.samples += samples * world
-                window_samples += samples * world
-                progress.step += 1
-                progress.batch_in_epoch += len(group)
-                progress.train_seconds += time.perf_counter() - tick
-                bar.update(1)
-                epoch_progress = progress.epoch + progress.batch_in_epoch / len(batches)
-
-                if progress.step % settings.log_every == 0 or progress.step == session.total_steps:
-                    # Reading the loss syncs host and device: only on log steps.
-                    mean_loss = accelerator.reduce(running_loss, "mean").item() / progress.running_count
-                    rate = window_samples / max(progress.train_seconds - window_seconds, 1e-9)
-                    lr = session.scheduler.get_last_lr()[0]
-                    history.add({
-                        "type": "train", "step": progress.step, "epoch": round(epoch_progress, 4),
-                        "loss": mean_loss, "lr": lr, "samples_per_second": rate,
-                    })  # fmt: skip
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
-                    running_loss.zero_()
-                    progress.running_count = 0
-                    window_seconds, window_samples = progress.train_seconds, 0
+                progress.advance(len(group), samples * world, time.perf_counter() - tick)
+                epoch = progress.epoch + progress.batch_in_epoch / len(batches)
+                log.add(loss_sum, samples * world, epoch)
                 if progress.step % eval_every == 0:
-                    stop = _evaluate(session, progress, best, history, on_eval, epoch_progress)
-                interrupted = agreement.stop(signals.received)
-                periodic = settings.checkpoint_every and progress.step % settings.checkpoint_every == 0
-                if interrupted or (periodic and progress.step < session.total_steps):
-                    saved_to = _checkpoint(session, progress, best, history, running_loss)
-                    if interrupted:
-                        raise TrainingInterrupted(
-                            f"interrupted by {interrupted} at step {progress.step}/{session.total_steps}; "
-                            f"checkpoint saved to {saved_to}. Resume with: budgetlora train --resume "
-                            f"--output {cfg.output}"
-                        )
+                    stop = _evaluate(session, state, on_eval, epoch)
+                _checkpoint_when_due(session, state, log.running_loss, agreement.stop(signals.received))
                 if progress.step >= session.total_steps or stop:
                     break
                 tick = time.perf_counter()
             if progress.batch_in_epoch >= len(batches):
-                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-                evaluated = progress.step % eval_every == 0
-                if settings.eval_each_epoch and not stop and not evaluated:
-                    stop = _evaluate(session, progress, best, history, on_eval, float(progress.epoch))
+                stop = _end_epoch(session, state, on_eval, eval_every, stop)
 
 
-def _evaluate(
-    session: _Session,
-    progress: _Progress,
-    best: _Best,
-    history: _History,
-    on_eval: EvalCallback | None,
-    epoch: float,
-) -> bool:
-    """Validation metrics into the history, the best weights kept; True to stop training."""
+def _eval_every(session: _Session) -> int:
+    """Steps between evaluations: ``train.eval_every``; without it four an epoch, so that
+    the learning curves have a shape."""
     settings = session.cfg.train
+    steps_per_epoch = math.ceil(len(session.epoch_batches(0)) / settings.grad_accum)
+    return settings.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
+
+
+def _end_epoch(
+    session: _Session, state: _LoopState, on_eval: EvalCallback | None, eval_every: int, stop: bool
+) -> bool:
+    """On to the next epoch, evaluating at its end with ``train.eval_each_epoch`` (unless the
+    last step did); True to stop training."""
+    progress = state.progress
+    progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    evaluated = progress.step % eval_every == 0
+    if session.cfg.train.eval_each_epoch and not stop and not evaluated:
+        return _evaluate(session, state, on_eval, float(progress.epoch))
+    return stop
+
+
+class _TrainLog:
+    """The training records of the history (mean loss, learning rate, samples/s since the
+    last one), every ``train.log_every`` steps and at the last, and the progress bar."""
+
+    def __init__(self, session: _Session, state: _LoopState) -> None:
+        runtime, progress = session.runtime, state.progress
+        self.session, self.progress, self.history = session, progress, state.history
+        # Loss summed on the device since the last log step: no host-device sync per step.
+        self.running_loss = torch.zeros((), device=runtime.device)
+        if state.running_loss is not None:
+            self.running_loss += state.running_loss.to(runtime.device)
+        self.window_seconds, self.window_samples = progress.train_seconds, 0
+        self.bar = tqdm(
+            total=session.total_steps,
+            initial=progress.step,
+            desc="train",
+            unit="step",
+            disable=not (runtime.is_main_process and session.cfg.train.progress),
+        )
+
+    def add(self, loss_sum: torch.Tensor, samples: int, epoch: float) -> None:
+        """One more optimizer step, of ``samples`` (all processes) and summed loss ``loss_sum``."""
+        self.running_loss += loss_sum
+        self.window_samples += samples
+        self.bar.update(1)
+        progress, session = self.progress, self.session
+        if progress.step % session.cfg.train.log_every == 0 or progress.step == session.total_steps:
+            self._write(epoch)
+
+    def _write(self, epoch: float) -> None:
+        progress, session = self.progress, self.session
+        # Reading the loss syncs host and device: only on log steps.
+        mean_loss = (
+            session.runtime.accelerator.reduce(self.running_loss, "mean").item() / progress.running_count
+        )
+        rate = self.window_samples / max(progress.train_seconds - self.window_seconds, 1e-9)
+        lr = session.scheduler.get_last_lr()[0]
+        self.history.add({
+            "type": "train", "step": progress.step, "epoch": round(epoch, 4),
+            "loss": mean_loss, "lr": lr, "samples_per_second": rate,
+        })  # fmt: skip
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
+        self.running_loss.zero_()
+        progress.running_count = 0
+        self.window_seconds, self.window_samples = progress.train_seconds, 0
+
+
+def _evaluate(session: _Session, state: _LoopState, on_eval: EvalCallback | None, epoch: float) -> bool:
+    """Validation metrics into the history, the best weights kept; True to stop training."""
+    settings, progress = session.cfg.train, state.progress
     assert session.val_enc.labels is not None  # validation rows are labelled
     labels = session.cfg.data.label_names or ()
     metrics = score(session.logits(session.val_enc), session.val_enc.labels, labels)
-    history.add({
+    state.history.add({
         "type": "eval", "step": progress.step, "epoch": round(epoch, 4), "split": "validation",
         "loss": metrics["loss"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
     })  # fmt: skip
     value = as_score(settings.best_metric, metrics[settings.best_metric])
     if value > progress.best_value:
         progress.best_value, progress.best_step, progress.stale = value, progress.step, 0
-        best.state = trainable_state(session.bare)
+        state.best_state = trainable_state(session.bare)
     else:
         progress.stale += 1
     stop = on_eval(progress.step, metrics) if on_eval is not None else False
@@ -700,25 +761,41 @@ def _evaluate(
     return stop or (patience is not None and progress.stale >= patience)
 
 
-def _checkpoint(
-    session: _Session, progress: _Progress, best: _Best, history: _History, running_loss: torch.Tensor
-) -> Path:
+def _checkpoint_when_due(
+    session: _Session, state: _LoopState, running_loss: torch.Tensor, interrupted: str | None
+) -> None:
+    """A checkpoint every ``train.checkpoint_every`` steps (none at the last: the run folder
+    follows), and one on SIGINT/SIGTERM (``interrupted``), which then stops the run."""
+    cfg, progress = session.cfg, state.progress
+    periodic = cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0
+    if not interrupted and not (periodic and progress.step < session.total_steps):
+        return
+    saved_to = _checkpoint(session, state, running_loss)
+    if interrupted:
+        raise TrainingInterrupted(
+            f"interrupted by {interrupted} at step {progress.step}/{session.total_steps}; "
+            f"checkpoint saved to {saved_to}. Resume with: budgetlora train --resume "
+            f"--output {cfg.output}"
+        )
+
+
+def _checkpoint(session: _Session, state: _LoopState, running_loss: torch.Tensor) -> Path:
     """Save a resumable checkpoint (every process calls this at the same step)."""
     cfg = session.cfg
-    state = {
+    saved = {
         "config": _comparable(cfg),
         "trainable": trainable_state(session.bare),
         "optimizer": session.optimizer.state_dict(),
         "scheduler": session.scheduler.state_dict(),
         "scaler": scaler_state(session.runtime.accelerator),
-        "progress": dataclasses.asdict(progress),
-        "best_state": best.state,
-        "history": history.records,
+        "progress": dataclasses.asdict(state.progress),
+        "best_state": state.best_state,
+        "history": state.history.records,
     }
     # The device-side loss sum as it is (float32): a resumed run logs the same bits.
     own = {"running_loss": running_loss.detach().cpu()}
     return save_checkpoint(
-        session.runtime, Path(cfg.output), progress.step, state, cfg.train.keep_checkpoints, own
+        session.runtime, Path(cfg.output), state.progress.step, saved, cfg.train.keep_checkpoints, own
     )
 
 
@@ -839,9 +916,9 @@ class _StopSignals:
 class _PhaseClock:
     """Seconds of each phase of a run, for metrics.json ("where the time goes")."""
 
-    def __init__(self) -> None:
+    def __init__(self, elapsed: float = 0.0) -> None:
         self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self._last = time.perf_counter() - elapsed  # ``elapsed``: seconds of the first phase spent already
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
@@ -849,52 +926,57 @@ class _PhaseClock:
         self._last = now
 
 
-def _write_run(
-    run_dir: Path,
-    session: _Session,
-    budget: Budget,
-    metrics: dict[str, Any],
-    history: _History,
-    clock: _PhaseClock,
-    notes: dict[str, str],
-    overwrite: bool,
-) -> None:
+@dataclass
+class _RunReport:
+    """What the run folder gets besides the model: budget, metrics, history and report sections."""
+
+    budget: Budget
+    metrics: dict[str, Any]
+    history: _History
+    clock: _PhaseClock
+    notes: dict[str, str]
+
+
+def _write_run(folder: RunFolder, session: _Session, run: _RunReport, overwrite: bool) -> None:
     """Write every output file; each lands by an atomic rename, metrics.json last."""
-    if is_finished(run_dir) and not overwrite:  # checked at the start too; the lock makes this the last word
+    run_dir = folder.path
+    if folder.is_finished() and not overwrite:  # checked at the start too; the lock makes this the last word
         raise BudgetloraError(
             f"{run_dir} holds a finished run that appeared while this one trained: nothing of this run was "
             f"written over it; pass {option('overwrite')} to replace it"
         )
-    cfg, model, tokenizer, train_enc = session.cfg, session.bare, session.tokenizer, session.train_enc
-    staging = Path(tempfile.mkdtemp(prefix=".save.", dir=run_dir))
-    try:
-        model.save_pretrained(staging)  # type: ignore[operator]
-        tokenizer.save_pretrained(staging)
-        for item in staging.iterdir():
-            if item.is_file():
-                os.replace(item, run_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    save_config(cfg, run_dir / CONFIG)
-    write_json_atomic(run_dir / BUDGET, budget.to_dict())
-    if history.path is not None:
-        os.replace(history.path, run_dir / "history.jsonl")
+
+    def save_model(staging: Path) -> None:
+        session.bare.save_pretrained(staging)  # type: ignore[operator]
+        session.tokenizer.save_pretrained(staging)
+
+    folder.adopt(save_model)
+    save_config(session.cfg, folder.config)
+    folder.write_budget(run.budget.to_dict())
+    if run.history.path is not None:
+        folder.keep_history()
+    _write_report(folder, session, run)
+    run.clock.lap("write the adapter, report and plots")
+    run.metrics["timing"]["phases"] = run.clock.seconds  # report.md was written before this last phase ended
+    folder.write_metrics(run.metrics)  # last: its presence marks a finished run
+
+
+def _write_report(folder: RunFolder, session: _Session, run: _RunReport) -> None:
+    """report.md and its plots: the test split's metrics where there is one, else validation's."""
+    cfg, metrics = session.cfg, run.metrics
     split = "test" if "test" in metrics else "validation"
     labels = cfg.data.label_names or ()
     write_report(
-        run_dir,
+        folder.path,
         title=f"{display_name(cfg.model.name_or_path)} + {TITLES[cfg.model.method]} on {Path(cfg.data.source).name}",
         split=split,
         metrics=metrics[split],
         label_names=labels,
-        history=history.records,
-        budget=budget.to_dict(),
-        train_labels=train_enc.labels,
-        token_lengths=train_enc.full_lengths,
+        history=run.history.records,
+        budget=run.budget.to_dict(),
+        train_labels=session.train_enc.labels,
+        token_lengths=session.train_enc.full_lengths,
         max_length=cfg.data.max_length,
         timing=metrics["timing"],
-        extra=notes,
+        extra=run.notes,
     )
-    clock.lap("write the adapter, report and plots")
-    metrics["timing"]["phases"] = clock.seconds  # report.md was written before this last phase ended
-    write_json_atomic(run_dir / METRICS, metrics)  # last: its presence marks a finished run
