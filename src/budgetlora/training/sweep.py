@@ -415,14 +415,8 @@ def sweep(
         heartbeat: a running trial records a beat this often, in seconds; one silent for 3 beats (its
             worker killed) is marked failed and run again by a worker of the study
     """
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise BudgetloraError(f"invalid value for {option('trials')}: {n_trials!r} (a positive integer)")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise BudgetloraError(f"invalid value for {option('seed')}: {seed!r} (an integer in 0..2**32-1)")
-    teacher = base_cfg.distill.teacher
-    params = parse_space(space, teacher=teacher is not None)
-    if sampler not in ("tpe", "grid"):
-        raise BudgetloraError(f"{option('sampler')} {sampler!r}: allowed: tpe, grid")
+    _check_options(n_trials, seed, sampler)
+    params = parse_space(space, teacher=base_cfg.distill.teacher is not None)
     if sampler == "grid":
         _grid(params)
     _check_before_writing(base_cfg, params)
@@ -437,12 +431,7 @@ def sweep(
         sampler=_make_sampler(sampler, params, seed),
         pruner=optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner(),
     )
-    base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
-    _check_same_study(
-        study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}
-    )
-    write_text_atomic(folder.space, yaml.safe_dump(space, sort_keys=False))
-    save_config(replace(base_cfg, output=str(folder.best_run)), folder.base_config)
+    _record_inputs(study, folder, base_cfg, space)
     search = _Search(base_cfg, params, folder, study, storage, _target(n_trials, sampler, params))
     missing = max(0, search.target - sum(t.state in _COUNTED for t in study.trials))
     mine = (
@@ -451,6 +440,29 @@ def sweep(
         else []
     )
     return search.finish(mine)
+
+
+def _check_options(n_trials: int, seed: int, sampler: str) -> None:
+    """Refuse, before the study is opened, a trial count, seed or sampler that cannot run."""
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise BudgetloraError(f"invalid value for {option('trials')}: {n_trials!r} (a positive integer)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise BudgetloraError(f"invalid value for {option('seed')}: {seed!r} (an integer in 0..2**32-1)")
+    if sampler not in ("tpe", "grid"):
+        raise BudgetloraError(f"{option('sampler')} {sampler!r}: allowed: tpe, grid")
+
+
+def _record_inputs(
+    study: optuna.Study, folder: SweepFolder, base_cfg: RunConfig, space: dict[str, Any]
+) -> None:
+    """Check that a study being resumed searched the same base config and space, then write
+    both into the sweep folder (space.yaml, base.yaml)."""
+    base = config_to_dict(replace(base_cfg, output="-", train=replace(base_cfg.train, progress=True)))
+    _check_same_study(
+        study, {"base config": base, "search space": json.loads(json.dumps(space, default=str))}
+    )
+    write_text_atomic(folder.space, yaml.safe_dump(space, sort_keys=False))
+    save_config(replace(base_cfg, output=str(folder.best_run)), folder.base_config)
 
 
 def _create_study(folder: SweepFolder, storage: str, heartbeat: float, **options: Any) -> optuna.Study:
